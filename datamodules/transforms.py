@@ -1,0 +1,70 @@
+"""Albumentations pipelines for the semantic tasks.
+
+Geometry (resize, crop, flip) is applied once to image and mask; the weak view is that result, the
+strong view (for self-training methods) adds photometric noise to the *same* crop, so a teacher's
+prediction on the weak view is a pixel-aligned label for the strong view.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def geometric_transform(resize: Sequence[int] | None, crop: Sequence[int] | None, train: bool) -> A.Compose:
+    """Resize to (h, w) as the papers' protocols do, then random crop and flip for training."""
+    steps = []
+    if resize is not None:
+        steps.append(A.Resize(height=int(resize[0]), width=int(resize[1])))
+    if train and crop is not None:
+        steps.append(A.PadIfNeeded(min_height=int(crop[0]), min_width=int(crop[1]), fill=0, fill_mask=255))
+        steps.append(A.RandomCrop(height=int(crop[0]), width=int(crop[1])))
+    if train:
+        steps.append(A.HorizontalFlip(p=0.5))
+    return A.Compose(steps)
+
+
+def strong_photometric_transform() -> A.Compose:
+    """DAFormer/mean-teacher style strong view: colour jitter, grey, blur (no geometry)."""
+    return A.Compose([
+        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
+        A.ToGray(p=0.2),
+        A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.1, 2.0), p=0.5),
+    ])
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HWC RGB -> float CHW normalised with ImageNet statistics (timm backbones' convention)."""
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255
+    std = np.asarray(IMAGENET_STD, dtype=np.float32) * 255
+    return torch.from_numpy(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())
+
+
+class SemanticTransform:
+    """Item dict -> tensors: ``img`` (weak view), optional ``img_strong``, and ``mask`` when labelled."""
+
+    def __init__(self, resize=None, crop=None, train: bool = True, strong_view: bool = False,
+                 labelled: bool = True, seed: int = 0):
+        self.geometry = geometric_transform(resize, crop, train)
+        self.strong = strong_photometric_transform() if strong_view else None
+        self.labelled = labelled
+        self.set_random_seed(seed)
+
+    def set_random_seed(self, seed: int) -> None:
+        self.geometry.set_random_seed(seed)
+        if self.strong is not None:
+            self.strong.set_random_seed(seed + 1)
+
+    def __call__(self, item: dict) -> dict:
+        out = self.geometry(image=item["image"], mask=item["mask"].astype(np.int64))
+        sample = {"img": to_tensor(out["image"])}
+        if self.strong is not None:
+            sample["img_strong"] = to_tensor(self.strong(image=out["image"])["image"])
+        if self.labelled:
+            sample["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
+        return sample

@@ -1,0 +1,134 @@
+"""The one entry point: ``python -m experiments.run +method=NAME +task=NAME [key=value ...]``.
+
+Composes the Hydra config, refuses an incompatible method x task pair in one sentence, then trains
+(unless ``train=false``) and evaluates on the target, writing into ``run_dir``: the resolved
+``config.yaml``, ``checkpoints/{last,best}.ckpt``, CSV/W&B logs and ``results.json``.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger("experiments.run")
+
+
+def available(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def check_choices(argv: list[str]) -> str | None:
+    """One sentence when +method / +task is missing or unknown (Hydra's own message is a page)."""
+    for group in ("method", "task"):
+        values = [a.split("=", 1)[1] for a in argv if a.startswith((f"+{group}=", f"{group}="))]
+        choices = ", ".join(available(group))
+        if not values:
+            return f"Choose a {group} with +{group}=NAME; available: {choices}."
+        if values[-1] not in available(group):
+            return f"Unknown {group} '{values[-1]}'; available: {choices}."
+    return None
+
+
+def normalise_overrides(argv: list[str]) -> list[str]:
+    """``+model=tiny`` is accepted as ``model=tiny``: the model size is a choice the task already made."""
+    return [a[1:] if a.startswith("+model=") else a for a in argv]
+
+
+def check_compatibility(cfg) -> None:
+    method, task, data = cfg.method, cfg.task, cfg.data
+    if method.task_kind != task.kind:
+        raise SystemExit(f"Method '{method.name}' works on {method.task_kind} tasks, but task '{task.name}' is a "
+                         f"{task.kind} task; pick a {method.task_kind} task.")
+    if "src" in method.streams and data.labelled_domain == "source" and data.get("source") is None:
+        raise SystemExit(f"Method '{method.name}' needs labelled source data, but task '{task.name}' has no source "
+                         f"dataset; use data.labelled_domain=target for a supervised target run.")
+
+
+def build_loggers(cfg, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = []
+    if cfg.logger.wandb.enabled:
+        mode = cfg.logger.wandb.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_api_key() else "offline")
+        if mode == "offline":
+            log.info("W&B runs offline (no API key found); sync later with `wandb sync %s/wandb`", run_dir)
+        loggers.append(WandbLogger(project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
+                                   save_dir=str(run_dir), mode=mode, tags=list(cfg.logger.wandb.tags),
+                                   name=f"{cfg.method.name}-{cfg.task.name}-s{cfg.seed}"))
+    if cfg.logger.csv.enabled:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    return loggers
+
+
+def wandb_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text()
+
+
+def build_module(cfg: dict):
+    module_path, class_name = cfg["method"]["module"].rsplit(".", 1)
+    return getattr(importlib.import_module(module_path), class_name)(cfg)
+
+
+def results_table(results: dict) -> str:
+    metrics = {**results.get("per_class_iou", {}), **results["metrics"]}
+    header = "| " + " | ".join(metrics) + " |"
+    rule = "|" + "---|" * len(metrics)
+    values = "| " + " | ".join(f"{v:.2f}" for v in metrics.values()) + " |"
+    return "\n".join([header, rule, values])
+
+
+def execute(cfg) -> dict:
+    import hydra
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from omegaconf import OmegaConf
+
+    from datamodules import build_datamodule
+
+    check_compatibility(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+
+    datamodule = build_datamodule(resolved)
+    module = build_module(resolved)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.task.monitor,
+                                  mode="max", save_last=True, auto_insert_metric_name=False)
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg, run_dir),
+                                      callbacks=[checkpoints, LearningRateMonitor("step")],
+                                      default_root_dir=str(run_dir), use_distributed_sampler=False)
+    if cfg.train:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    elif cfg.ckpt_path:
+        raise SystemExit("train=false evaluates the starting weights; drop ckpt_path or use train=true to resume.")
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    if trainer.is_global_zero:
+        print(f"\n{cfg.method.name} on {cfg.task.name} (target {cfg.data.val.split}):\n{results_table(module.last_results)}")
+        print(f"run directory: {run_dir}")
+    return module.last_results
+
+
+def main() -> None:
+    argv = normalise_overrides(sys.argv[1:])
+    if not any(a.startswith(("--help", "-h", "--cfg", "-c", "--info")) for a in argv):
+        problem = check_choices(argv)
+        if problem:
+            print(problem, file=sys.stderr)
+            raise SystemExit(2)
+    sys.argv = [sys.argv[0], *argv]
+
+    import hydra
+
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(execute)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Supervised SAM fine-tuning with prompts derived from ground truth (box, point, poly).
+
+Each step encodes every image once and decodes all of its instances for each prompt kind in one
+batched call; the loss is SAM's focal + dice mask loss against the instance masks.
+"""
+from __future__ import annotations
+
+import torch
+
+from lightning_modules.base import PromptedSegmentationModule, build_optimizer
+from lightning_modules.components.losses import sam_mask_loss
+from lightning_modules.components.sam import build_sam, predict_instances
+
+
+class SAMFinetune(PromptedSegmentationModule):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        model = cfg["model"]
+        self.sam = build_sam(model["variant"], model.get("sam_checkpoint"), model["image_size"], model.get("tiny"))
+        self.poly_as = model["poly_as"]
+        self.sam.prompt_encoder.requires_grad_(False)
+        self.sam.image_encoder.requires_grad_(cfg["method"]["train_image_encoder"])
+
+    def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
+        return predict_instances(self.sam, self.sam.image_encoder(images), targets, kind, self.poly_as)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        method = self.hparams["method"]
+        embeddings = self.sam.image_encoder(batch["img"])
+        losses = {}
+        for kind in self.prompt_kinds:
+            per_image = []
+            for logits, target in zip(predict_instances(self.sam, embeddings, batch["targets"], kind, self.poly_as),
+                                      batch["targets"]):
+                height, width = target["input_size"]
+                per_image.append(sam_mask_loss(logits[:, 0, :height, :width], target["instances"][:, :height, :width],
+                                               method["focal_weight"], method["dice_weight"]))
+            losses[kind] = torch.stack(per_image).mean()
+        loss = sum(losses.values()) / len(losses)
+        self.log_dict({f"train/loss_{kind}": value for kind, value in losses.items()})
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return build_optimizer(self.sam.image_encoder.parameters(), self.sam.mask_decoder.parameters(),
+                               self.hparams["optim"], self.trainer.max_steps)
