@@ -91,15 +91,14 @@ class EvaluationMixin:
     """Writes ``results.json`` of the last test run into the run directory (read by experiments.report)."""
 
     def write_results(self, stage: str, metrics: dict, extra: dict) -> None:
-        self.last_results = {"stage": stage, "metrics": metrics, **extra}
+        self.last_results = {"method": self.hparams["method"]["name"], "task": self.hparams["task"]["name"],
+                             "kind": self.hparams["task"]["kind"], "seed": self.hparams["seed"],
+                             "trained": self.hparams.get("train", True), "global_step": self.global_step,
+                             "stage": stage, "metrics": metrics, **extra}
         run_dir = self.hparams.get("run_dir")
         if stage == "test" and run_dir and self.trainer.is_global_zero:
-            payload = {"method": self.hparams["method"]["name"], "task": self.hparams["task"]["name"],
-                       "kind": self.hparams["task"]["kind"], "seed": self.hparams["seed"],
-                       "trained": self.hparams.get("train", True),
-                       "global_step": self.global_step, **self.last_results}
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(run_dir) / "results.json").write_text(json.dumps(payload, indent=2))
+            (Path(run_dir) / "results.json").write_text(json.dumps(self.last_results, indent=2))
 
 
 class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):

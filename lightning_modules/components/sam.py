@@ -1,0 +1,174 @@
+"""Segment Anything built from segment-anything's own modules, and batched prompting of all instances.
+
+``build_sam`` gives the official ViT-B/L/H (``sam_model_registry``) or a CPU-size "tiny" SAM made from the
+same modules, loading official-format state dicts with errors that name the file. ``encode_prompts`` /
+``decode_masks`` are the differentiable halves of ``Sam.forward`` (which runs under no_grad), applied to
+every instance of one image in a single call: the mask decoder broadcasts one image embedding to all
+N prompts.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_VARIANTS = ("vit_b", "vit_l", "vit_h")
+VARIANTS = (*OFFICIAL_VARIANTS, "tiny")
+OFFICIAL_IMAGE_SIZE = 1024  # fixed by segment_anything's _build_sam
+TINY_DEFAULTS = {
+    "image_size": 128, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "window_size": 4,
+    "global_attn_indexes": (1,), "prompt_embed_dim": 64, "decoder_depth": 2, "decoder_mlp_dim": 256,
+    "decoder_heads": 4,
+}
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+PROMPT_KINDS = ("box", "point", "poly")
+POLY_AS = ("mask", "box")
+# A polygon becomes a mask prompt of logits in [-10, 10]: the fraction f of each low-res cell inside the
+# polygon maps linearly to 10 * (2f - 1), so the prompt's 0-level set is the polygon's outline and its
+# magnitude matches SAM's own confident low-res logits, which is what SAM's mask input saw in training.
+POLY_MASK_LOGIT = 10.0
+
+
+def build_tiny_sam(image_size: int, options: dict) -> Sam:
+    """A small SAM from segment-anything's modules; same structure as the official build, smaller dims."""
+    dim = options["prompt_embed_dim"]
+    embedding_size = image_size // options["patch_size"]
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size, patch_size=options["patch_size"], embed_dim=options["embed_dim"],
+            depth=options["depth"], num_heads=options["num_heads"], mlp_ratio=4, out_chans=dim, qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+            window_size=options["window_size"], global_attn_indexes=tuple(options["global_attn_indexes"]),
+        ),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(embedding_size, embedding_size),
+                                     input_image_size=(image_size, image_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
+            transformer=TwoWayTransformer(depth=options["decoder_depth"], embedding_dim=dim,
+                                          mlp_dim=options["decoder_mlp_dim"], num_heads=options["decoder_heads"]),
+        ),
+        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
+    )
+
+
+def tiny_options(tiny: dict | None, image_size: int | None) -> dict:
+    options = dict(TINY_DEFAULTS)
+    unknown = set(tiny or {}) - set(TINY_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown tiny SAM options {sorted(unknown)}; expected some of {sorted(TINY_DEFAULTS)}")
+    options.update(tiny or {})
+    if image_size is not None:
+        options["image_size"] = image_size
+    return options
+
+
+def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
+    """Load an official-format state dict, failing once with the file and the first keys that do not fit."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM checkpoint {path} does not exist; expected an official SAM state dict .pth "
+                                "(e.g. sam_vit_b_01ec64.pth) or one written by save_sam_checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = sam.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k}: {tuple(v.shape)} in file vs {tuple(expected[k].shape)} in model"
+                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if problems:
+        raise ValueError(f"SAM checkpoint {path} does not fit this SAM variant ({len(problems)} mismatching keys, "
+                         f"first: {'; '.join(problems[:5])})")
+    sam.load_state_dict(state)
+
+
+def build_sam(variant: str, checkpoint: str | Path | None = None, image_size: int | None = None,
+              tiny: dict | None = None) -> Sam:
+    """SAM ``variant`` (vit_b / vit_l / vit_h / tiny), from ``checkpoint`` or, with none, random init.
+
+    ``image_size`` None means the variant's own size: 1024 for the official ones (the registry fixes
+    it), ``tiny["image_size"]`` (default 128) for tiny.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SAM variant '{variant}'; expected one of {VARIANTS}")
+    if variant == "tiny":
+        options = tiny_options(tiny, image_size)
+        sam = build_tiny_sam(options["image_size"], options)
+    else:
+        if image_size not in (None, OFFICIAL_IMAGE_SIZE):
+            raise ValueError(f"SAM {variant} takes {OFFICIAL_IMAGE_SIZE}px inputs; got image_size={image_size}")
+        sam = sam_model_registry[variant](checkpoint=None)
+    if checkpoint is None:
+        log.warning("no SAM checkpoint given (model.sam_checkpoint): SAM %s starts from random init", variant)
+    else:
+        load_sam_checkpoint(sam, checkpoint)
+    return sam.train()
+
+
+def save_sam_checkpoint(sam: Sam, path: str | Path) -> None:
+    """A plain state dict, the format of the official files (loadable by build_sam and sam_model_registry)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sam.state_dict(), path)
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes (inclusive max) of float/bool[N,H,W] masks, vectorised over instances."""
+    rows, cols = masks.any(2), masks.any(1)
+    height, width = masks.shape[1:]
+    y0, x0 = rows.int().argmax(1), cols.int().argmax(1)
+    y1 = height - 1 - rows.flip(1).int().argmax(1)
+    x1 = width - 1 - cols.flip(1).int().argmax(1)
+    return torch.stack([x0, y0, x1, y1], 1).float()
+
+
+def poly_mask_logits(polys: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Rasterised polygons [N,S,S] -> mask-prompt logits [N,1,s,s] (see POLY_MASK_LOGIT)."""
+    inside = F.interpolate(polys[:, None].float(), size=size, mode="area")
+    return POLY_MASK_LOGIT * (2 * inside - 1)
+
+
+def encode_prompts(sam: Sam, target: dict, kind: str, poly_as: str = "mask") -> tuple[torch.Tensor, torch.Tensor]:
+    """(sparse, dense) prompt embeddings for all N instances of one image; prompts are in SAM's input frame."""
+    encoder, device = sam.prompt_encoder, sam.device
+    if kind == "box":
+        return encoder(points=None, boxes=target["boxes"].to(device), masks=None)
+    if kind == "point":
+        points = (target["points"].to(device), target["point_labels"].to(device))
+        return encoder(points=points, boxes=None, masks=None)
+    if kind == "poly" and poly_as in POLY_AS:
+        polys = target["polys"].to(device)
+        if poly_as == "box":
+            return encoder(points=None, boxes=masks_to_boxes(polys > 0.5), masks=None)
+        return encoder(points=None, boxes=None, masks=poly_mask_logits(polys, encoder.mask_input_size))
+    raise ValueError(f"unknown prompt kind '{kind}' / poly_as '{poly_as}'; expected kind in {PROMPT_KINDS} "
+                     f"and poly_as in {POLY_AS}")
+
+
+def decode_masks(sam: Sam, image_embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+                 multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask logits [N,M,S,S] at the padded input resolution (not cropped) and IoU predictions [N,M].
+
+    Upsampled like Sam.postprocess_masks' first step; callers crop to ``input_size`` themselves.
+    """
+    low_res, iou = sam.mask_decoder(image_embeddings=image_embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                    multimask_output=multimask_output)
+    size = sam.image_encoder.img_size
+    return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False), iou
+
+
+def predict_instances(sam: Sam, image_embeddings: torch.Tensor, targets: list, kind: str,
+                      poly_as: str = "mask") -> list:
+    """Single-mask logits [N_i,1,S,S] per image: one prompt-encoder and one decoder call per image."""
+    outputs = []
+    for embedding, target in zip(image_embeddings, targets):
+        sparse, dense = encode_prompts(sam, target, kind, poly_as)
+        outputs.append(decode_masks(sam, embedding[None], sparse, dense)[0])
+    return outputs

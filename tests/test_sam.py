@@ -1,0 +1,90 @@
+"""Tiny SAM from segment-anything's modules: batched prompting, gradients, checkpoint round trip."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from datamodules.prompted import PromptedDataset, collate_prompted
+from datamodules.synthetic import SyntheticShapes
+from lightning_modules.components.sam import (PROMPT_KINDS, build_sam, decode_masks, encode_prompts,
+                                              predict_instances, save_sam_checkpoint)
+
+SIZE = 64
+TINY = {"embed_dim": 32, "num_heads": 2, "prompt_embed_dim": 32, "decoder_mlp_dim": 64, "decoder_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def sam():
+    torch.manual_seed(0)
+    return build_sam("tiny", image_size=SIZE, tiny=TINY)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    shapes = SyntheticShapes("clear", "val", length=2, size=48)
+    dataset = PromptedDataset(shapes, image_size=SIZE, train=False)
+    return collate_prompted([dataset[0], dataset[1]])
+
+
+@pytest.mark.parametrize("kind,poly_as", [("box", "mask"), ("point", "mask"), ("poly", "mask"), ("poly", "box")])
+def test_all_instances_in_one_call(sam, batch, kind, poly_as):
+    target = batch["targets"][0]
+    n = len(target["boxes"])
+    sparse, dense = encode_prompts(sam, target, kind, poly_as)
+    assert sparse.shape[0] == dense.shape[0] == n
+    with torch.no_grad():
+        embedding = sam.image_encoder(batch["img"][:1])
+        logits, iou = decode_masks(sam, embedding, sparse, dense)
+    assert logits.shape == (n, 1, SIZE, SIZE) and iou.shape == (n, 1)
+
+
+def test_predict_instances_per_image(sam, batch):
+    with torch.no_grad():
+        outputs = predict_instances(sam, sam.image_encoder(batch["img"]), batch["targets"], "point")
+    assert [o.shape for o in outputs] == [(len(t["boxes"]), 1, SIZE, SIZE) for t in batch["targets"]]
+
+
+def test_unknown_kind_is_rejected(sam, batch):
+    with pytest.raises(ValueError, match="prompt kind"):
+        encode_prompts(sam, batch["targets"][0], "scribble")
+    assert PROMPT_KINDS == ("box", "point", "poly")
+
+
+def test_gradients_reach_the_mask_decoder(sam, batch):
+    sam.zero_grad()
+    logits = predict_instances(sam, sam.image_encoder(batch["img"]), batch["targets"], "poly")
+    sum(o.sigmoid().mean() for o in logits).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in sam.mask_decoder.output_upscaling.parameters())
+    assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_round_trip_gives_identical_logits(sam, batch, tmp_path):
+    path = tmp_path / "ckpt" / "sam_tiny.pth"
+    save_sam_checkpoint(sam, path)
+    loaded = build_sam("tiny", path, image_size=SIZE, tiny=TINY)
+    with torch.no_grad():
+        expected = predict_instances(sam.eval(), sam.image_encoder(batch["img"]), batch["targets"], "box")
+        actual = predict_instances(loaded.eval(), loaded.image_encoder(batch["img"]), batch["targets"], "box")
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_checkpoint_errors_name_the_path(sam, tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(FileNotFoundError, match="nowhere.pth.*sam_vit_b_01ec64.pth"):
+        build_sam("tiny", missing, image_size=SIZE, tiny=TINY)
+    path = tmp_path / "other.pth"
+    save_sam_checkpoint(sam, path)
+    with pytest.raises(ValueError, match="other.pth.*image_encoder"):
+        build_sam("tiny", path, image_size=SIZE, tiny={**TINY, "embed_dim": 48})
+
+
+def test_unknown_variant_lists_choices_and_random_init_warns(caplog):
+    with pytest.raises(ValueError, match="vit_b.*tiny"):
+        build_sam("vit_s")
+    with caplog.at_level(logging.WARNING):
+        build_sam("tiny", image_size=32, tiny={"embed_dim": 16, "prompt_embed_dim": 16})
+    assert sum("random init" in r.getMessage() for r in caplog.records) == 1
