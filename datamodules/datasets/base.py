@@ -7,14 +7,18 @@ Prompts and tensors are made later (``datamodules/prompted.py``, ``datamodules/t
 """
 from __future__ import annotations
 
+import logging
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 IGNORE_INDEX = 255
+log = logging.getLogger(__name__)
 
 
 class DatasetLayoutError(RuntimeError):
@@ -54,6 +58,29 @@ def read_label(path: Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     return label
 
 
+def read_id_map(path: Path) -> np.ndarray:
+    """A single-channel (8- or 16-bit) id PNG; a colour PNG here means the wrong label files."""
+    label = read_label(path)
+    if label.ndim != 2:
+        raise DatasetLayoutError(f"{path} has {label.shape[2]} channels; expected a single-channel id PNG")
+    return label
+
+
+def read_indexed_png(path: Path, modes: Sequence[str] = ("P",)) -> np.ndarray:
+    """The palette indices of a palette PNG (GTA5 labels, VOC SegmentationObject).
+
+    OpenCV expands a palette PNG to its colours, so the indices are read with PIL; ``modes`` lists the
+    PIL modes accepted (``"L"`` for a grey re-save that keeps the ids as values).
+    """
+    try:
+        with Image.open(path) as label:
+            if label.mode not in modes:
+                raise DatasetLayoutError(f"{path} is a '{label.mode}' image; expected a {' or '.join(modes)} PNG")
+            return np.array(label)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetLayoutError(f"{path} cannot be decoded as a palette PNG ({error})") from error
+
+
 def check_same_size(image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path) -> None:
     if image.shape[:2] != label.shape[:2]:
         raise DatasetLayoutError(
@@ -68,6 +95,11 @@ def lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
     for source_id, train_id in mapping.items():
         table[source_id] = train_id
     return table
+
+
+def id_mapper(mapping: dict[int, int], size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
+    """A label -> train id function for ``SemanticDataset``; a partial, not a lambda, so workers can pickle it."""
+    return partial(np.take, lookup_table(mapping, size))
 
 
 def interleaved_split(files: Sequence, train_per_eval: int, split: str) -> list:
@@ -100,14 +132,13 @@ class SemanticDataset(Dataset):
         return {"image": image, "mask": label, "meta": {"path": str(image_path)}}
 
     def read_raw_label(self, path: Path) -> np.ndarray:
-        label = read_label(path)
-        if label.ndim != 2:
-            raise DatasetLayoutError(f"{path} has {label.shape[2]} channels; expected a single-channel id PNG")
-        return label
+        return read_id_map(path)
 
 
 class InstanceDataset(Dataset):
     """Images with per-instance binary masks; subclasses implement ``read_instances``."""
+
+    layout: str = ""
 
     def __init__(self, items: list):
         self.items = items
@@ -122,13 +153,17 @@ class InstanceDataset(Dataset):
         instances = self.read_instances(item, image.shape[:2])
         if instances.shape[1:] != image.shape[:2]:
             raise DatasetLayoutError(
-                f"instance masks for {image_path} are {instances.shape[2]}x{instances.shape[1]} but the image is "
-                f"{image.shape[1]}x{image.shape[0]}; expected masks of the image's size"
+                f"label {self.label_source(item)} gives {instances.shape[2]}x{instances.shape[1]} masks but its image "
+                f"{image_path} is {image.shape[1]}x{image.shape[0]}; expected masks of the image's size"
             )
         return {"image": image, "instances": instances, "meta": {"path": str(image_path)}}
 
     def image_path(self, item) -> Path:
         return item[0]
+
+    def label_source(self, item) -> Path:
+        """Where the item's masks come from, for error messages; file-based items are (image, label, ...)."""
+        return item[1]
 
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
@@ -139,3 +174,25 @@ def instances_from_id_map(ids: np.ndarray, background: Sequence[int] = (0,)) -> 
     values = np.unique(ids)
     values = values[~np.isin(values, background)]
     return (ids[None] == values[:, None, None]).astype(np.uint8)
+
+
+class GreyMapInstanceDataset(InstanceDataset):
+    """(image, grey GT) pairs whose distinct non-zero grey values are the instances (CAMO, COD10K).
+
+    WeSAM drops images whose GT is all zero, so every GT is read once at discovery and the number
+    dropped is logged (nothing disappears silently).
+    """
+
+    def __init__(self, pairs: list[tuple[Path, Path]]):
+        kept = [pair for pair in pairs if self.read_ids(pair[1]).any()]
+        if len(kept) < len(pairs):
+            log.warning("%s: dropped %d of %d images whose GT map is all zero (no object)",
+                        type(self).__name__, len(pairs) - len(kept), len(pairs))
+        super().__init__(kept)
+
+    @staticmethod
+    def read_ids(path: Path) -> np.ndarray:
+        return read_label(path, cv2.IMREAD_GRAYSCALE)
+
+    def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
+        return instances_from_id_map(self.read_ids(item[1]))

@@ -1,0 +1,25 @@
+"""Cityscapes fine annotations: labelIds mapped to the 19 train ids (255 = ignore)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from datamodules.datasets.base import SemanticDataset, find_files, id_mapper, require_dir, require_pair
+from datamodules.datasets.labels import CITYSCAPES_LABELID_TO_TRAINID
+
+IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
+
+
+class Cityscapes(SemanticDataset):
+    """Fine-annotated frames of one split, sorted by city and frame."""
+
+    layout = ("ROOT/leftImg8bit/{split}/CITY/*_leftImg8bit.png with "
+              "ROOT/gtFine/{split}/CITY/*_gtFine_labelIds.png")
+
+    def __init__(self, root, split: str = "train"):
+        root = require_dir(Path(root), self.layout)
+        images = find_files(require_dir(root / "leftImg8bit" / split, self.layout), f"*/*{IMAGE_SUFFIX}", self.layout)
+        pairs = []
+        for image in images:
+            label = root / "gtFine" / split / image.parent.name / image.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
+            pairs.append((image, require_pair(image, label, self.layout)))
+        super().__init__(pairs, id_mapper(CITYSCAPES_LABELID_TO_TRAINID))

@@ -1,0 +1,30 @@
+"""OCID cluttered tabletop sequences: rgb/ frames with label/ instance-id maps, 6:1 split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.datasets.base import (InstanceDataset, find_files, instances_from_id_map, interleaved_split,
+                                       read_id_map, require_dir, require_pair)
+
+
+class OCID(InstanceDataset):
+    """Every sequence frame under ROOT; items are (image, label, background ids)."""
+
+    layout = "ROOT/**/*seq*/rgb/*.png with ROOT/**/*seq*/label/*.png (same name)"
+
+    def __init__(self, root, split: str = "train"):
+        root = require_dir(Path(root), self.layout)
+        images = find_files(root, "**/*seq*/rgb/*.png", self.layout)
+        items = []
+        for image in images:
+            label = require_pair(image, image.parent.parent / "label" / image.name, self.layout)
+            # Label 1 is the floor; in table sequences 2 is the table top, also background.
+            background = (0, 1, 2) if "table" in str(image.relative_to(root)) else (0, 1)
+            items.append((image, label, background))
+        super().__init__(interleaved_split(items, 6, split))
+
+    def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
+        _, label, background = item
+        return instances_from_id_map(read_id_map(label), background)

@@ -1,0 +1,281 @@
+"""Dataset readers on tiny fixtures written in each dataset's official layout.
+
+The fixtures are 8x12 images, so the tests check the mapping values, instance masks, splits and error
+messages the real datasets would produce without needing any download.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.datasets import DATASETS, DatasetLayoutError, build_dataset
+from datamodules.datasets.camo import CAMO
+from datamodules.datasets.cityscapes import Cityscapes
+from datamodules.datasets.coco import COCO
+from datamodules.datasets.cod10k import COD10K
+from datamodules.datasets.gta5 import GTA5
+from datamodules.datasets.kvasir import KvasirSEG
+from datamodules.datasets.ocid import OCID
+from datamodules.datasets.synthia import Synthia
+from datamodules.datasets.voc import PascalVOC
+
+H, W = 8, 12
+
+
+def write(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+    return path
+
+
+def write_palette(path, ids):
+    """A palette PNG as GTA5 and VOC ship them: the pixel values are indices, the colours a lookup."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    label = Image.frombytes("P", (W, H), ids.astype(np.uint8).tobytes())
+    label.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [224, 224, 192] * 253)
+    label.save(path)
+    return path
+
+
+def image():
+    return np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def id_map(*values, dtype=np.uint8):
+    """An HxW map whose column blocks hold ``values`` left to right."""
+    return np.repeat(np.array(values, dtype=dtype), -(-W // len(values)))[:W][None].repeat(H, 0)
+
+
+def raises_naming(path):
+    return pytest.raises(DatasetLayoutError, match=re.escape(str(path)))
+
+
+# --- semantic datasets -------------------------------------------------------------------------------
+
+@pytest.fixture
+def cityscapes(tmp_path):
+    for city, frame in [("aachen", "aachen_000000_000019"), ("bremen", "bremen_000001_000019")]:
+        write(tmp_path / f"leftImg8bit/train/{city}/{frame}_leftImg8bit.png", image())
+        write(tmp_path / f"gtFine/train/{city}/{frame}_gtFine_labelIds.png", id_map(7, 26, 0, 33))
+    return tmp_path
+
+
+def test_cityscapes_maps_label_ids_to_train_ids(cityscapes):
+    dataset = Cityscapes(cityscapes, "train")
+    assert len(dataset) == 2
+    item = dataset[0]
+    assert item["image"].shape == (H, W, 3) and item["mask"].dtype == np.int64
+    assert item["mask"][0].tolist() == [0] * 3 + [13] * 3 + [255] * 3 + [18] * 3
+    assert item["meta"]["path"].endswith("aachen_000000_000019_leftImg8bit.png")
+
+
+def test_cityscapes_errors_name_the_path(cityscapes):
+    label = cityscapes / "gtFine/train/bremen/bremen_000001_000019_gtFine_labelIds.png"
+    write(label, np.zeros((H + 1, W), np.uint8))
+    with raises_naming(label):
+        Cityscapes(cityscapes)[1]
+    label.write_bytes(b"not a png")
+    with raises_naming(label):
+        Cityscapes(cityscapes)[1]
+    label.unlink()
+    with raises_naming(label):
+        Cityscapes(cityscapes)
+    with raises_naming(cityscapes / "leftImg8bit/val"):
+        Cityscapes(cityscapes, "val")
+
+
+def test_corrupt_image_is_named(cityscapes):
+    picture = cityscapes / "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"
+    picture.write_bytes(b"\x89PNG truncated")
+    with raises_naming(picture):
+        Cityscapes(cityscapes)[0]
+
+
+@pytest.fixture
+def gta5(tmp_path):
+    for stem in ("00001", "00002", "02154"):
+        write(tmp_path / f"images/{stem}.png", image())
+    write_palette(tmp_path / "labels/00001.png", id_map(7, 26, 0))  # as released
+    write(tmp_path / "labels/00002.png", id_map(7, 26, 0))  # a grey re-save keeps the ids
+    return tmp_path
+
+
+def test_gta5_skips_known_missing_ids_with_one_warning(gta5, caplog):
+    with caplog.at_level(logging.WARNING):
+        dataset = GTA5(gta5, "val")
+    assert len(dataset) == 2
+    assert [r.getMessage() for r in caplog.records if "GTA5" in r.getMessage()] == [
+        "GTA5: skipped 1 images whose ids are known to have no label"]
+    for item in dataset:
+        assert item["mask"][0].tolist() == [0] * 4 + [13] * 4 + [255] * 4
+
+
+def test_gta5_colour_label_is_named(gta5):
+    label = write(gta5 / "labels/00002.png", np.zeros((H, W, 3), np.uint8))
+    with raises_naming(label):
+        GTA5(gta5)[1]
+
+
+def test_gta5_missing_label_is_an_error_unless_known_and_skipped(gta5):
+    with raises_naming(gta5 / "labels/02154.png"):
+        GTA5(gta5, skip_known_missing=False)
+    write(gta5 / "images/00003.png", image())
+    with raises_naming(gta5 / "labels/00003.png"):
+        GTA5(gta5)
+
+
+def test_synthia_reads_the_r_channel_of_16bit_labels(tmp_path):
+    write(tmp_path / "RGB/0000000.png", image())
+    write(tmp_path / "RGB/0000001.png", image())
+    ids = id_map(3, 1, 21, 999, dtype=np.uint16)
+    instance_ids = np.full((H, W), 4000, np.uint16)  # the other channels must be ignored
+    write(tmp_path / "GT/LABELS/0000000.png", np.dstack([instance_ids, instance_ids, ids]))
+    write(tmp_path / "GT/LABELS/0000001.png", ids)
+    dataset = Synthia(tmp_path)
+    expected = [0] * 3 + [10] * 3 + [3] * 3 + [255] * 3
+    assert dataset[0]["mask"][0].tolist() == expected
+    assert dataset[1]["mask"][0].tolist() == expected
+
+
+# --- instance datasets -------------------------------------------------------------------------------
+
+def box(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+@pytest.fixture
+def coco(tmp_path):
+    images, annotations = [], []
+    for image_id in range(1, 9):
+        name = f"{image_id:012d}.jpg"
+        write(tmp_path / "val2017" / name, image())
+        images.append({"id": image_id, "file_name": name, "height": H, "width": W})
+        annotations.append({"id": 10 * image_id, "image_id": image_id, "category_id": 1, "area": 20.0,
+                            "bbox": [1, 1, 5, 4], "segmentation": box(1, 1, 6, 5), "iscrowd": int(image_id == 8)})
+    annotations.append({"id": 11, "image_id": 1, "category_id": 1, "area": 6.0, "bbox": [8, 5, 3, 2],
+                        "segmentation": box(8, 5, 11, 7), "iscrowd": 0})
+    path = tmp_path / "annotations/instances_val2017.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "thing"}]}))
+    return tmp_path
+
+
+def test_coco_instances_split_and_dropped_images(coco, caplog):
+    with caplog.at_level(logging.WARNING):
+        train, val = COCO(coco, "train"), COCO(coco, "val")
+    assert "COCO: dropped 1 of 8 images" in caplog.text  # image 8 has only a crowd annotation
+    assert (len(train), len(val)) == (6, 1)
+    instances = train[0]["instances"]
+    assert instances.shape == (2, H, W) and instances.dtype == np.uint8
+    assert instances[0, 3, 3] == 1 and instances[0, 7, 11] == 0 and instances[1, 6, 9] == 1
+    assert COCO(coco, max_instances=1)[0]["instances"].shape == (1, H, W)
+
+
+def test_coco_missing_image_file_is_named(coco):
+    (coco / "val2017/000000000003.jpg").unlink()
+    with raises_naming(coco / "val2017/000000000003.jpg"):
+        COCO(coco)
+
+
+def test_voc_palette_indices_are_instances(tmp_path):
+    ids = id_map(0, 1, 255, 2)
+    for index in range(7):
+        write(tmp_path / f"JPEGImages/2007_{index:06d}.jpg", image())
+        write_palette(tmp_path / f"SegmentationObject/2007_{index:06d}.png", ids)
+    train, val = PascalVOC(tmp_path, "train"), PascalVOC(tmp_path, "val")
+    assert (len(train), len(val)) == (6, 1)
+    instances = train[0]["instances"]
+    assert instances.shape == (2, H, W)
+    assert (instances[0] == (ids == 1)).all() and (instances[1] == (ids == 2)).all()
+    grey = tmp_path / "SegmentationObject/2007_000000.png"
+    write(grey, ids)
+    with raises_naming(grey):
+        train[0]
+
+
+def test_camo_uses_its_folders_and_drops_empty_gt(tmp_path, caplog):
+    for split, stem in [("Train", "camourflage_00001"), ("Train", "camourflage_00002"), ("Test", "camourflage_00003")]:
+        write(tmp_path / f"Images/{split}/{stem}.jpg", image())
+    write(tmp_path / "GT/camourflage_00001.png", id_map(0, 128, 255))
+    write(tmp_path / "GT/camourflage_00002.png", np.zeros((H, W), np.uint8))
+    write(tmp_path / "GT/camourflage_00003.png", id_map(0, 255))
+    with caplog.at_level(logging.WARNING):
+        train = CAMO(tmp_path, "train")
+    assert "CAMO: dropped 1 of 2 images" in caplog.text
+    assert len(train) == 1 and train[0]["instances"].shape == (2, H, W)
+    assert len(CAMO(tmp_path, "test")) == len(CAMO(tmp_path, "val")) == 1
+
+
+def test_cod10k_split_and_missing_gt(tmp_path):
+    for index in range(5):
+        write(tmp_path / f"Test/Image/COD10K-CAM-{index}.jpg", image())
+        write(tmp_path / f"Test/GT_Object/COD10K-CAM-{index}.png", id_map(0, 255))
+    assert (len(COD10K(tmp_path, "train")), len(COD10K(tmp_path, "val"))) == (4, 1)
+    assert COD10K(tmp_path, "val")[0]["instances"].sum() == H * W // 2
+    (tmp_path / "Test/GT_Object/COD10K-CAM-2.png").unlink()
+    with raises_naming(tmp_path / "Test/GT_Object/COD10K-CAM-2.png"):
+        COD10K(tmp_path)
+
+
+def test_kvasir_connected_components_are_polyps(tmp_path):
+    mask = np.zeros((H, W), np.uint8)
+    mask[1:4, 1:4] = 255
+    mask[5:7, 7:11] = 200
+    for index in range(6):
+        write(tmp_path / f"images/cju{index}.jpg", image())
+        write(tmp_path / f"masks/cju{index}.jpg", mask)
+    train, val = KvasirSEG(tmp_path, "train"), KvasirSEG(tmp_path, "val")
+    assert (len(train), len(val)) == (5, 1)
+    instances = train[0]["instances"]
+    assert instances.shape == (2, H, W)
+    assert instances[0, 2, 2] == 1 and instances[1, 6, 9] == 1 and instances[:, 0, 0].sum() == 0
+
+
+def test_kvasir_layout_errors_name_the_path(tmp_path):
+    (tmp_path / "images").mkdir()
+    with raises_naming(tmp_path / "images"):
+        KvasirSEG(tmp_path)
+    write(tmp_path / "images/cju0.jpg", image())
+    with raises_naming(tmp_path / "masks"):
+        KvasirSEG(tmp_path)
+    mask = write(tmp_path / "masks/cju0.jpg", np.full((H, W + 2), 255, np.uint8))
+    with raises_naming(mask):
+        KvasirSEG(tmp_path)[0]
+
+
+def test_ocid_background_ids_depend_on_table_sequences(tmp_path):
+    labels = id_map(0, 1, 2, 3, dtype=np.uint16)
+    for folder in ("ARID20/table/top/seq01", "YCB10/floor/bottom/seq02"):
+        write(tmp_path / folder / "rgb/result_2018.png", image())
+        write(tmp_path / folder / "label/result_2018.png", labels)
+    table, floor = OCID(tmp_path, "train")  # sorted paths: ARID20 (table) first
+    assert table["instances"].shape == (1, H, W) and floor["instances"].shape == (2, H, W)
+    assert (table["instances"][0] == (labels == 3)).all() and (floor["instances"][0] == (labels == 2)).all()
+    (tmp_path / "YCB10/floor/bottom/seq02/label/result_2018.png").unlink()
+    with raises_naming(tmp_path / "YCB10/floor/bottom/seq02/label/result_2018.png"):
+        OCID(tmp_path)
+
+
+# --- registry ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cityscapes", "gta5", "synthia", "coco", "voc", "camo", "cod10k", "kvasir", "ocid"])
+def test_missing_root_is_named(tmp_path, name):
+    with raises_naming(tmp_path / "absent"):
+        build_dataset(name, tmp_path / "absent", "train")
+    with pytest.raises(DatasetLayoutError, match=f"'{name}'.*'root'"):
+        build_dataset(name, None, "train")
+
+
+def test_registry_builds_procedural_datasets_and_rejects_unknown_names():
+    assert set(DATASETS) >= {"synth_streets", "synth_shapes", "cityscapes"}
+    assert build_dataset("synth_shapes", None, "val", domain="clear", length=3, size=32)[0]["instances"].ndim == 3
+    assert len(build_dataset("synth_streets", None, "train", domain="real", length=2)) == 2
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; available: camo, cityscapes"):
+        build_dataset("nope", None, "train")
