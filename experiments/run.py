@@ -45,6 +45,11 @@ def check_compatibility(cfg) -> None:
     if "src" in method.streams and data.labelled_domain == "source" and data.get("source") is None:
         raise SystemExit(f"Method '{method.name}' needs labelled source data, but task '{task.name}' has no source "
                          f"dataset; use data.labelled_domain=target for a supervised target run.")
+    required = method.get("requires_checkpoint")
+    if required and not method.get(required):
+        raise SystemExit(f"Method '{method.name}' adapts a trained model: set method.{required}=PATH, e.g. the "
+                         f"checkpoints/last.ckpt of `python -m experiments.run +method={method.checkpoint_from} "
+                         f"+task={task.name}`.")
 
 
 def build_loggers(cfg, run_dir: Path) -> list:
@@ -100,10 +105,14 @@ def execute(cfg) -> dict:
 
     datamodule = build_datamodule(resolved)
     module = build_module(resolved)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.task.monitor,
-                                  mode="max", save_last=True, auto_insert_metric_name=False)
+    # Two callbacks: Lightning writes save_last only when the monitored best improves, but resuming
+    # (ckpt_path=last) and source checkpoints need the latest state at every validation.
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.task.monitor, mode="max",
+                           auto_insert_metric_name=False, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
     trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg, run_dir),
-                                      callbacks=[checkpoints, LearningRateMonitor("step")],
+                                      callbacks=[best, last, LearningRateMonitor("step")],
                                       default_root_dir=str(run_dir), use_distributed_sampler=False)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -6,6 +6,7 @@ kind as WeSAM does: per image the mean IoU over its instances, then the mean ove
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -87,6 +89,35 @@ def load_state_from_checkpoint(path: str, prefix: str = "") -> dict:
     return selected
 
 
+def build_segmenter(model: dict, num_classes: int) -> nn.Module:
+    """The network named by ``model.builder`` in configs/network/*.yaml.
+
+    Contract of every segmenter: ``forward(images) -> (logits at the feature resolution, features)``
+    and a ``backbone`` attribute (the parameters trained at the base learning rate).
+    """
+    module_path, name = model["builder"].rsplit(".", 1)
+    return getattr(importlib.import_module(module_path), name)(model, num_classes)
+
+
+def load_segmenter_weights(segmenter: nn.Module, path: str) -> None:
+    """Start from the ``segmenter`` of another run's checkpoint (e.g. source_only's last.ckpt)."""
+    segmenter.load_state_dict(load_state_from_checkpoint(path, "segmenter."))
+    log.info("segmenter weights loaded from %s", path)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """Mean teacher (Tarvainen & Valpola 2017): theta_t <- m theta_t + (1 - m) theta_s; buffers copied.
+
+    Under DDP every rank holds the same student after the gradient all-reduce (and DDP broadcasts
+    buffers from rank 0), so the teachers stay identical across ranks without communication.
+    """
+    for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
+        teacher_param.lerp_(student_param.detach(), 1 - momentum)
+    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
+        teacher_buffer.copy_(student_buffer)
+
+
 class EvaluationMixin:
     """Writes ``results.json`` of the last test run into the run directory (read by experiments.report)."""
 
@@ -112,6 +143,13 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         self.class_names = list(CITYSCAPES_CLASSES)
         self.eval_subsets = {name: list(classes) for name, classes in task["eval_subsets"].items()}
         self.confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX)
+
+    def build_segmenter(self) -> nn.Module:
+        """The configured network, started from ``method.source_ckpt`` when the method has one set."""
+        segmenter = build_segmenter(self.hparams["model"], self.num_classes)
+        if self.hparams["method"].get("source_ckpt"):
+            load_segmenter_weights(segmenter, self.hparams["method"]["source_ckpt"])
+        return segmenter
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits, _ = self.segmenter(images)

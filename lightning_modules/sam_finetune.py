@@ -5,11 +5,13 @@ batched call; the loss is SAM's focal + dice mask loss against the instance mask
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from lightning_modules.base import PromptedSegmentationModule, build_optimizer
 from lightning_modules.components.losses import sam_mask_loss
-from lightning_modules.components.sam import build_sam, predict_instances
+from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
 
 
 class SAMFinetune(PromptedSegmentationModule):
@@ -40,6 +42,12 @@ class SAMFinetune(PromptedSegmentationModule):
         self.log_dict({f"train/loss_{kind}": value for kind, value in losses.items()})
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_fit_end(self) -> None:
+        # A plain SAM state dict (official format): the "Source" SAM that adaptation methods start from
+        # through model.sam_checkpoint, loadable by segment-anything's own registry too.
+        if self.trainer.is_global_zero and self.hparams.get("run_dir"):
+            save_sam_checkpoint(self.sam, Path(self.hparams["run_dir"]) / "sam.pth")
 
     def configure_optimizers(self):
         return build_optimizer(self.sam.image_encoder.parameters(), self.sam.mask_decoder.parameters(),

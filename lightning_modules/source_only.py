@@ -5,13 +5,12 @@ which gives the upper bound every adaptation method is measured against.
 from __future__ import annotations
 
 from lightning_modules.base import SemanticSegmentationModule
-from lightning_modules.components.deeplabv2 import build_deeplabv2
 
 
 class SourceOnly(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.segmenter = build_deeplabv2(cfg["model"], self.num_classes)
+        self.segmenter = self.build_segmenter()
 
     def training_step(self, batch: dict, batch_idx: int):
         labelled = batch["src"]

@@ -14,6 +14,9 @@ def test_sam_finetune_trains_and_reports_each_prompt_kind(run_tiny):
     assert results["metrics"]["avg"] == pytest.approx(sum(kinds) / 3)
     assert all(0 <= v <= 100 for v in kinds)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    reloaded = build_sam("tiny", run_dir / "sam.pth", image_size=128).state_dict()
+    assert all(torch.equal(trained[f"sam.{key}"], value) for key, value in reloaded.items())
 
 
 def test_unadapted_evaluation_loads_the_given_sam_checkpoint(run_tiny, tmp_path):

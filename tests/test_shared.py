@@ -1,0 +1,79 @@
+"""Pieces every method shares: the EMA teacher, cross-rank reductions, segmenter building and loading,
+and the refusal of a method that needs a trained checkpoint."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from experiments.run import check_compatibility
+from lightning_modules.base import build_segmenter, ema_update, load_segmenter_weights
+from lightning_modules.components.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
+from tests.conftest import compose_config
+
+
+def test_ema_update_moves_teacher_towards_student_by_one_minus_momentum():
+    teacher, student = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    nn.init.constant_(teacher.weight, 1.0)
+    nn.init.constant_(student.weight, 3.0)
+    student.running_mean.fill_(5.0)
+    ema_update(teacher, student, momentum=0.75)
+    assert teacher.weight.tolist() == pytest.approx([1.5, 1.5])
+    assert teacher.running_mean.tolist() == [5.0, 5.0]
+    assert student.weight.tolist() == [3.0, 3.0]
+
+
+def test_reductions_are_identities_in_one_process():
+    tensor = torch.arange(3.0)
+    assert all_reduce_sum(tensor) is tensor and all_reduce_mean(tensor) is tensor and all_gather_cat(tensor) is tensor
+
+
+def _ddp_reductions(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    local = torch.full((rank + 1, 2), float(rank + 1), requires_grad=True)
+    summed = all_reduce_sum(local.sum(0))
+    summed.sum().backward()  # differentiable: each rank's gradient is the world size
+    gathered = all_gather_cat(local)
+    out.put((rank, summed.tolist(), all_reduce_mean(torch.tensor([float(rank)])).tolist(), gathered.tolist(),
+             local.grad.tolist()))
+    dist.destroy_process_group()
+
+
+def test_reductions_across_two_processes():
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_ddp_reductions, args=(2, 29531, queue), nprocs=2, start_method="spawn")
+    results = dict((r[0], r[1:]) for r in (queue.get(), queue.get()))
+    for rank in (0, 1):
+        summed, mean, gathered, grad = results[rank]
+        assert summed == [5.0, 5.0]  # 1 row of 1s + 2 rows of 2s
+        assert mean == [0.5]
+        assert gathered == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
+        assert grad == [[2.0, 2.0]] * (rank + 1)
+
+
+def test_segmenter_weights_round_trip_through_a_checkpoint(tmp_path):
+    model = {"builder": "lightning_modules.components.deeplabv2.build_deeplabv2", "backbone": "resnet18",
+             "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8}, "aspp_dilations": [1],
+             "pretrained": None, "freeze_bn": False}
+    torch.manual_seed(0)
+    source = build_segmenter(model, 3)
+    path = tmp_path / "source.ckpt"
+    torch.save({"state_dict": {f"segmenter.{k}": v for k, v in source.state_dict().items()}}, path)
+    torch.manual_seed(1)
+    adapted = build_segmenter(model, 3)
+    load_segmenter_weights(adapted, str(path))
+    images = torch.randn(1, 3, 32, 32)
+    assert torch.equal(source.eval()(images)[0], adapted.eval()(images)[0])
+    with pytest.raises(KeyError, match="no weights under 'segmenter.'"):
+        torch.save({"state_dict": {"other.weight": torch.zeros(1)}}, path)
+        load_segmenter_weights(adapted, str(path))
+
+
+def test_method_that_needs_a_checkpoint_is_refused_in_one_sentence(tmp_path):
+    cfg = compose_config("source_only", "synth2real", tmp_path, "+method.requires_checkpoint=source_ckpt",
+                         "+method.source_ckpt=null", "+method.checkpoint_from=source_only")
+    with pytest.raises(SystemExit, match=r"set method.source_ckpt=PATH.*\+method=source_only \+task=synth2real"):
+        check_compatibility(cfg)
