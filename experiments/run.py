@@ -7,6 +7,7 @@ Composes the Hydra config, refuses an incompatible method x task pair in one sen
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -95,6 +96,7 @@ def execute(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from datamodules import build_datamodule
+    from experiments.profiling import StepProfiler
 
     check_compatibility(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -111,18 +113,21 @@ def execute(cfg) -> dict:
                            auto_insert_metric_name=False, enable_version_counter=False)
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
+    profiler = StepProfiler()
     trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg, run_dir),
-                                      callbacks=[best, last, LearningRateMonitor("step")],
+                                      callbacks=[best, last, LearningRateMonitor("step"), profiler],
                                       default_root_dir=str(run_dir), use_distributed_sampler=False)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     elif cfg.ckpt_path:
         raise SystemExit("train=false evaluates the starting weights; drop ckpt_path or use train=true to resume.")
     trainer.test(module, datamodule=datamodule, verbose=False)
+    results = {**module.last_results, **profiler.summary()}
     if trainer.is_global_zero:
-        print(f"\n{cfg.method.name} on {cfg.task.name} (target {cfg.data.val.split}):\n{results_table(module.last_results)}")
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"\n{cfg.method.name} on {cfg.task.name} (target {cfg.data.val.split}):\n{results_table(results)}")
         print(f"run directory: {run_dir}")
-    return module.last_results
+    return results
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ kind as WeSAM does: per image the mean IoU over its instances, then the mean ove
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -119,17 +118,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 class EvaluationMixin:
-    """Writes ``results.json`` of the last test run into the run directory (read by experiments.report)."""
+    """Keeps the metrics of the last evaluation in ``last_results`` (experiments.run writes results.json)."""
 
-    def write_results(self, stage: str, metrics: dict, extra: dict) -> None:
+    def record_results(self, stage: str, metrics: dict, extra: dict) -> None:
         self.last_results = {"method": self.hparams["method"]["name"], "task": self.hparams["task"]["name"],
                              "kind": self.hparams["task"]["kind"], "seed": self.hparams["seed"],
                              "trained": self.hparams.get("train", True), "global_step": self.global_step,
                              "stage": stage, "metrics": metrics, **extra}
-        run_dir = self.hparams.get("run_dir")
-        if stage == "test" and run_dir and self.trainer.is_global_zero:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            (Path(run_dir) / "results.json").write_text(json.dumps(self.last_results, indent=2))
 
 
 class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
@@ -181,7 +176,7 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         per_class = {self.class_names[c]: 100 * iou[c].item() for c in evaluated}
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False, prog_bar=True)
         self.log_dict({f"{stage}/IoU/{k}": (v if not math.isnan(v) else 0.0) for k, v in per_class.items()})
-        self.write_results(stage, metrics, {"per_class_iou": per_class})
+        self.record_results(stage, metrics, {"per_class_iou": per_class})
         if self.trainer.is_global_zero:
             log.info("%s: %s | per-class IoU: %s", stage, format_metrics(metrics), format_metrics(per_class))
 
@@ -230,7 +225,7 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
             metric.reset()
         metrics["avg"] = sum(metrics.values()) / len(self.prompt_kinds)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=True)
-        self.write_results(stage, metrics, {})
+        self.record_results(stage, metrics, {})
         if self.trainer.is_global_zero:
             log.info("%s: %s", stage, format_metrics(metrics))
 
