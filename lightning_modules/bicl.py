@@ -1,0 +1,181 @@
+"""BiCL: bi-directional pixel-prototype contrastive learning (Lee, Eom, Lee, Park, Ham; ECCV 2022).
+
+DeepLabV2 with a projection head. Each step: source CE + target CE on hybrid pseudo-labels y_T
+(L_base); batch prototypes rho_S (source labels) and rho_T (y_T); forward contrast (target pixels
+vs rho_S) and backward contrast (source pixels vs rho_T). y_T takes the dynamic label y_D (pixel
+matched to a calibrated source prototype rho_S + mu_T - mu_S above T) and falls back to the static
+CBST label y_F of a frozen labeler (the model at the start of the self-training round).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.datasets.base import IGNORE_INDEX
+from lightning_modules.base import SemanticSegmentationModule
+from lightning_modules.components.deeplabv2 import ProjectionHead
+from lightning_modules.components.distributed import all_reduce_mean, all_reduce_sum
+from lightning_modules.components.prototypes import (
+    batch_prototypes, calibrated_source_prototypes, calibration, class_balanced_thresholds, confidence_histogram,
+    dynamic_pseudo_labels, ema_prototype_memory, hybrid_pseudo_labels, labels_at, pixels, prototype_contrast_loss,
+    static_pseudo_labels,
+)
+
+PSEUDO_LABEL_KINDS = ("static", "dynamic_uncalibrated", "dynamic", "hybrid")
+
+
+class BiCL(SemanticSegmentationModule):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.method = cfg["method"]
+        self.segmenter = self.build_segmenter()
+        channels = self.segmenter.feature_channels
+        self.projector = ProjectionHead(channels, self.method["projection_hidden_dim"], self.method["projection_dim"])
+        # Without either contrast nothing trains the projection (the "base" ablation row); freezing it
+        # keeps DDP from waiting for its gradients.
+        self.projector.requires_grad_(self.method["use_fc"] or self.method["use_bc"])
+        # Static labels y_F come from the model frozen at the start of each self-training round (CBST).
+        self.static_labeler = copy.deepcopy(self.segmenter).requires_grad_(False).eval()
+        dim, classes = self.method["projection_dim"], self.num_classes
+        self.register_buffer("memory_source", torch.zeros(classes, dim))
+        self.register_buffer("memory_target", torch.zeros(classes, dim))
+        self.register_buffer("memory_source_seen", torch.zeros(classes, dtype=torch.bool))
+        self.register_buffer("memory_target_seen", torch.zeros(classes, dtype=torch.bool))
+        self.register_buffer("static_confidence_histogram",
+                             torch.zeros(classes, self.method["confidence_bins"], dtype=torch.long))
+        # Validation counts per pseudo-label kind: labelled pixels, correct pixels; plus valid pixels.
+        self.register_buffer("pseudo_label_counts", torch.zeros(len(PSEUDO_LABEL_KINDS), 2, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("valid_pixel_count", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.static_labeler.eval()
+        return self
+
+    def embed(self, images: torch.Tensor):
+        """Class logits and flattened projected pixel features f (L2-normalised) at the feature grid."""
+        logits, features = self.segmenter(images)
+        return logits, F.normalize(pixels(self.projector(features)).float(), dim=1)
+
+    @torch.no_grad()
+    def static_labels(self, images: torch.Tensor, accumulate: bool) -> torch.Tensor:
+        """y_F of the frozen labeler with CBST class-wise thresholds from its confidence histogram."""
+        probabilities = pixels(self.static_labeler(images)[0].float().softmax(1))
+        if accumulate:
+            histogram = all_reduce_sum(confidence_histogram(probabilities, self.method["confidence_bins"]))
+            self.static_confidence_histogram += histogram
+        thresholds = class_balanced_thresholds(self.static_confidence_histogram, self.method["cb_proportion"])
+        return static_pseudo_labels(probabilities, thresholds)
+
+    def calibrated_prototypes(self, source_prototypes: torch.Tensor, source_present: torch.Tensor):
+        """rho_{S->T} = rho_S + xi; classes missing from the source batch use the memory mu_S instead."""
+        source = torch.where(source_present.unsqueeze(1), source_prototypes, self.memory_source)
+        available = source_present | self.memory_source_seen
+        if not self.method["use_calibration"]:
+            return source, available
+        xi = calibration(self.memory_target, self.memory_source, self.memory_target_seen, self.memory_source_seen)
+        return calibrated_source_prototypes(source, xi), available
+
+    @torch.no_grad()
+    def update_memories(self, source_prototypes, source_present, target_prototypes, target_present) -> None:
+        """mu_S, mu_T <- EMA of the batch prototypes; averaged over ranks so every rank holds the same memory."""
+        momentum = self.method["lambda"]
+        memory_source, self.memory_source_seen = ema_prototype_memory(
+            self.memory_source, self.memory_source_seen, source_prototypes, source_present, momentum)
+        memory_target, self.memory_target_seen = ema_prototype_memory(
+            self.memory_target, self.memory_target_seen, target_prototypes, target_present, momentum)
+        self.memory_source.copy_(all_reduce_mean(memory_source))
+        self.memory_target.copy_(all_reduce_mean(memory_target))
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # A new self-training round re-labels the target with the current model (CBST rounds).
+        if self.global_step > 0 and self.global_step % self.method["round_steps"] == 0:
+            self.static_labeler.load_state_dict(self.segmenter.state_dict())
+            self.static_confidence_histogram.zero_()
+
+    def training_step(self, batch: dict, batch_idx: int):
+        source, target = batch["src"], batch["tgt"]
+        logits_source, features_source = self.embed(source["img"])
+        logits_target, features_target = self.embed(target["img"])
+        grid = logits_source.shape[-2:]
+        labels_source = labels_at(source["mask"], grid)
+
+        # Step 1: static labels y_F, source prototypes rho_S, dynamic labels y_D, hybrid y_T.
+        static = self.static_labels(target["img"], accumulate=True)
+        source_prototypes, source_present = batch_prototypes(features_source, labels_source, self.num_classes)
+        if self.method["use_dynamic"]:
+            calibrated, available = self.calibrated_prototypes(source_prototypes.detach(), source_present)
+            dynamic = dynamic_pseudo_labels(features_target.detach(), calibrated, available, self.method["T"])
+            labels_target = hybrid_pseudo_labels(dynamic, static)
+        else:
+            labels_target = static
+
+        # Step 2: L_base = CE on source labels + CE on target pseudo-labels.
+        loss_source = self.supervised_loss(logits_source, source["mask"])
+        target_mask = labels_target.view(target["img"].shape[0], *grid)
+        loss_target = (F.cross_entropy(logits_target.float(), target_mask, ignore_index=IGNORE_INDEX)
+                       if (target_mask != IGNORE_INDEX).any() else logits_target.sum() * 0.0)
+        loss = loss_source + self.method["w_target"] * loss_target
+
+        # Step 3: target prototypes rho_T; forward (target -> rho_S) and backward (source -> rho_T) contrast.
+        target_prototypes, target_present = batch_prototypes(features_target, labels_target, self.num_classes)
+        tau = self.method["tau"]
+        if self.method["use_fc"]:
+            loss_fc = prototype_contrast_loss(features_target, labels_target, source_prototypes, source_present, tau)
+            loss = loss + self.method["w_fc"] * loss_fc
+            self.log("train/loss_fc", loss_fc)
+        if self.method["use_bc"]:
+            loss_bc = prototype_contrast_loss(features_source, labels_source, target_prototypes, target_present, tau)
+            loss = loss + self.method["w_bc"] * loss_bc
+            self.log("train/loss_bc", loss_bc)
+
+        # Step 4: prototype memories mu_S, mu_T (EMA), used for the calibration xi of the next step.
+        self.update_memories(source_prototypes, source_present, target_prototypes, target_present)
+
+        self.log_dict({"train/loss": loss, "train/loss_source": loss_source, "train/loss_target": loss_target,
+                       "train/target_label_density": (labels_target != IGNORE_INDEX).float().mean()}, prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self.count_pseudo_label_quality(batch["img"], batch["mask"])
+
+    @torch.no_grad()
+    def count_pseudo_label_quality(self, images: torch.Tensor, mask: torch.Tensor) -> None:
+        """Seed Table 4 in miniature: the pseudo-labels each rule gives the val image, scored against its mask.
+
+        Without a source batch, the dynamic rules match against the memories: mu_S (w/o calibration)
+        and mu_S + xi (w/ calibration); hybrid uses the calibrated one.
+        """
+        logits, features = self.embed(images)
+        static = self.static_labels(images, accumulate=False)
+        seen = self.memory_source_seen
+        xi = calibration(self.memory_target, self.memory_source, self.memory_target_seen, seen)
+        threshold = self.method["T"]
+        uncalibrated = dynamic_pseudo_labels(features, self.memory_source, seen, threshold)
+        dynamic = dynamic_pseudo_labels(features, calibrated_source_prototypes(self.memory_source, xi), seen, threshold)
+        truth = labels_at(mask, logits.shape[-2:])
+        valid = truth != IGNORE_INDEX
+        for row, labels in enumerate((static, uncalibrated, dynamic, hybrid_pseudo_labels(dynamic, static))):
+            labelled = valid & (labels != IGNORE_INDEX)
+            self.pseudo_label_counts[row, 0] += labelled.sum()
+            self.pseudo_label_counts[row, 1] += (labelled & (labels == truth)).sum()
+        self.valid_pixel_count += valid.sum()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        counts = all_reduce_sum(self.pseudo_label_counts).double()
+        valid = all_reduce_sum(self.valid_pixel_count).double().clamp(min=1)
+        metrics = {}
+        for row, kind in enumerate(PSEUDO_LABEL_KINDS):
+            metrics[f"val/pseudo_labels/{kind}_density"] = 100 * counts[row, 0] / valid
+            metrics[f"val/pseudo_labels/{kind}_accuracy"] = 100 * counts[row, 1] / counts[row, 0].clamp(min=1)
+        # Memories must agree across ranks; their largest deviation from the rank mean, summed over ranks.
+        memories = torch.cat([self.memory_source, self.memory_target])
+        metrics["val/memory_rank_spread"] = all_reduce_sum((memories - all_reduce_mean(memories)).abs().max())
+        self.log_dict({k: v.float() for k, v in metrics.items()})
+        self.pseudo_label_counts.zero_()
+        self.valid_pixel_count.zero_()

@@ -1,0 +1,129 @@
+"""BiCL's pixel-prototype math (Lee et al., ECCV 2022, Sec. 3): batch prototypes, forward / backward
+contrast, prototype memories with calibration, and static / dynamic / hybrid pseudo-labels.
+
+Pixels are flattened: features ``[N, D]`` (L2-normalised projections), labels ``[N]`` with
+``IGNORE_INDEX`` for unlabelled pixels. Similarities and softmaxes run in float32 even under
+bf16 autocast: cosine similarities divided by tau = 0.1 lose their ranking in bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.datasets.base import IGNORE_INDEX
+from lightning_modules.components.distributed import all_reduce_sum
+
+
+def float32(device: torch.device):
+    """A region where autocast is off, so matmuls and softmaxes stay in float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def class_feature_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """Per-class sum of features and pixel count in one matmul: sums [C, D], counts [C]."""
+    one_hot = F.one_hot(torch.where(labels == IGNORE_INDEX, num_classes, labels), num_classes + 1)
+    one_hot = one_hot[:, :num_classes].to(features.dtype)
+    return one_hot.t() @ features, one_hot.sum(0)
+
+
+def batch_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """rho(c) = sum_p f(p) y(p,c) / sum_p y(p,c), pooled over DDP ranks; returns (prototypes [C, D], present [C])."""
+    with float32(features.device):
+        sums, counts = class_feature_sums(features.float(), labels, num_classes)
+        sums, counts = all_reduce_sum(sums), all_reduce_sum(counts)
+        present = counts > 0
+        return sums / counts.clamp(min=1).unsqueeze(1), present
+
+
+def prototype_contrast_loss(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
+                            present: torch.Tensor, tau: float) -> torch.Tensor:
+    """L = -sum_c sum_p y(p,c) log softmax_c(s(f(p), rho(c)) / tau) (Eqs. 3-4), mean over labelled pixels.
+
+    The softmax runs over the classes that have a prototype in the other domain's batch; a pixel
+    whose class has none has no positive pair and is left out.
+    """
+    with float32(features.device):
+        logits = F.normalize(features.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).t() / tau
+        logits = logits.masked_fill(~present, float("-inf"))
+        has_positive = (labels != IGNORE_INDEX) & present[labels.clamp(max=len(present) - 1)]
+        if not has_positive.any():
+            return features.sum() * 0.0
+        return F.cross_entropy(logits[has_positive], labels[has_positive])
+
+
+@torch.no_grad()
+def ema_prototype_memory(memory: torch.Tensor, initialised: torch.Tensor, prototypes: torch.Tensor,
+                         present: torch.Tensor, momentum: float):
+    """mu(c) <- lambda mu(c) + (1 - lambda) rho(c) for classes in the batch; a class seen first is copied."""
+    prototypes = prototypes.detach().to(memory.dtype)
+    updated = torch.where(initialised.unsqueeze(1), momentum * memory + (1 - momentum) * prototypes, prototypes)
+    return torch.where(present.unsqueeze(1), updated, memory), initialised | present
+
+
+def calibration(memory_target: torch.Tensor, memory_source: torch.Tensor, target_seen: torch.Tensor,
+                source_seen: torch.Tensor) -> torch.Tensor:
+    """xi(c) = mu_T(c) - mu_S(c); zero for a class not yet in both memories."""
+    both = (target_seen & source_seen).unsqueeze(1)
+    return torch.where(both, memory_target - memory_source, torch.zeros_like(memory_target))
+
+
+def calibrated_source_prototypes(source_prototypes: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+    """rho_{S->T}(c) = rho_S(c) + xi(c)."""
+    return source_prototypes + xi
+
+
+@torch.no_grad()
+def dynamic_pseudo_labels(features: torch.Tensor, prototypes: torch.Tensor, available: torch.Tensor,
+                          threshold: float) -> torch.Tensor:
+    """y_D(p) = c' = argmax_c s(f_T(p), rho_{S->T}(c)) where that similarity > T, else ignore."""
+    with float32(features.device):
+        similarity = F.normalize(features.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).t()
+        best, label = similarity.masked_fill(~available, float("-inf")).max(1)
+        return torch.where(best > threshold, label, torch.full_like(label, IGNORE_INDEX))
+
+
+def hybrid_pseudo_labels(dynamic: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+    """y_T = y_D where the pixel has a dynamic label, else y_F (ignore where neither has one)."""
+    return torch.where(dynamic != IGNORE_INDEX, dynamic, static)
+
+
+@torch.no_grad()
+def confidence_histogram(probabilities: torch.Tensor, bins: int) -> torch.Tensor:
+    """Counts [C, bins] of each pixel's max probability, by predicted class (pixels along dim 0, classes dim 1)."""
+    confidence, label = probabilities.float().max(1)
+    num_classes = probabilities.shape[1]
+    bin_index = (confidence * bins).long().clamp(max=bins - 1)
+    flat = torch.bincount(label * bins + bin_index, minlength=num_classes * bins)
+    return flat.view(num_classes, bins)
+
+
+def class_balanced_thresholds(histogram: torch.Tensor, proportion: float) -> torch.Tensor:
+    """CBST (Zou et al. 2018): k_c = the confidence reached by the top ``proportion`` of pixels predicted c.
+
+    Read from a [C, bins] confidence histogram as the lower edge of the bin where the count from the
+    top first reaches proportion x total; inf for a class never predicted (it gets no static label).
+    """
+    bins = histogram.shape[1]
+    from_top = histogram.flip(1).cumsum(1)
+    needed = (proportion * histogram.sum(1, keepdim=True)).clamp(min=1)
+    first_bin_from_top = (from_top < needed).sum(1)
+    thresholds = (bins - 1 - first_bin_from_top).clamp(min=0).double() / bins
+    return torch.where(histogram.sum(1) > 0, thresholds, torch.full_like(thresholds, float("inf")))
+
+
+@torch.no_grad()
+def static_pseudo_labels(probabilities: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """y_F(p) = argmax_c P(c|p) where max_c P(c|p) >= k_c (class-balanced threshold), else ignore."""
+    confidence, label = probabilities.float().max(1)
+    keep = confidence >= thresholds.to(confidence.dtype)[label]
+    return torch.where(keep, label, torch.full_like(label, IGNORE_INDEX))
+
+
+def pixels(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, D, H, W] -> [B*H*W, D]."""
+    return tensor.permute(0, 2, 3, 1).reshape(-1, tensor.shape[1])
+
+
+def labels_at(mask: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour resize of a label map [B, H, W] to the feature grid, flattened to [B*h*w]."""
+    return F.interpolate(mask.unsqueeze(1).float(), size=tuple(size), mode="nearest").long().flatten()
