@@ -1,0 +1,71 @@
+"""Proxy-based metric learning that scores how reliable each teacher pseudo-label is (STvM: Akkaya & Halici,
+"Self-training via Metric Learning for Source-Free Domain Adaptation of Semantic Segmentation", arXiv 2212.04227).
+
+A metric network embeds the teacher's encoder features; one learnable proxy per class lives in the same
+space. The metric loss is Proxy-Anchor (Kim et al., CVPR 2020), the standard proxy-based loss: the paper's
+exact form could not be read (see configs/method/mt_metric.yaml). A pixel's reliability is the posterior
+of its pseudo-class under the proxies, so a pixel close to its own proxy relative to the others weighs more.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.components.distributed import all_reduce_sum
+
+
+class MetricHead(nn.Module):
+    """Metric network on encoder features and the class proxies; ``forward`` gives cosine similarities [B, C, h, w]."""
+
+    def __init__(self, in_channels: int, num_classes: int, hidden_dim: int, embedding_dim: int):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 1), nn.ReLU(inplace=True),
+                                   nn.Conv2d(hidden_dim, embedding_dim, 1))
+        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        # Proxy-Anchor's official initialisation of the proxies.
+        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return proxy_similarity(self.embed(features), self.proxies)
+
+
+def proxy_similarity(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    # s(x, p_c) = x·p_c / (|x| |p_c|), per pixel and class
+    return torch.einsum("bdhw,cd->bchw", F.normalize(embeddings, dim=1), F.normalize(proxies, dim=1))
+
+
+def proxy_anchor_loss(similarity: torch.Tensor, labels: torch.Tensor, alpha: float, delta: float) -> torch.Tensor:
+    """Proxy-Anchor loss over all pixels of all ranks (sums reduced before the log, so DDP equals one big batch).
+
+    ``similarity`` [B, C, h, w], ``labels`` [B, h, w] (pseudo-labels, every pixel labelled).
+    """
+    num_classes = similarity.shape[1]
+    similarity = similarity.float().permute(0, 2, 3, 1).reshape(-1, num_classes)
+    positive = F.one_hot(labels.reshape(-1), num_classes).to(similarity.dtype)
+    # l = 1/|P+| Σ_{p∈P+} log(1 + Σ_{x∈X_p+} e^{-α(s(x,p)-δ)}) + 1/|P| Σ_{p∈P} log(1 + Σ_{x∈X_p-} e^{α(s(x,p)+δ)})
+    positive_sum = all_reduce_sum((torch.exp(-alpha * (similarity - delta)) * positive).sum(0))
+    negative_sum = all_reduce_sum((torch.exp(alpha * (similarity + delta)) * (1 - positive)).sum(0))
+    with_positives = all_reduce_sum(positive.sum(0).detach()) > 0
+    positive_term = torch.log1p(positive_sum[with_positives]).sum() / with_positives.sum().clamp(min=1)
+    negative_term = torch.log1p(negative_sum).sum() / num_classes
+    return positive_term + negative_term
+
+
+def reliability_weight(similarity: torch.Tensor, pseudo_label: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-pixel weight [B, H, W] in (0, 1) from similarities [B, C, H, W] and pseudo-labels [B, H, W]."""
+    # w(x) = exp(scale·s(x, p_ŷ)) / Σ_c exp(scale·s(x, p_c)), ŷ the teacher's pseudo-label of x
+    posterior = torch.softmax(scale * similarity.float(), dim=1)
+    return posterior.gather(1, pseudo_label.unsqueeze(1)).squeeze(1)
+
+
+def confidence_threshold_weight(probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The thresholded self-training baseline: weight 1 where the teacher's max probability >= threshold, else 0."""
+    # w(x) = 1[max_c p_c(x) >= τ]
+    return (probabilities.max(1).values >= threshold).float()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, pseudo_label: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Self-training loss on every pixel, each pixel's gradient scaled by its weight (mean over all pixels)."""
+    # L_st = 1/N Σ_x w(x) · CE(f_student(x), ŷ(x))
+    return (weight * F.cross_entropy(logits.float(), pseudo_label, reduction="none")).mean()

@@ -1,0 +1,151 @@
+"""Self-training via metric learning (STvM; Akkaya & Halici, arXiv 2212.04227), source-free.
+
+Student and teacher start from the source model; the teacher is the EMA of the student. Per step:
+1. the teacher predicts pseudo-labels for every pixel of the weak view of a target batch;
+2. a metric network on the teacher's encoder features, with one proxy per class, is trained with a
+   proxy-based metric loss on those pseudo-labels, and scores each pseudo-label's reliability;
+3. the student learns on the strong view from all pixels, each pixel's loss weighted by that reliability;
+4. the teacher takes the EMA of the student.
+``method.weighting=threshold`` swaps step 2 for the confidence-threshold self-training baseline.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import NamedTuple
+
+import torch
+
+from lightning_modules.base import SemanticSegmentationModule, ema_update, upsample
+from lightning_modules.components.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
+from lightning_modules.components.metric_learning import (MetricHead, confidence_threshold_weight,
+                                                          proxy_anchor_loss, reliability_weight,
+                                                          weighted_cross_entropy)
+
+log = logging.getLogger(__name__)
+WEIGHTINGS = ("metric", "threshold")
+
+
+class TeacherTargets(NamedTuple):
+    pseudo_label: torch.Tensor  # [B, H, W] at input size
+    weight: torch.Tensor  # [B, H, W] reliability of each pseudo-label
+    logits: torch.Tensor  # [B, C, h, w] at feature size
+    similarity: torch.Tensor | None  # [B, C, h, w] pixel-proxy similarities (metric weighting only)
+
+
+class MTMetric(SemanticSegmentationModule):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        method = cfg["method"]
+        if method["weighting"] not in WEIGHTINGS:
+            raise ValueError(f"method.weighting={method['weighting']!r} is not supported; expected one of {WEIGHTINGS}")
+        self.segmenter = self.build_segmenter()
+        self.teacher = copy.deepcopy(self.segmenter).requires_grad_(False)
+        self.metric_head = None
+        if method["weighting"] == "metric":
+            self.metric_head = MetricHead(self.segmenter.feature_channels, self.num_classes,
+                                          method["hidden_dim"], method["embedding_dim"])
+        # [sum of weights, count] of correct and of incorrect teacher pseudo-labels on the target val set
+        self.weight_by_correctness = torch.zeros(4)
+        self.pixel_weight_summary: dict = {}
+        self.replica_difference: dict = {}
+
+    def train(self, mode: bool = True):
+        # The teacher only predicts: its BN layers keep the (EMA-copied) running statistics.
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def teacher_targets(self, images: torch.Tensor) -> TeacherTargets:
+        """The teacher's pseudo-label for every pixel of ``images`` and its reliability weight."""
+        method = self.hparams["method"]
+        with torch.no_grad():
+            logits, features = self.teacher(images)
+            probabilities = upsample(logits.float(), images.shape[-2:]).softmax(1)
+        pseudo_label = probabilities.argmax(1)
+        if self.metric_head is None:
+            return TeacherTargets(pseudo_label, confidence_threshold_weight(probabilities, method["confidence_threshold"]),
+                                  logits, None)
+        similarity = self.metric_head(features)
+        weight = reliability_weight(upsample(similarity.detach(), images.shape[-2:]), pseudo_label,
+                                    method["reliability_scale"])
+        return TeacherTargets(pseudo_label, weight, logits, similarity)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        method = self.hparams["method"]
+        target = batch["tgt"]
+        # 1-2. Teacher pseudo-labels on the weak view, weighted by their reliability.
+        teacher = self.teacher_targets(target["img"])
+        losses = {}
+        if teacher.similarity is not None:
+            # The metric network learns the proxies from the teacher's (slowly moving) feature space.
+            losses["metric"] = proxy_anchor_loss(teacher.similarity, teacher.logits.argmax(1),
+                                                 method["alpha"], method["delta"])
+        # 3. The student learns on the strong view from every pixel.
+        student_logits, _ = self.segmenter(target["img_strong"])
+        losses["self_training"] = weighted_cross_entropy(upsample(student_logits, teacher.pseudo_label.shape[-2:]),
+                                                         teacher.pseudo_label, teacher.weight)
+        loss = sum(losses.values())
+        self.log_dict({f"train/{name}_loss": value for name, value in losses.items()})
+        self.log("train/pixel_weight", teacher.weight.mean(), sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # 4. Mean teacher: theta_t <- m theta_t + (1 - m) theta_s.
+        ema_update(self.teacher, self.segmenter, self.hparams["method"]["ema_momentum"])
+        # BN statistics are rank-local (no SyncBatchNorm): average them so every rank holds the same teacher.
+        for buffer in self.teacher.buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(all_reduce_mean(buffer))
+
+    def on_train_end(self) -> None:
+        self.replica_difference = {"teacher": max_rank_difference(parameter_fingerprint(self.teacher))}
+        if self.metric_head is not None:
+            self.replica_difference["proxies"] = max_rank_difference(self.metric_head.proxies.detach().flatten())
+        if self.trainer.is_global_zero:
+            log.info("largest difference between ranks after training: %s", self.replica_difference)
+
+    def accumulate_weight_by_correctness(self, batch: dict) -> None:
+        teacher = self.teacher_targets(batch["img"])
+        valid = batch["mask"] != 255
+        correct = (teacher.pseudo_label == batch["mask"]) & valid
+        incorrect = valid & ~correct
+        self.weight_by_correctness = self.weight_by_correctness.to(self.device) + torch.stack([
+            (teacher.weight * correct).sum(), correct.sum(), (teacher.weight * incorrect).sum(), incorrect.sum()]).float()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self.accumulate_weight_by_correctness(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        self.accumulate_weight_by_correctness(batch)
+
+    def log_evaluation(self, stage: str) -> None:
+        weight_correct, correct, weight_incorrect, incorrect = all_reduce_sum(self.weight_by_correctness.to(self.device))
+        self.weight_by_correctness = torch.zeros(4)
+        self.pixel_weight_summary = {"weight_correct": (weight_correct / correct.clamp(min=1)).item(),
+                                     "weight_incorrect": (weight_incorrect / incorrect.clamp(min=1)).item(),
+                                     "pseudo_label_accuracy": (correct / (correct + incorrect).clamp(min=1)).item()}
+        self.log_dict({f"{stage}/{name}": value for name, value in self.pixel_weight_summary.items()})
+        if self.trainer.is_global_zero:
+            log.info("%s teacher pseudo-labels: %s", stage, self.pixel_weight_summary)
+        super().log_evaluation(stage)
+
+    def record_results(self, stage: str, metrics: dict, extra: dict) -> None:
+        super().record_results(stage, metrics, {**extra, "pixel_weight": self.pixel_weight_summary,
+                                                "ddp_replica_max_difference": self.replica_difference})
+
+
+def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
+    """Sum and position-weighted sum of each parameter and buffer: a few numbers that change with any weight."""
+    tensors = [t.detach().double().flatten() for t in (*module.parameters(), *module.buffers())]
+    return torch.stack([torch.stack([t.sum(), (t * torch.linspace(1, 2, t.numel(), dtype=t.dtype, device=t.device)).sum()])
+                        for t in tensors]).flatten()
+
+
+def max_rank_difference(values: torch.Tensor) -> float:
+    """Largest absolute difference of ``values`` between any rank and rank 0 (0.0 in one process)."""
+    gathered = all_gather_cat(values.unsqueeze(0))
+    return (gathered - gathered[0]).abs().max().item()
