@@ -1,0 +1,89 @@
+"""DAFormer-style self-training pieces (Hoyer et al., CVPR 2022; DACS, Tranheden et al., WACV 2021),
+reusable by any mean-teacher method: EMA momentum schedule, confidence-weighted pseudo-labels,
+ClassMix masks and the batched photometric augmentation applied to mixed images.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def ema_momentum(step: int, alpha: float) -> float:
+    """DAFormer's mean teacher: alpha_t = min(1 - 1 / (t + 1), alpha), so the teacher follows early on."""
+    return min(1 - 1 / (step + 1), alpha)
+
+
+def pseudo_labels_with_quality(teacher_logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_T = argmax p; q_T = |{p : max_c p_c > tau}| / |P| over the batch (DAFormer Eq. 5), the weight of every pixel."""
+    confidence, labels = teacher_logits.float().softmax(1).max(1)
+    quality = (confidence > threshold).float().mean()
+    return labels, quality
+
+
+def class_mix_masks(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """ClassMix (DACS): per image, half of the classes present in ``labels`` (rounded up), chosen at random;
+    returns the [B, H, W] float mask of their pixels."""
+    batch = labels.shape[0]
+    num_classes = int(labels[labels != ignore_index].max().item()) + 1 if (labels != ignore_index).any() else 1
+    flat = labels.flatten(1)
+    valid = flat != ignore_index
+    present = torch.zeros(batch, num_classes + 1, device=labels.device)
+    present.scatter_add_(1, torch.where(valid, flat, num_classes), torch.ones_like(flat, dtype=present.dtype))
+    present = present[:, :num_classes] > 0
+    scores = torch.rand(batch, num_classes, device=labels.device).masked_fill(~present, -1.0)
+    rank = scores.argsort(1, descending=True).argsort(1)
+    chosen = present & (rank < (present.sum(1, keepdim=True) + 1) // 2)
+    chosen = torch.cat([chosen, torch.zeros(batch, 1, dtype=torch.bool, device=labels.device)], 1)
+    return chosen.gather(1, torch.where(valid, flat, num_classes)).reshape(labels.shape).float()
+
+
+def mix(mask: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """x_M = M * x_S + (1 - M) * x_T, the mask broadcast over channels (mask [B, H, W])."""
+    mask = mask.unsqueeze(1) if inside.dim() == 4 else mask
+    return mask * inside + (1 - mask) * outside
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, size] normalised 1-D Gaussian kernels, one sigma per image."""
+    offsets = torch.arange(size, device=sigma.device, dtype=torch.float32) - (size - 1) / 2
+    kernels = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))
+    return kernels / kernels.sum(1, keepdim=True)
+
+
+def strong_photometric(images: torch.Tensor, jitter_p: float, jitter_strength: float, blur_p: float,
+                       blur_sigma: tuple[float, float]) -> torch.Tensor:
+    """DACS/DAFormer strong transform on normalised images: colour jitter (brightness, contrast, saturation
+    by up to +-strength) with probability ``jitter_p`` and Gaussian blur with probability ``blur_p``,
+    drawn independently per image."""
+    batch, channels, height, width = images.shape
+    mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
+    std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
+    rgb = images * std + mean
+
+    def factor():
+        apply = torch.rand(batch, 1, 1, 1, device=images.device) < jitter_p
+        drawn = 1 + (2 * torch.rand(batch, 1, 1, 1, device=images.device) - 1) * jitter_strength
+        return torch.where(apply, drawn, torch.ones_like(drawn))
+
+    rgb = (rgb * factor()).clamp(0, 1)
+    grey = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+    contrast = factor()
+    rgb = (grey.mean((2, 3), keepdim=True) * (1 - contrast) + rgb * contrast).clamp(0, 1)
+    saturation = factor()
+    grey = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+    rgb = (grey * (1 - saturation) + rgb * saturation).clamp(0, 1)
+
+    # Kernel size from the image size as DACS does (about 10% of the side, odd).
+    size = max(3, int(0.1 * min(height, width)) | 1)
+    sigma = torch.empty(batch, device=images.device).uniform_(*blur_sigma)
+    kernels = gaussian_kernels(sigma, size).repeat_interleave(channels, 0)  # [B*C, size]
+    flat = rgb.reshape(1, batch * channels, height, width)
+    blurred = F.conv2d(F.pad(flat, (size // 2, size // 2, 0, 0), mode="reflect"),
+                       kernels[:, None, None, :], groups=batch * channels)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, size // 2, size // 2), mode="reflect"),
+                       kernels[:, None, :, None], groups=batch * channels).reshape_as(rgb)
+    apply_blur = torch.rand(batch, 1, 1, 1, device=images.device) < blur_p
+    rgb = torch.where(apply_blur, blurred, rgb)
+    return (rgb - mean) / std
