@@ -11,7 +11,8 @@ def build_datamodule(cfg: dict):
         return UDADataModule(source=data.get("source"), target=data["target"], val=data["val"],
                              streams=method["streams"], labelled_domain=data["labelled_domain"],
                              crop_size=data.get("crop_size"), strong_view=data["strong_view"],
-                             batch_size=data["batch_size"], num_workers=data["num_workers"], seed=cfg["seed"])
+                             batch_size=data["batch_size"], num_workers=data["num_workers"], seed=cfg["seed"],
+                             pseudo_label_dir=data.get("pseudo_label_dir"))
     from datamodules.prompted import build_prompted_datamodule
 
     return build_prompted_datamodule(cfg)

@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.datasets import build_dataset
 from datamodules.transforms import SemanticTransform
 
-STREAMS = ("src", "tgt")
+# "pl": target train images with pseudo-labels read from ``pseudo_label_dir`` (written by a method's
+# pseudo-label stage), a labelled stream of the target domain for self-training.
+STREAMS = ("src", "tgt", "pl")
 
 
 class TransformedDataset(Dataset):
@@ -54,7 +56,8 @@ class UDADataModule(L.LightningDataModule):
 
     def __init__(self, source: dict | None, target: dict, val: dict, streams: Sequence[str] = ("src",),
                  labelled_domain: str = "source", crop_size: Sequence[int] | None = None,
-                 strong_view: bool = False, batch_size: int = 2, num_workers: int = 2, seed: int = 0):
+                 strong_view: bool = False, batch_size: int = 2, num_workers: int = 2, seed: int = 0,
+                 pseudo_label_dir: str | None = None):
         super().__init__()
         unknown = set(streams) - set(STREAMS)
         if unknown:
@@ -67,6 +70,7 @@ class UDADataModule(L.LightningDataModule):
         self.streams, self.labelled_domain = tuple(streams), labelled_domain
         self.crop_size, self.strong_view = crop_size, strong_view
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.pseudo_label_dir = pseudo_label_dir
         self.train_sets: dict[str, Dataset] = {}
         self.val_set: Dataset | None = None
 
@@ -87,6 +91,14 @@ class UDADataModule(L.LightningDataModule):
             if "tgt" in self.streams:
                 self.train_sets["tgt"] = self.build(self.specs["target"], self.specs["target"].get("split", "train"),
                                                     train=True, labelled=False, strong_view=self.strong_view)
+            if "pl" in self.streams:
+                if not self.pseudo_label_dir:
+                    raise ValueError("the 'pl' stream needs data.pseudo_label_dir: the folder of pseudo-labels to "
+                                     "train on (for seco: method.label_dir of its stage=pseudo_label run)")
+                target = self.specs["target"]
+                spec = {"name": "pseudo_labelled", "resize": target.get("resize"),
+                        "options": {"dataset": target, "label_dir": self.pseudo_label_dir}}
+                self.train_sets["pl"] = self.build(spec, target.get("split", "train"), train=True, labelled=True)
 
     def loader(self, dataset: Dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,

@@ -81,12 +81,49 @@ def build_module(cfg: dict):
     return getattr(importlib.import_module(module_path), class_name)(cfg)
 
 
+def training_on_gpu(cfg) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+
+
+def resolve_precision(precision) -> str:
+    """``auto``: bf16-mixed where the GPU computes in bf16 (Ampere and newer), full precision elsewhere."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def apply_performance_options(module, cfg):
+    """channels_last weights (cuDNN then runs NHWC convolutions) and optional torch.compile."""
+    import torch
+
+    channels_last = cfg.performance.channels_last
+    if channels_last is True or (channels_last == "auto" and training_on_gpu(cfg)):
+        module = module.to(memory_format=torch.channels_last)
+    if cfg.performance.compile:
+        module = torch.compile(module)
+    return module
+
+
 def results_table(results: dict) -> str:
     metrics = {**results.get("per_class_iou", {}), **results["metrics"]}
     header = "| " + " | ".join(metrics) + " |"
     rule = "|" + "---|" * len(metrics)
     values = "| " + " | ".join(f"{v:.2f}" for v in metrics.values()) + " |"
     return "\n".join([header, rule, values])
+
+
+def run_stage(module, stage: str, trainer) -> dict:
+    """A method's non-training stage (e.g. seco's pseudo-labelling): the module's ``run_<stage>(trainer)``."""
+    runner = getattr(module, f"run_{stage}", None)
+    if runner is None:
+        stages = sorted(name[4:] for name in dir(type(module)) if name.startswith("run_"))
+        raise SystemExit(f"Method '{module.hparams['method']['name']}' has no stage '{stage}'; available: "
+                         f"{', '.join(['train', *stages])}.")
+    return runner(trainer)
 
 
 def execute(cfg) -> dict:
@@ -106,7 +143,7 @@ def execute(cfg) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     datamodule = build_datamodule(resolved)
-    module = build_module(resolved)
+    module = apply_performance_options(build_module(resolved), cfg)
     # Two callbacks: Lightning writes save_last only when the monitored best improves, but resuming
     # (ckpt_path=last) and source checkpoints need the latest state at every validation.
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.task.monitor, mode="max",
@@ -114,9 +151,12 @@ def execute(cfg) -> dict:
     last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False)
     profiler = StepProfiler()
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg, run_dir),
+    trainer = hydra.utils.instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision),
+                                      logger=build_loggers(cfg, run_dir),
                                       callbacks=[best, last, LearningRateMonitor("step"), profiler],
                                       default_root_dir=str(run_dir), use_distributed_sampler=False)
+    if cfg.stage != "train":
+        return run_stage(module, cfg.stage, trainer)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     elif cfg.ckpt_path:

@@ -32,11 +32,32 @@ def synth_shapes(root, split: str = "train", **options):
     return SyntheticShapes(split=split, **options)
 
 
-PROCEDURAL = {"synth_streets": synth_streets, "synth_shapes": synth_shapes}
+def synth_regions(root, split: str = "train", **options):
+    from datamodules.synthetic import SyntheticStreetRegions
+
+    return SyntheticStreetRegions(split=split, **options)
+
+
+PROCEDURAL = {"synth_streets": synth_streets, "synth_shapes": synth_shapes, "synth_regions": synth_regions}
 DATASETS = {
     "cityscapes": Cityscapes, "gta5": GTA5, "synthia": Synthia, "coco": COCO, "voc": PascalVOC, "camo": CAMO,
     "cod10k": COD10K, "kvasir": KvasirSEG, "ocid": OCID, **PROCEDURAL,
 }
+
+
+def pseudo_labelled(root, split: str = "train", dataset: dict | None = None, label_dir: str | None = None):
+    """``dataset`` (a dataset spec) with the pseudo-labels under ``label_dir`` as its masks."""
+    from datamodules.datasets.pseudo_labelled import PseudoLabelled
+
+    if dataset is None or label_dir is None:
+        raise DatasetLayoutError("pseudo_labelled needs options 'dataset' (the wrapped spec) and 'label_dir'")
+    wrapped = build_dataset(dataset["name"], dataset.get("root"), dataset.get("split", split),
+                            **(dataset.get("options") or {}))
+    return PseudoLabelled(wrapped, label_dir)
+
+
+DATASETS["pseudo_labelled"] = pseudo_labelled
+PROCEDURAL["pseudo_labelled"] = pseudo_labelled
 
 
 def build_dataset(name: str, root, split: str, **options):

@@ -1,0 +1,305 @@
+"""SeCo: Connectivity-Driven Pseudo-Labeling (Zhao et al., NeurIPS 2024), a plug-in for any base model.
+
+Two stages, both from a base checkpoint (``method.base_ckpt``: source_only, bicl, mt_metric, ...):
+
+``stage=pseudo_label`` refines the base model's pixel pseudo-labels on the target train images and writes
+them to ``method.label_dir``:
+  1. pixel pseudo-labels y = argmax p (PSA's input);
+  2. Pixel Semantic Aggregation: one SAM image-encoder pass per image; "stuff" classes by semantic
+     alignment of SAM's everything-mode masks, "things" by one batched box + point prompt call over the
+     class's connected components;
+  3. Semantic Connectivity Correction: per connected component of the aggregated labels, the loss of the
+     base model's mask-pooled prediction; a two-component GMM on all components' losses (gathered over
+     DDP ranks) marks the noisy ones, which are relabelled when the prediction is confident, else ignored.
+Per image the PSA result is cached (atomically) so an interrupted run resumes; final labels are written
+to a temporary name and renamed, and finished files are never rewritten. Pixel accuracy / mIoU of the
+labels before PSA, after PSA and after SCC are measured against the target train labels where the
+dataset has them (measurement only; the labels never use them).
+
+``stage=train`` (default) self-trains the base model on the refined labels: cross-entropy on the target
+pseudo-labels, plus source cross-entropy when ``method.streams`` holds "src" (UDA; ``[pl]`` = source-free).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.datasets import build_dataset
+from datamodules.datasets.base import IGNORE_INDEX
+from datamodules.datasets.pseudo_labelled import pseudo_label_path
+from datamodules.transforms import geometric_transform, to_tensor
+from lightning_modules.base import (SemanticSegmentationModule, build_segmenter, load_segmenter_weights, mean_iou,
+                                    per_class_iou)
+from lightning_modules.components.connectivity import (
+    Components, component_losses, connected_components, correct_components, fit_noise_gmm, label_confusion,
+    paint_in_order, pixel_pseudo_labels, purest_points, relabel, semantic_alignment, spatial_purity,
+    unclipped_boxes)
+from lightning_modules.components.distributed import all_gather_cat, all_reduce_sum
+from lightning_modules.components.sam import build_sam
+
+log = logging.getLogger(__name__)
+LABEL_STAGES = ("pixel", "psa", "scc")
+
+
+class TargetTrainImages(Dataset):
+    """The target train split at the task's working resolution: uint8 image (for SAM), normalised tensor
+    (for the segmenter), ground-truth mask (for measurement only; all-ignore where the dataset has none)."""
+
+    def __init__(self, spec: dict):
+        self.dataset = build_dataset(spec["name"], spec.get("root"), spec.get("split", "train"),
+                                     **(spec.get("options") or {}))
+        self.geometry = geometric_transform(spec.get("resize"), None, train=False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        mask = item.get("mask")
+        mask = np.full(item["image"].shape[:2], IGNORE_INDEX, np.int64) if mask is None else mask.astype(np.int64)
+        out = self.geometry(image=item["image"], mask=mask)
+        return {"index": index, "image": out["image"], "img": to_tensor(out["image"]),
+                "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])),
+                "original_size": torch.tensor(item["image"].shape[:2])}
+
+
+class SharedEmbeddingPredictor(SamPredictor):
+    """SamPredictor that keeps one image embedding until ``release``: the everything-mode generator's own
+    set_image / reset_image around its point grid reuse it, so the image encoder runs once per image."""
+
+    def __init__(self, sam) -> None:
+        super().__init__(sam)
+        self.release()
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        if not self.is_image_set:
+            super().set_image(image, image_format)
+
+    def reset_image(self) -> None:
+        """Kept: the embedding also serves the box + point prompts of the things."""
+
+    def release(self) -> None:
+        super().reset_image()
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename: a reader (or a resumed run) never sees a partial file."""
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_png(path: Path, labels: np.ndarray) -> None:
+    def write(temporary: Path) -> None:
+        if not cv2.imwrite(str(temporary), labels.astype(np.uint8)):
+            raise OSError(f"could not write {temporary}")
+    write_atomically(path, write)
+
+
+def save_npz(path: Path, **arrays) -> None:
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+    write_atomically(path, write)
+
+
+class SeCo(SemanticSegmentationModule):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        method = cfg["method"]
+        self.segmenter = build_segmenter(cfg["model"], self.num_classes)
+        if method.get("base_ckpt"):
+            load_segmenter_weights(self.segmenter, method["base_ckpt"])
+        self.label_dir = Path(method["label_dir"] or Path(cfg["run_dir"]) / "pseudo_labels")
+        self.cache_dir = self.label_dir / "psa"
+        self.psa_tools: dict = {}
+        self.timing = {"images": 0, "seconds": 0.0, "encoder_seconds": 0.0}
+
+    # ----------------------------------------------------------------- stage=train: self-training
+    def training_step(self, batch: dict, batch_idx: int):
+        method = self.hparams["method"]
+        target = batch["pl"]
+        logits, _ = self.segmenter(target["img"])
+        loss_target = self.supervised_loss(logits, target["mask"])
+        losses = {"loss_target": method["lambda_target"] * loss_target}
+        if "src" in method["streams"]:
+            source = batch["src"]
+            source_logits, _ = self.segmenter(source["img"])
+            losses["loss_source"] = self.supervised_loss(source_logits, source["mask"])
+        loss = sum(losses.values())
+        self.log_dict({f"train/{k}": v for k, v in losses.items()})
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # ----------------------------------------------------------------- stage=pseudo_label
+    def run_pseudo_label(self, trainer) -> dict:
+        if self.hparams["method"]["psa"]["everything_mode"].get("crop_n_layers", 0) != 0:
+            raise ValueError("method.psa.everything_mode.crop_n_layers must be 0: PSA encodes each image once and "
+                             "shares that embedding between everything-mode and the thing prompts")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        trainer.predict(self, return_predictions=False)
+        self.semantic_connectivity_correction()
+        return self.pseudo_label_results
+
+    def predict_dataloader(self) -> DataLoader:
+        images = TargetTrainImages(self.hparams["data"]["target"])
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        todo = [i for i in range(rank, len(images), world) if not self.cache_path(i).is_file()]
+        log.info("rank %d: PSA for %d of its %d target images (the rest are cached in %s)", rank, len(todo),
+                 len(range(rank, len(images), world)), self.cache_dir)
+        return DataLoader(images, batch_size=self.hparams["data"]["batch_size"], sampler=todo,
+                          num_workers=self.hparams["data"]["num_workers"], collate_fn=collate_images)
+
+    def on_predict_start(self) -> None:
+        sam_cfg, psa = self.hparams["method"]["sam"], self.hparams["method"]["psa"]
+        sam = build_sam(sam_cfg["variant"], sam_cfg.get("checkpoint"), sam_cfg.get("image_size"), sam_cfg.get("tiny"))
+        sam.to(self.device).eval().requires_grad_(False)
+        predictor = SharedEmbeddingPredictor(sam)
+        everything = SamAutomaticMaskGenerator(sam, **psa["everything_mode"])
+        everything.predictor = predictor
+        self.psa_tools = {"predictor": predictor, "everything": everything}
+        self.segmenter.eval()
+
+    def cache_path(self, index: int) -> Path:
+        return self.cache_dir / f"{index:06d}.npz"
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        method = self.hparams["method"]
+        logits = self(batch["img"])
+        pixel_labels = pixel_pseudo_labels(logits.softmax(1), method["pixel_threshold"]).cpu().numpy()
+        for i, index in enumerate(batch["index"]):
+            started = time.perf_counter()
+            psa_labels = self.pixel_semantic_aggregation(batch["image"][i], pixel_labels[i])
+            self.timing["seconds"] += time.perf_counter() - started
+            self.timing["images"] += 1
+            components = connected_components(psa_labels)
+            losses, prediction, confidence = component_losses(logits[i], components)
+            truth = batch["mask"][i].numpy()
+            save_npz(self.cache_path(index), psa=psa_labels.astype(np.uint8), index=components.index.astype(np.int32),
+                     classes=components.classes, losses=losses.cpu().numpy(), prediction=prediction.cpu().numpy(),
+                     confidence=confidence.cpu().numpy(), original_size=batch["original_size"][i],
+                     confusion_pixel=label_confusion(pixel_labels[i], truth, self.num_classes),
+                     confusion_psa=label_confusion(psa_labels, truth, self.num_classes))
+
+    def pixel_semantic_aggregation(self, image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Stuff by semantic alignment of everything-mode masks, then things by box + point prompts."""
+        psa = self.hparams["method"]["psa"]
+        predictor, everything = self.psa_tools["predictor"], self.psa_tools["everything"]
+        started = time.perf_counter()
+        predictor.set_image(image)
+        self.timing["encoder_seconds"] += time.perf_counter() - started
+        masks = np.stack([m["segmentation"] for m in everything.generate(image)] or
+                         [np.zeros(labels.shape, bool)])
+        aggregated = paint_in_order(masks, semantic_alignment(masks, labels, psa["stuff_classes"],
+                                                              psa["stuff_align_threshold"]),
+                                    np.full(labels.shape, IGNORE_INDEX, dtype=np.int64))
+        things = connected_components(labels, psa["thing_classes"], psa["min_thing_pixels"])
+        if len(things):
+            aggregated = paint_in_order(self.prompt_things(things, labels), things.classes, aggregated)
+        predictor.release()
+        return aggregated
+
+    def prompt_things(self, things: Components, labels: np.ndarray) -> np.ndarray:
+        """One batched SAM decoder call: every thing component's unclipped box + its purest points."""
+        psa, predictor = self.hparams["method"]["psa"], self.psa_tools["predictor"]
+        height, width = labels.shape
+        purity = spatial_purity(labels, self.num_classes, psa["purity_radius"])
+        points = purest_points(things, purity, psa["points_per_thing"])
+        boxes = unclipped_boxes(things, psa["unclip_ratio"], height, width)
+        transform, device = predictor.transform, predictor.device
+        masks, _, _ = predictor.predict_torch(
+            point_coords=transform.apply_coords_torch(torch.from_numpy(points).to(device), (height, width)),
+            point_labels=torch.ones(points.shape[:2], dtype=torch.int, device=device),
+            boxes=transform.apply_boxes_torch(torch.from_numpy(boxes).to(device), (height, width)),
+            multimask_output=False)
+        return masks[:, 0].cpu().numpy()
+
+    def semantic_connectivity_correction(self) -> None:
+        """Semantic Connectivity Correction over every image's components, then the final labels."""
+        self.trainer.strategy.barrier()
+        device = self.trainer.strategy.root_device
+        scc = self.hparams["method"]["scc"]
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = list(range(rank, len(TargetTrainImages(self.hparams["data"]["target"])), world))
+        caches = {index: dict(np.load(self.cache_path(index))) for index in mine}
+        local_losses = np.concatenate([c["losses"] for c in caches.values()] or [np.zeros(0, np.float32)])
+        counts = all_gather_cat(torch.tensor([len(local_losses)], device=device)).cpu().numpy()
+        all_losses = all_gather_cat(torch.from_numpy(local_losses).to(device)).cpu().numpy()
+        noisy_probability = fit_noise_gmm(all_losses, scc["gmm_max_iter"], scc["gmm_tol"], scc["gmm_reg_covar"],
+                                          seed=self.hparams["seed"])
+        start = int(counts[:rank].sum())
+        local_noisy = noisy_probability[start:start + len(local_losses)]
+        confusions = {stage: np.zeros((self.num_classes, self.num_classes), np.int64) for stage in LABEL_STAGES}
+        offset, written = 0, 0
+        for index, cache in caches.items():
+            count = len(cache["losses"])
+            path = pseudo_label_path(self.label_dir, index)
+            components = Components(index=cache["index"].astype(np.int64), classes=cache["classes"],
+                                    areas=np.zeros(count, np.int64), boxes=np.zeros((count, 4), np.float32))
+            if not path.is_file():
+                corrected = correct_components(cache["classes"], local_noisy[offset:offset + count],
+                                               cache["prediction"], cache["confidence"],
+                                               scc["noise_threshold"], scc["correction_threshold"])
+                labels = relabel(components, corrected)
+                height, width = (int(v) for v in cache["original_size"])
+                save_png(path, cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST))
+                written += 1
+            offset += count
+            confusions["pixel"] += cache["confusion_pixel"]
+            confusions["psa"] += cache["confusion_psa"]
+        self.trainer.strategy.barrier()
+        images = TargetTrainImages(self.hparams["data"]["target"])
+        for index in mine:
+            truth = images[index]["mask"].numpy()
+            labels = cv2.imread(str(pseudo_label_path(self.label_dir, index)), cv2.IMREAD_UNCHANGED)
+            labels = cv2.resize(labels, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            confusions["scc"] += label_confusion(labels, truth, self.num_classes)
+        self.report_pseudo_labels(confusions, all_losses, noisy_probability, written)
+
+    def report_pseudo_labels(self, confusions: dict, losses: np.ndarray, noisy_probability: np.ndarray,
+                             written: int) -> None:
+        """Accuracy / mIoU / coverage of the labels before PSA, after PSA and after SCC (summed over ranks)."""
+        device = self.trainer.strategy.root_device
+        metrics = {}
+        for stage, confusion in confusions.items():
+            total = all_reduce_sum(torch.from_numpy(confusion).to(device)).cpu()
+            iou = per_class_iou(total)
+            subset = next(iter(self.eval_subsets.values()))
+            metrics[stage] = {"pixel_accuracy": 100 * (total.diag().sum() / total.sum().clamp(min=1)).item(),
+                              "mIoU": 100 * mean_iou(iou, subset), "labelled_pixels": int(total.sum())}
+        timing = all_reduce_sum(torch.tensor([self.timing["images"], self.timing["seconds"],
+                                              self.timing["encoder_seconds"]], dtype=torch.float64,
+                                             device=device)).cpu().tolist()
+        noise_threshold = self.hparams["method"]["scc"]["noise_threshold"]
+        self.pseudo_label_results = {
+            "method": self.hparams["method"]["name"], "task": self.hparams["task"]["name"], "stage": "pseudo_label",
+            "label_dir": str(self.label_dir), "metrics": metrics,
+            "components": {"total": int(len(losses)), "noisy": int((noisy_probability > noise_threshold).sum())},
+            "psa_images": int(timing[0]), "psa_images_per_second": timing[0] / max(timing[1], 1e-9),
+            "psa_seconds_per_encoder_second": timing[1] / max(timing[2], 1e-9),
+            "labels_written_by_rank0": written,
+        }
+        if self.trainer.is_global_zero:
+            for stage in LABEL_STAGES:
+                log.info("pseudo-labels %-5s: pixel accuracy %.2f, mIoU %.2f, labelled pixels %d", stage,
+                         metrics[stage]["pixel_accuracy"], metrics[stage]["mIoU"], metrics[stage]["labelled_pixels"])
+            run_dir = Path(self.hparams["run_dir"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "pseudo_label_results.json").write_text(json.dumps(self.pseudo_label_results, indent=2))
+
+
+def collate_images(items: list) -> dict:
+    """Tensors stacked; the uint8 images for SAM stay a list of HWC arrays."""
+    return {"index": [item["index"] for item in items], "image": [item["image"] for item in items],
+            "img": torch.stack([item["img"] for item in items]), "mask": torch.stack([item["mask"] for item in items]),
+            "original_size": torch.stack([item["original_size"] for item in items])}
