@@ -1,0 +1,263 @@
+"""Named LoRA branches on SAM's image encoder, and the math of the SAM self-training methods.
+
+One frozen encoder (gamma, the pre-trained path) carries several named low-rank branches (alpha / beta for
+dual_lora_sam; student / teacher for WeSAM). A branch is chosen per forward with ``active_branch``; with
+none active the encoder is the untouched frozen SAM. Own ~60-line layer instead of peft: peft is not
+installed, the dual method needs a perturbation of the *frozen* path that peft has no hook for, and merging
+a branch back into a plain ``nn.Linear`` (the official checkpoint format) is two lines here.
+
+Losses (dual_lora_sam, Liu et al. ICML 2025; WeSAM, Zhang et al. CVPR 2024) live below as small functions,
+each with its equation in one comment line.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from lightning_modules.components.losses import dice_loss
+from lightning_modules.components.sam import decode_masks, encode_prompts
+
+# Output blocks of SAM's fused attention projection ``attn.qkv`` (Linear(dim, 3 dim)), and the output proj.
+QKV_TARGETS = ("q", "k", "v")
+LORA_TARGETS = (*QKV_TARGETS, "proj")
+
+
+class LowRankUpdate(nn.Module):
+    """One branch's update of one frozen Linear: Delta W_t = (alpha / r) B_t A_t per targeted output block t."""
+
+    def __init__(self, in_features: int, block_size: int, targets: tuple, rank: int, scaling: float):
+        super().__init__()
+        self.scaling = scaling
+        # LoRA's init (Hu et al. 2021): A Kaiming-uniform, B zero, so every branch starts equal to gamma.
+        self.down = nn.ParameterDict({t: nn.Parameter(torch.empty(rank, in_features)) for t in targets})
+        self.up = nn.ParameterDict({t: nn.Parameter(torch.zeros(block_size, rank)) for t in targets})
+        for weight in self.down.values():
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+    def delta(self, target: str, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * F.linear(F.linear(x, self.down[target]), self.up[target])
+
+    def weight(self, target: str) -> torch.Tensor:
+        return self.scaling * self.up[target] @ self.down[target]
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus named low-rank branches; ``active`` picks one (None = the frozen path alone).
+
+    E^{alpha/beta} = perturb(E) + Delta E^{alpha/beta}: in training, an active branch sees its frozen
+    path's output under dropout (``perturbation``), so the two branches see different views of gamma.
+    """
+
+    def __init__(self, base: nn.Linear, blocks: tuple, targets: tuple, branches: list, rank: int, alpha: float,
+                 perturbation: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.blocks, self.targets, self.perturbation = blocks, targets, perturbation
+        block_size = base.out_features // len(blocks)
+        self.branches = nn.ModuleDict({name: LowRankUpdate(base.in_features, block_size, targets, rank, alpha / rank)
+                                       for name in branches})
+        self.active: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        frozen = self.base(x)
+        if self.active is None:
+            return frozen
+        if self.training and self.perturbation > 0:
+            frozen = F.dropout(frozen, self.perturbation)
+        branch = self.branches[self.active]
+        delta = [branch.delta(b, x) if b in self.targets else x.new_zeros(*x.shape[:-1], frozen.shape[-1] // len(self.blocks))
+                 for b in self.blocks]
+        return frozen + torch.cat(delta, -1)
+
+    def merged(self, name: str) -> nn.Linear:
+        """The plain Linear W + Delta W of branch ``name`` (same keys as the official module)."""
+        linear = copy.deepcopy(self.base)
+        size = linear.out_features // len(self.blocks)
+        with torch.no_grad():
+            for index, block in enumerate(self.blocks):
+                if block in self.targets:
+                    linear.weight[index * size:(index + 1) * size] += self.branches[name].weight(block).to(linear.weight)
+        return linear
+
+
+def inject_lora(sam: Sam, branches: list, rank: int, alpha: float, targets: list, layers: list | None = None,
+                perturbation: float = 0.0) -> list:
+    """Wrap the attention projections of the chosen encoder blocks; freezes the whole encoder (gamma).
+
+    ``targets`` from {q, k, v} (blocks of attn.qkv) and proj (attn.proj); ``layers`` None means every block.
+    Returns the LoRALinear modules.
+    """
+    unknown = set(targets) - set(LORA_TARGETS)
+    if unknown or not targets:
+        raise ValueError(f"method.lora.targets={list(targets)}: expected a non-empty subset of {LORA_TARGETS}")
+    blocks = sam.image_encoder.blocks
+    layers = list(range(len(blocks))) if layers is None else list(layers)
+    if any(not 0 <= i < len(blocks) for i in layers):
+        raise ValueError(f"method.lora.layers={layers}: the image encoder has blocks 0..{len(blocks) - 1}")
+    sam.image_encoder.requires_grad_(False)
+    wrapped = []
+    qkv_targets = tuple(t for t in QKV_TARGETS if t in targets)
+    for index in layers:
+        attention = blocks[index].attn
+        if qkv_targets:
+            attention.qkv = LoRALinear(attention.qkv, QKV_TARGETS, qkv_targets, branches, rank, alpha, perturbation)
+            wrapped.append(attention.qkv)
+        if "proj" in targets:
+            attention.proj = LoRALinear(attention.proj, ("proj",), ("proj",), branches, rank, alpha, perturbation)
+            wrapped.append(attention.proj)
+    return wrapped
+
+
+def lora_modules(sam: Sam) -> list:
+    return [m for m in sam.image_encoder.modules() if isinstance(m, LoRALinear)]
+
+
+def branch_parameters(sam: Sam, name: str) -> list:
+    return [p for m in lora_modules(sam) for p in m.branches[name].parameters()]
+
+
+@contextmanager
+def active_branch(sam: Sam, name: str | None):
+    """Run the image encoder as branch ``name`` (None: the frozen pre-trained encoder gamma)."""
+    modules = lora_modules(sam)
+    previous = [m.active for m in modules]
+    for m in modules:
+        m.active = name
+    try:
+        yield
+    finally:
+        for m, p in zip(modules, previous):
+            m.active = p
+
+
+def merged_sam(sam: Sam, name: str) -> Sam:
+    """A copy of ``sam`` with branch ``name`` merged into plain Linears: the official SAM module tree."""
+    merged = copy.deepcopy(sam)
+    for block in merged.image_encoder.blocks:
+        for attr in ("qkv", "proj"):
+            layer = getattr(block.attn, attr)
+            if isinstance(layer, LoRALinear):
+                setattr(block.attn, attr, layer.merged(name))
+    return merged
+
+
+def encode(sam: Sam, branch: str | None, images: torch.Tensor) -> torch.Tensor:
+    """Image embeddings [B,C,h,w] of ``images`` through branch ``branch`` (None: gamma)."""
+    with active_branch(sam, branch):
+        return sam.image_encoder(images)
+
+
+def decode_prompted(sam: Sam, embeddings: torch.Tensor, targets: list, kinds: list, poly_as: str) -> dict:
+    """{kind: [(mask logits [N,1,S,S], IoU predictions [N,1]) per image]}: one decoder call per image and kind."""
+    outputs = {}
+    for kind in kinds:
+        outputs[kind] = []
+        for embedding, target in zip(embeddings, targets):
+            sparse, dense = encode_prompts(sam, target, kind, poly_as)
+            outputs[kind].append(decode_masks(sam, embedding[None], sparse, dense))
+    return outputs
+
+
+def valid_region(logits: torch.Tensor, target: dict) -> torch.Tensor:
+    """Mask logits cropped to the image's un-padded input size, [N,h,w]."""
+    height, width = target["input_size"]
+    return logits[:, 0, :height, :width]
+
+
+# ---- foreground representation and role assignment (dual_lora_sam, Sec. "Foreground Representations") ----
+
+def foreground_representations(features: torch.Tensor, mask_logits: torch.Tensor, threshold: float):
+    """Per instance, f = sum_ij F^ij 1(S^ij > T) / sum_ij 1(S^ij > T); returns (f [N,C], valid [N]).
+
+    features: one image's embedding [C,h,w]; mask_logits [N,1,H,W] (any H,W), scored as S = sigmoid,
+    resized to the embedding grid. An instance with no pixel above T is not valid (f = 0).
+    """
+    scores = F.interpolate(mask_logits.float(), size=features.shape[-2:], mode="bilinear", align_corners=False)
+    foreground = (scores[:, 0].sigmoid() > threshold).to(features.dtype)
+    count = foreground.flatten(1).sum(1)
+    summed = torch.einsum("nhw,chw->nc", foreground, features)
+    return summed / count.clamp(min=1)[:, None], count > 0
+
+
+def background_representations(features: torch.Tensor, mask_logits: torch.Tensor, threshold: float):
+    """The complement of ``foreground_representations``: mean of F over pixels with S < T (the triplet negative)."""
+    return foreground_representations(features, -mask_logits, 1 - threshold)
+
+
+def branch_similarity(f_branch: torch.Tensor, f_gamma: torch.Tensor) -> torch.Tensor:
+    """sim = f_branch . f_gamma / (||f_branch|| ||f_gamma||), per instance."""
+    return F.cosine_similarity(f_branch.float(), f_gamma.float(), dim=-1)
+
+
+def assign_roles(sim_alpha: torch.Tensor, sim_beta: torch.Tensor) -> tuple[str, str]:
+    """(T, S) = (alpha, beta) if sim_alpha > sim_beta else (beta, alpha)."""
+    return ("alpha", "beta") if bool(sim_alpha > sim_beta) else ("beta", "alpha")
+
+
+# ---- dual_lora_sam losses ----
+
+def direct_alignment_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, focal_weight: float,
+                          dice_weight: float) -> torch.Tensor:
+    """L_da = 20 Focal(M_S, 1(M_T > 0)) + Dice(M_S, 1(M_T > 0)): the student learns the teacher's masks."""
+    pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
+    return (focal_weight * sigmoid_focal_loss(student_logits, pseudo, reduction="mean")
+            + dice_weight * dice_loss(student_logits, pseudo))
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid entries; 0 (still attached to the graph) when none is valid."""
+    return (values * valid).sum() / valid.sum().clamp(min=1)
+
+
+def reverse_distillation_loss(f_teacher: torch.Tensor, f_student: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """L_rd = mean_n cos(f_T, sg(f_S)): minimising it pushes the teacher's representation away from the student's."""
+    return masked_mean(F.cosine_similarity(f_teacher, f_student.detach(), dim=-1), valid)
+
+
+def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float,
+                 valid: torch.Tensor) -> torch.Tensor:
+    """L_tri = mean_n max(0, d(f_S, sg f_T) - d(f_S, sg b_T) + m), d = 1 - cos: student fg near teacher fg, far from bg."""
+    def distance(x, y):
+        return 1 - F.cosine_similarity(x, y, dim=-1)
+    return masked_mean(F.relu(distance(anchor, positive.detach()) - distance(anchor, negative.detach()) + margin), valid)
+
+
+# ---- WeSAM losses (official code: losses.py, adaptation.py) ----
+
+def self_training_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, iou_prediction: torch.Tensor,
+                       focal_weight: float, dice_weight: float, iou_weight: float) -> torch.Tensor:
+    """L_self = 20 Focal(M_s, 1(M_t > 0)) + Dice(M_s, 1(M_t > 0)) + MSE(IoU_pred, IoU(M_s, 1(M_t > 0)))."""
+    pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
+    predicted = student_logits.detach() > 0
+    intersection = (predicted & (pseudo > 0)).flatten(1).sum(1)
+    union = (predicted | (pseudo > 0)).flatten(1).sum(1)
+    iou = intersection / union.clamp(min=1)
+    return (focal_weight * sigmoid_focal_loss(student_logits, pseudo, reduction="mean")
+            + dice_weight * dice_loss(student_logits, pseudo)
+            + iou_weight * F.mse_loss(iou_prediction.float(), iou.float()))
+
+
+def anchor_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, anchor_logits: torch.Tensor) -> torch.Tensor:
+    """L_anc = 0.5 Dice(M_s, 1(M_a > 0)) + 0.5 Dice(M_t, 1(M_a > 0)): both views stay near the frozen anchor."""
+    pseudo = (anchor_logits.detach() > 0).to(student_logits.dtype)
+    return 0.5 * dice_loss(student_logits, pseudo) + 0.5 * dice_loss(teacher_logits, pseudo)
+
+
+def instance_contrastive_loss(features: torch.Tensor, anchor_features: torch.Tensor, mask_logits: torch.Tensor,
+                              anchor_mask_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """L_con = -log( sum_i exp(s_ii / tau) / sum_ij exp(s_ij / tau) ), s_ij = cos(z_i, z^a_j) of mask-pooled embeddings."""
+    def pooled(embedding, logits):
+        weights = F.interpolate(logits.detach().float(), size=embedding.shape[-2:], mode="bilinear",
+                                align_corners=False)[:, 0].sigmoid()
+        normalised = F.normalize(embedding.float(), dim=0)  # per-pixel L2 over channels, as the official code
+        return torch.einsum("nhw,chw->nc", weights, normalised) / weights.flatten(1).sum(1).clamp(min=1e-6)[:, None]
+    z, z_anchor = pooled(features, mask_logits), pooled(anchor_features.detach(), anchor_mask_logits)
+    similarity = F.cosine_similarity(z[:, None], z_anchor[None], dim=-1) / temperature
+    return -(similarity.diagonal().logsumexp(0) - similarity.flatten().logsumexp(0))

@@ -1,0 +1,116 @@
+"""Dual collaborative LoRA networks for source-free SAM adaptation (Liu et al., ICML 2025).
+
+Per step (the paper's method box):
+1. alpha, beta = frozen SAM encoder gamma (perturbed) + their own LoRA; gamma is the untouched encoder.
+2. The weak target view goes through gamma, alpha and beta; each decodes masks from the GT-derived prompts.
+3. Foreground representation f = mean of the embedding over pixels whose mask score > T.
+4. Role assignment: the branch whose f is more cosine-similar to gamma's is Teacher, the other Student.
+5. Direct alignment (student on the strong view learns the teacher's masks), reverse distillation (the
+   teacher's representation is pushed from the student's), triplet loss (student foreground near the
+   teacher's foreground, far from its background); each switchable for the ablation table.
+6. The branch that was Teacher most often is the target model, saved merged as a plain SAM checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_modules.base import PromptedSegmentationModule, build_optimizer
+from lightning_modules.components.distributed import all_reduce_sum
+from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.components.sam_lora import (
+    assign_roles, background_representations, branch_parameters, branch_similarity, decode_prompted,
+    direct_alignment_loss, encode, foreground_representations, inject_lora, merged_sam, reverse_distillation_loss,
+    triplet_loss, valid_region,
+)
+
+BRANCHES = ("alpha", "beta")
+
+
+class DualLoRASAM(PromptedSegmentationModule):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        model, method = cfg["model"], cfg["method"]
+        self.sam = build_sam(model["variant"], model.get("sam_checkpoint"), model["image_size"], model.get("tiny"))
+        self.poly_as = model["poly_as"]
+        self.sam.requires_grad_(False)  # prompt encoder and mask decoder stay as SAM's; only LoRA trains
+        lora = method["lora"]
+        inject_lora(self.sam, list(BRANCHES), lora["rank"], lora["alpha"], lora["targets"], lora.get("layers"),
+                    method["perturbation"])
+        # How often each branch was Teacher: the selection criterion (step 6), kept in checkpoints.
+        self.register_buffer("teacher_counts", torch.zeros(len(BRANCHES)))
+
+    @property
+    def selected_branch(self) -> str:
+        return BRANCHES[int(self.teacher_counts.argmax())]
+
+    def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
+        return predict_instances(self.sam, encode(self.sam, self.selected_branch, images), targets, kind, self.poly_as)
+
+    def representations(self, embeddings: torch.Tensor, masks: dict) -> tuple:
+        """Foreground (f) and background (b) representations [sum N, C] over all images and prompt kinds."""
+        threshold = self.hparams["method"]["T"]
+        fg, bg, valid = [], [], []
+        for per_image in masks.values():
+            for embedding, (logits, _) in zip(embeddings, per_image):
+                f, f_valid = foreground_representations(embedding, logits, threshold)
+                b, b_valid = background_representations(embedding, logits, threshold)
+                fg.append(f), bg.append(b), valid.append(f_valid & b_valid)
+        return torch.cat(fg), torch.cat(bg), torch.cat(valid)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        method, kinds = self.hparams["method"], self.prompt_kinds
+        weak, strong, targets = batch["img"], batch["img_strong"], batch["targets"]
+        # 2. weak view through gamma (frozen) and the two collaborative encoders
+        with torch.no_grad():
+            gamma_embeddings = encode(self.sam, None, weak)
+            gamma_masks = decode_prompted(self.sam, gamma_embeddings, targets, kinds, self.poly_as)
+        embeddings = {b: encode(self.sam, b, weak) for b in BRANCHES}
+        masks = {b: decode_prompted(self.sam, embeddings[b], targets, kinds, self.poly_as) for b in BRANCHES}
+        # 3. foreground representations
+        f_gamma, _, valid = self.representations(gamma_embeddings, gamma_masks)
+        reps = {b: self.representations(embeddings[b], masks[b]) for b in BRANCHES}
+        for b in BRANCHES:
+            valid = valid & reps[b][2]
+        # 4. role assignment on the batch (summed over ranks, so every rank assigns the same roles)
+        sums = all_reduce_sum(torch.stack([
+            (branch_similarity(reps[b][0].detach(), f_gamma) * valid).sum() for b in BRANCHES] + [valid.sum().float()]))
+        sim_alpha, sim_beta = sums[0] / sums[2].clamp(min=1), sums[1] / sums[2].clamp(min=1)
+        teacher, student = assign_roles(sim_alpha, sim_beta)
+        self.teacher_counts[BRANCHES.index(teacher)] += 1
+        # 5. losses
+        losses = {}
+        if method["direct_alignment"]:
+            student_masks = decode_prompted(self.sam, encode(self.sam, student, strong), targets, kinds, self.poly_as)
+            losses["direct"] = torch.stack([
+                direct_alignment_loss(valid_region(s_logits, target), valid_region(t_logits, target),
+                                      method["focal_weight"], method["dice_weight"])
+                for kind in kinds
+                for (s_logits, _), (t_logits, _), target in zip(student_masks[kind], masks[teacher][kind], targets)
+            ]).mean() * method["lambda_direct"]
+        (f_teacher, b_teacher, _), (f_student, _, _) = reps[teacher], reps[student]
+        if method["reverse_distillation"]:
+            losses["reverse"] = method["lambda_reverse"] * reverse_distillation_loss(f_teacher, f_student, valid)
+        if method["triplet"]:
+            losses["triplet"] = method["lambda_triplet"] * triplet_loss(f_student, f_teacher, b_teacher, method["margin"],
+                                                                         valid)
+        if not losses:
+            raise ValueError("method.direct_alignment, method.reverse_distillation and method.triplet are all false; "
+                             "enable at least one loss")
+        loss = sum(losses.values())
+        self.log_dict({f"train/loss_{name}": value for name, value in losses.items()})
+        self.log_dict({"train/sim_alpha": sim_alpha, "train/sim_beta": sim_beta,
+                       "train/alpha_is_teacher": float(teacher == "alpha"),
+                       "train/alpha_teacher_rate": self.teacher_counts[0] / self.teacher_counts.sum()})
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_fit_end(self) -> None:
+        # 6. the selected branch, LoRA merged: a plain SAM state dict loadable by sam_model_registry.
+        if self.trainer.is_global_zero and self.hparams.get("run_dir"):
+            save_sam_checkpoint(merged_sam(self.sam, self.selected_branch), Path(self.hparams["run_dir"]) / "sam.pth")
+
+    def configure_optimizers(self):
+        trainable = [p for b in BRANCHES for p in branch_parameters(self.sam, b)]
+        return build_optimizer(trainable, [], self.hparams["optim"], self.trainer.max_steps)

@@ -1,0 +1,100 @@
+"""WeSAM: weakly supervised self-training of SAM with anchor regularisation (Zhang et al., CVPR 2024).
+
+Per step (official adaptation.py):
+1. Anchor = the frozen SAM (no LoRA) on the weak view: masks and embeddings, no gradient.
+2. Teacher on the weak view (shared weights with the student, or an EMA of them), student (LoRA) on the
+   strong view; both decode masks from the GT-derived prompts.
+3. Self-training: the student learns the teacher's binarised masks (20 focal + dice + IoU-head MSE).
+4. Anchor loss: dice of both views' masks to the anchor's masks. Contrastive loss: mask-pooled instance
+   embeddings of the trainable weak-view network vs the anchor's (same instance = positive).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_modules.base import PromptedSegmentationModule, build_optimizer, ema_update
+from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.components.sam_lora import (
+    anchor_loss, branch_parameters, decode_prompted, encode, inject_lora, instance_contrastive_loss, lora_modules,
+    merged_sam, self_training_loss, valid_region,
+)
+
+TEACHERS = ("shared", "ema")
+
+
+class WeSAM(PromptedSegmentationModule):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        model, method = cfg["model"], cfg["method"]
+        if method["teacher"] not in TEACHERS:
+            raise ValueError(f"method.teacher={method['teacher']!r}; expected one of {TEACHERS}")
+        self.sam = build_sam(model["variant"], model.get("sam_checkpoint"), model["image_size"], model.get("tiny"))
+        self.poly_as = model["poly_as"]
+        self.sam.requires_grad_(False)  # official base_config freezes image encoder, prompt encoder, mask decoder
+        self.ema_teacher = method["teacher"] == "ema"
+        branches = ["student", "teacher"] if self.ema_teacher else ["student"]
+        lora = method["lora"]
+        inject_lora(self.sam, branches, lora["rank"], lora["alpha"], lora["targets"], lora.get("layers"))
+        self.teacher_branch = "teacher" if self.ema_teacher else "student"
+        if self.ema_teacher:
+            for module in lora_modules(self.sam):
+                module.branches["teacher"].load_state_dict(module.branches["student"].state_dict())
+                module.branches["teacher"].requires_grad_(False)
+
+    def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
+        return predict_instances(self.sam, encode(self.sam, self.teacher_branch, images), targets, kind, self.poly_as)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        method, kinds = self.hparams["method"], self.prompt_kinds
+        weak, strong, targets = batch["img"], batch["img_strong"], batch["targets"]
+        # 1. frozen anchor on the weak view
+        with torch.no_grad():
+            anchor_embeddings = encode(self.sam, None, weak)
+            anchor_masks = decode_prompted(self.sam, anchor_embeddings, targets, kinds, self.poly_as)
+        # 2. teacher on the weak view, student on the strong view
+        with torch.set_grad_enabled(not self.ema_teacher):
+            teacher_embeddings = encode(self.sam, self.teacher_branch, weak)
+            teacher_masks = decode_prompted(self.sam, teacher_embeddings, targets, kinds, self.poly_as)
+        student_embeddings = encode(self.sam, "student", strong)
+        student_masks = decode_prompted(self.sam, student_embeddings, targets, kinds, self.poly_as)
+        # With an EMA teacher the regularisers act on the student (the official code's commented alternative).
+        regularised_embeddings, regularised_masks = ((student_embeddings, student_masks) if self.ema_teacher
+                                                     else (teacher_embeddings, teacher_masks))
+        terms = {"self": [], "anchor": [], "contrastive": []}
+        for kind in kinds:
+            for index, target in enumerate(targets):
+                student_logits, student_iou = student_masks[kind][index]
+                teacher_logits = teacher_masks[kind][index][0]
+                anchor_logits = anchor_masks[kind][index][0]
+                # 3. self-training
+                terms["self"].append(self_training_loss(
+                    valid_region(student_logits, target), valid_region(teacher_logits, target), student_iou[:, 0],
+                    method["focal_weight"], method["dice_weight"], method["iou_weight"]))
+                # 4. anchor and contrastive regularisation
+                terms["anchor"].append(anchor_loss(valid_region(student_logits, target),
+                                                   valid_region(regularised_masks[kind][index][0], target),
+                                                   valid_region(anchor_logits, target)))
+                terms["contrastive"].append(instance_contrastive_loss(
+                    regularised_embeddings[index], anchor_embeddings[index], regularised_masks[kind][index][0],
+                    anchor_logits, method["temperature"]))
+        losses = {name: torch.stack(values).mean() for name, values in terms.items()}
+        loss = losses["self"] + method["anchor_weight"] * losses["anchor"] + method["contrastive_weight"] * losses["contrastive"]
+        self.log_dict({f"train/loss_{name}": value for name, value in losses.items()})
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema_teacher:
+            student = torch.nn.ModuleList(m.branches["student"] for m in lora_modules(self.sam))
+            teacher = torch.nn.ModuleList(m.branches["teacher"] for m in lora_modules(self.sam))
+            ema_update(teacher, student, self.hparams["method"]["ema_rate"])
+
+    def on_fit_end(self) -> None:
+        # The evaluated network, LoRA merged, as a plain SAM state dict.
+        if self.trainer.is_global_zero and self.hparams.get("run_dir"):
+            save_sam_checkpoint(merged_sam(self.sam, self.teacher_branch), Path(self.hparams["run_dir"]) / "sam.pth")
+
+    def configure_optimizers(self):
+        return build_optimizer(branch_parameters(self.sam, "student"), [], self.hparams["optim"], self.trainer.max_steps)
