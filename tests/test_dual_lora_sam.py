@@ -1,0 +1,286 @@
+"""dual_lora_sam and the wesam baseline: LoRA branches, role assignment, losses, merged checkpoints, runs."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from segment_anything import sam_model_registry
+
+from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.components.sam_lora import (
+    LoRALinear, active_branch, assign_roles, background_representations, branch_parameters, branch_similarity,
+    direct_alignment_loss, encode, foreground_representations, inject_lora, instance_contrastive_loss, lora_modules,
+    merged_sam, reverse_distillation_loss, triplet_loss,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny SAM ops are ~1 ms; with two OpenMP threads on a shared CPU each op waits for a sibling thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_sam_with_branches(seed=0, **lora):
+    torch.manual_seed(seed)
+    sam = build_sam("tiny", image_size=64, tiny={"depth": 2, "global_attn_indexes": [1]})
+    options = {"rank": 2, "alpha": 2, "targets": ["q", "v"], "layers": None, "perturbation": 0.0, **lora}
+    inject_lora(sam, ["alpha", "beta"], options.pop("rank"), options.pop("alpha"), options.pop("targets"),
+                options.pop("layers"), options.pop("perturbation"))
+    return sam.eval()
+
+
+def randomise_branch(sam, name, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in branch_parameters(sam, name):
+            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+
+
+def prompts(size=64):
+    masks = torch.zeros(2, size, size)
+    masks[0, 8:30, 10:40], masks[1, 35:60, 20:50] = 1, 1
+    return {"boxes": torch.tensor([[10., 8., 39., 29.], [20., 35., 49., 59.]]), "polys": masks,
+            "points": torch.tensor([[[20., 15.]], [[30., 45.]]]), "point_labels": torch.ones(2, 1, dtype=torch.long),
+            "instances": masks, "input_size": (size, size)}
+
+
+def test_lora_injection_freezes_everything_but_the_branches():
+    sam = tiny_sam_with_branches(targets=["q", "v", "proj"], layers=[1])
+    trainable = {name for name, p in sam.image_encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(".branches." in name for name in trainable)
+    assert {name.split(".")[1] for name in trainable} == {"1"}  # only block 1 carries LoRA
+    assert len(lora_modules(sam)) == 2  # qkv and proj of block 1
+    qkv = sam.image_encoder.blocks[1].attn.qkv
+    assert set(qkv.branches["alpha"].down) == {"q", "v"} and qkv.branches["alpha"].up["q"].shape == (64, 2)
+
+
+@pytest.mark.parametrize("method", ["dual_lora_sam", "wesam"])
+def test_methods_train_only_lora(method, tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments.run import build_module
+    from tests.conftest import compose_config
+    cfg = OmegaConf.to_container(compose_config(method, "synth_shapes", tmp_path), resolve=True)
+    module = build_module(cfg)
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    branches = {"dual_lora_sam": {"alpha", "beta"}, "wesam": {"student"}}[method]
+    assert trainable and {name.split(".branches.")[1].split(".")[0] for name in trainable} == branches
+
+
+def test_branches_start_as_gamma_and_diverge_only_where_targeted():
+    sam = tiny_sam_with_branches()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        gamma = encode(sam, None, images)
+        assert torch.equal(encode(sam, "alpha", images), gamma)  # B = 0 at init
+        randomise_branch(sam, "alpha")
+        assert not torch.allclose(encode(sam, "alpha", images), gamma)
+        assert torch.equal(encode(sam, "beta", images), gamma)
+        assert torch.equal(encode(sam, None, images), gamma)
+        qkv = sam.image_encoder.blocks[0].attn.qkv
+        tokens = torch.randn(3, 64)
+        with active_branch(sam, "alpha"):
+            out = qkv(tokens)
+        frozen = qkv.base(tokens)
+        assert torch.equal(out[:, 64:128], frozen[:, 64:128])  # k is not a target
+        assert not torch.allclose(out[:, :64], frozen[:, :64])
+
+
+def test_perturbation_acts_on_the_frozen_path_of_a_branch_in_training_only():
+    sam = tiny_sam_with_branches(perturbation=0.5).train()
+    qkv = sam.image_encoder.blocks[0].attn.qkv
+    tokens = torch.randn(5, 64)
+    frozen = qkv.base(tokens)
+    assert torch.equal(qkv(tokens), frozen)  # gamma is never perturbed
+    with active_branch(sam, "alpha"):
+        perturbed = qkv(tokens)  # B = 0: the output is the perturbed frozen path alone
+        assert (perturbed == 0).any() and not torch.equal(perturbed, frozen)
+        qkv.eval()
+        assert torch.equal(qkv(tokens), frozen)
+
+
+def test_foreground_and_background_representations_are_masked_means():
+    features = torch.arange(2 * 4 * 4, dtype=torch.float).view(2, 4, 4)
+    logits = torch.full((1, 1, 4, 4), -5.0)
+    logits[0, 0, :2, :2] = 5.0
+    f, valid = foreground_representations(features, logits, 0.5)
+    assert valid.tolist() == [True]
+    assert torch.allclose(f[0], features[:, :2, :2].mean((1, 2)))
+    b, _ = background_representations(features, logits, 0.5)
+    outside = torch.ones(4, 4, dtype=torch.bool)
+    outside[:2, :2] = False
+    assert torch.allclose(b[0], features[:, outside].mean(1))
+    empty, valid = foreground_representations(features, torch.full((1, 1, 4, 4), -5.0), 0.5)
+    assert valid.tolist() == [False] and torch.equal(empty, torch.zeros(1, 2))
+
+
+def test_the_branch_closer_to_gamma_is_the_teacher():
+    f_gamma = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    near, far = torch.tensor([[2.0, 0.1], [0.1, 3.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.2]])
+    sim_near, sim_far = branch_similarity(near, f_gamma).mean(), branch_similarity(far, f_gamma).mean()
+    assert sim_near > sim_far
+    assert assign_roles(sim_near, sim_far) == ("alpha", "beta")
+    assert assign_roles(sim_far, sim_near) == ("beta", "alpha")
+
+
+def test_direct_alignment_pulls_the_student_to_the_teacher_masks():
+    teacher = torch.full((1, 8, 8), -4.0)
+    teacher[0, 2:6, 2:6] = 4.0
+    agreeing, opposing = teacher.clone(), -teacher
+    assert direct_alignment_loss(agreeing, teacher, 20, 1) < direct_alignment_loss(opposing, teacher, 20, 1)
+    student = torch.zeros(1, 8, 8, requires_grad=True)
+    direct_alignment_loss(student, teacher.requires_grad_(), 20, 1).backward()
+    assert (student.grad[0, 2:6, 2:6] < 0).all() and (student.grad[0, :2] > 0).all()  # descent follows the teacher
+    assert teacher.grad is None  # the teacher's masks are a fixed target
+
+
+def test_reverse_distillation_pushes_the_teacher_away_from_the_student():
+    f_student = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    f_teacher = torch.tensor([[1.0, 0.2]], requires_grad=True)
+    valid = torch.tensor([True])
+    loss = reverse_distillation_loss(f_teacher, f_student, valid)
+    assert loss.item() == pytest.approx(torch.nn.functional.cosine_similarity(f_teacher, f_student).item())
+    loss.backward()
+    moved = f_teacher.detach() - 0.5 * f_teacher.grad
+    assert torch.nn.functional.cosine_similarity(moved, f_student.detach()) < loss.detach()
+    assert f_student.grad is None
+    assert reverse_distillation_loss(f_teacher, f_student, torch.tensor([False])).item() == 0
+
+
+def test_triplet_loss_is_zero_when_the_student_sits_with_the_teacher_and_positive_otherwise():
+    valid = torch.tensor([True])
+    teacher_fg, teacher_bg = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert triplet_loss(teacher_fg.clone(), teacher_fg, teacher_bg, 0.5, valid).item() == 0
+    student = teacher_bg.clone().requires_grad_()
+    loss = triplet_loss(student, teacher_fg, teacher_bg, 0.5, valid)
+    assert loss.item() == pytest.approx(1.5)  # d(a,p)=1, d(a,n)=0, margin 0.5
+    loss.backward()
+    assert student.grad[0, 0] < 0  # descent moves the student's foreground toward the teacher's
+
+
+def test_instance_contrastive_loss_prefers_matching_instances():
+    embedding = torch.zeros(2, 8, 8)
+    embedding[0, :4], embedding[1, 4:] = 1.0, 1.0
+    logits = torch.full((2, 1, 8, 8), -8.0)
+    logits[0, 0, :4], logits[1, 0, 4:] = 8.0, 8.0
+    matched = instance_contrastive_loss(embedding, embedding, logits, logits, 0.3)
+    swapped = instance_contrastive_loss(embedding, embedding, logits, logits.flip(0), 0.3)
+    assert matched < swapped
+
+
+def test_merged_branch_round_trips_as_a_plain_sam_checkpoint(tmp_path):
+    sam = tiny_sam_with_branches(targets=["q", "v", "proj"])
+    randomise_branch(sam, "beta")
+    merged = merged_sam(sam, "beta").eval()
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    save_sam_checkpoint(merged, tmp_path / "sam.pth")
+    reloaded = build_sam("tiny", tmp_path / "sam.pth", image_size=64, tiny={"depth": 2, "global_attn_indexes": [1]})
+    reloaded.eval()
+    images, target = torch.randn(1, 3, 64, 64), prompts()
+    with torch.no_grad():
+        for kind in ("box", "point", "poly"):
+            from_file = predict_instances(reloaded, reloaded.image_encoder(images), [target], kind)[0]
+            in_memory = predict_instances(merged, merged.image_encoder(images), [target], kind)[0]
+            unmerged = predict_instances(sam, encode(sam, "beta", images), [target], kind)[0]
+            assert torch.equal(from_file > 0, in_memory > 0) and torch.equal(from_file, in_memory)
+            assert torch.allclose(unmerged, in_memory, atol=1e-4)
+            assert torch.equal(unmerged > 0, in_memory > 0)
+
+
+def test_merged_vit_b_has_exactly_the_official_key_set():
+    official = sam_model_registry["vit_b"]()
+    expected = {name: tuple(v.shape) for name, v in official.state_dict().items()}
+    inject_lora(official, ["alpha", "beta"], 4, 4, ["q", "v", "proj"])
+    merged = merged_sam(official, "alpha").state_dict()
+    assert {name: tuple(v.shape) for name, v in merged.items()} == expected
+
+
+def read_metrics(run_dir: Path) -> list:
+    import csv
+    return list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+
+
+def test_dual_lora_sam_runs_logs_roles_and_writes_the_selected_branch(run_tiny):
+    results, run_dir = run_tiny("dual_lora_sam", "synth_shapes", "trainer.log_every_n_steps=1")
+    assert set(results["metrics"]) == {"box", "point", "poly", "avg"}
+    rows = read_metrics(run_dir)
+    rates = [float(r["train/alpha_teacher_rate"]) for r in rows if r.get("train/alpha_teacher_rate")]
+    assert rates and all(0 <= r <= 1 for r in rates)
+    assert {"train/loss_direct", "train/loss_reverse", "train/loss_triplet"} <= set(rows[0])
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    counts = state["teacher_counts"]
+    assert counts.sum().item() == 4
+    selected = ("alpha", "beta")[int(counts.argmax())]
+    saved = torch.load(run_dir / "sam.pth", weights_only=True)
+    qkv = saved["image_encoder.blocks.0.attn.qkv.weight"]
+    prefix = "sam.image_encoder.blocks.0.attn.qkv"
+    scale = 1.0  # alpha / rank = 4 / 4
+    expected_q = state[f"{prefix}.base.weight"][:64] + scale * (
+        state[f"{prefix}.branches.{selected}.up.q"] @ state[f"{prefix}.branches.{selected}.down.q"])
+    assert torch.allclose(qkv[:64], expected_q, atol=1e-6)
+    assert set(saved) == set(build_sam("tiny", image_size=128).state_dict())
+
+
+def test_ablation_switches_and_bf16(run_tiny):
+    results, run_dir = run_tiny("dual_lora_sam", "synth_shapes", "method.reverse_distillation=false",
+                                "method.triplet=false", "trainer.precision=bf16-mixed",
+                                "trainer.log_every_n_steps=1")
+    assert results["trained"] and "train/loss_reverse" not in read_metrics(run_dir)[0]
+    with pytest.raises(ValueError, match="enable at least one loss"):
+        run_tiny("dual_lora_sam", "synth_shapes", "method.direct_alignment=false", "method.reverse_distillation=false",
+                 "method.triplet=false", name="none")
+
+
+def test_wesam_runs_with_an_ema_teacher_and_the_student_alone_trains(run_tiny):
+    results, run_dir = run_tiny("wesam", "synth_shapes", "method.teacher=ema", "trainer.log_every_n_steps=1")
+    assert set(results["metrics"]) == {"box", "point", "poly", "avg"}
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    student = state["sam.image_encoder.blocks.0.attn.qkv.branches.student.up.q"]
+    teacher = state["sam.image_encoder.blocks.0.attn.qkv.branches.teacher.up.q"]
+    assert student.abs().sum() > 0 and teacher.abs().sum() > 0  # teacher followed the student by EMA
+    assert (teacher.abs().sum() < student.abs().sum())  # m = 0.999 lags far behind
+    assert {"train/loss_self", "train/loss_anchor", "train/loss_contrastive"} <= set(read_metrics(run_dir)[0])
+    with pytest.raises(ValueError, match="method.teacher"):
+        run_tiny("wesam", "synth_shapes", "method.teacher=frozen", name="bad")
+
+
+DDP_SCRIPT = """
+import sys, torch, lightning as L
+from pathlib import Path
+from omegaconf import OmegaConf
+sys.path.insert(0, {root!r})
+from tests.conftest import compose_config
+from datamodules import build_datamodule
+from experiments.run import build_module
+
+class DumpBranches(L.Callback):
+    def on_train_end(self, trainer, module):
+        state = {{k: v for k, v in module.state_dict().items() if ".branches." in k or k == "teacher_counts"}}
+        torch.save(state, Path({out!r}) / f"rank{{trainer.global_rank}}.pt")
+
+cfg = OmegaConf.to_container(compose_config("dual_lora_sam", "synth_shapes", Path({out!r}) / "run"), resolve=True)
+L.seed_everything(0, workers=True)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                    use_distributed_sampler=False, callbacks=[DumpBranches()])
+trainer.fit(build_module(cfg), datamodule=build_datamodule(cfg))
+"""
+
+
+def test_two_process_ddp_keeps_both_branches_and_roles_identical(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path))))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and rank0["teacher_counts"].sum() == 3
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if ".up." in k)  # the branches did train
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
