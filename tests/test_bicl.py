@@ -1,0 +1,158 @@
+"""BiCL: prototype and contrast math on constructed features, pseudo-label rules on constructed
+similarities, memories in checkpoints, ablation switches, a tiny run, bf16 and two-process DDP."""
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datamodules.datasets.base import IGNORE_INDEX as IGN
+from lightning_modules.components.prototypes import (
+    batch_prototypes, calibrated_source_prototypes, calibration, class_balanced_thresholds, confidence_histogram,
+    dynamic_pseudo_labels, ema_prototype_memory, hybrid_pseudo_labels, prototype_contrast_loss, static_pseudo_labels,
+)
+
+FAST = ["data.source.options.length=8", "data.target.options.length=8", "data.val.options.length=2",
+        "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+
+
+def test_batch_prototypes_are_masked_means_and_mark_absent_classes():
+    features = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 4.0], [9.0, 9.0]])
+    labels = torch.tensor([0, 0, 2, IGN])
+    prototypes, present = batch_prototypes(features, labels, num_classes=3)
+    assert torch.allclose(prototypes[0], torch.tensor([2.0, 1.0]))
+    assert torch.allclose(prototypes[2], torch.tensor([0.0, 4.0]))
+    assert present.tolist() == [True, False, True]
+
+
+def test_contrast_loss_has_the_closed_form_value_and_skips_classes_without_prototype():
+    prototypes = torch.eye(3)
+    present = torch.tensor([True, True, False])
+    features = torch.eye(3)  # each pixel sits on its class prototype; class 2 has no prototype
+    labels = torch.tensor([0, 1, 2])
+    tau = 0.5
+    # two pixels with a positive; the softmax runs over classes 0 and 1 only: similarities 1 and 0.
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(0.0)))
+    loss = prototype_contrast_loss(features, labels, prototypes, present, tau)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_contrast_loss_pulls_pixels_to_their_class_prototype():
+    prototypes = torch.eye(2)
+    present = torch.tensor([True, True])
+    labels = torch.tensor([0])
+    aligned = prototype_contrast_loss(torch.tensor([[1.0, 0.1]]), labels, prototypes, present, 0.1)
+    wrong = prototype_contrast_loss(torch.tensor([[0.1, 1.0]]), labels, prototypes, present, 0.1)
+    assert aligned < wrong
+    features = torch.tensor([[0.6, 0.8]], requires_grad=True)
+    prototype_contrast_loss(features, labels, prototypes, present, 0.1).backward()
+    assert features.grad[0, 0] < 0 < features.grad[0, 1]  # descent moves f towards prototype 0
+
+
+def test_contrast_math_stays_float32_under_bf16_autocast():
+    features = torch.randn(16, 8).bfloat16()
+    labels = torch.randint(0, 3, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prototypes, present = batch_prototypes(features, labels, 3)
+        loss = prototype_contrast_loss(features, labels, prototypes, present, 0.1)
+    assert prototypes.dtype == torch.float32 and loss.dtype == torch.float32
+
+
+def test_memory_ema_copies_first_prototype_then_mixes_with_lambda():
+    memory = torch.zeros(3, 2)
+    seen = torch.zeros(3, dtype=torch.bool)
+    first = torch.tensor([[1.0, 1.0], [2.0, 2.0], [5.0, 5.0]])
+    memory, seen = ema_prototype_memory(memory, seen, first, torch.tensor([True, True, False]), 0.9)
+    assert torch.equal(memory[:2], first[:2]) and torch.equal(memory[2], torch.zeros(2))
+    assert seen.tolist() == [True, True, False]
+    second = torch.tensor([[11.0, 11.0], [0.0, 0.0], [0.0, 0.0]])
+    memory, seen = ema_prototype_memory(memory, seen, second, torch.tensor([True, False, False]), 0.9)
+    assert torch.allclose(memory[0], torch.tensor([2.0, 2.0]))  # 0.9 * 1 + 0.1 * 11
+    assert torch.equal(memory[1], first[1])
+
+
+def test_calibration_shifts_source_prototypes_by_the_memory_gap():
+    memory_target = torch.tensor([[3.0, 1.0], [7.0, 7.0]])
+    memory_source = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    xi = calibration(memory_target, memory_source, torch.tensor([True, False]), torch.tensor([True, True]))
+    assert torch.equal(xi, torch.tensor([[2.0, 0.0], [0.0, 0.0]]))
+    assert torch.equal(calibrated_source_prototypes(torch.ones(2, 2), xi), torch.tensor([[3.0, 1.0], [1.0, 1.0]]))
+
+
+def test_dynamic_labels_need_the_argmax_class_above_threshold():
+    prototypes = torch.eye(3)
+    available = torch.tensor([True, True, False])
+    angle = math.radians(20)  # cos 20deg = 0.94 to prototype 0
+    features = torch.tensor([
+        [math.cos(angle), math.sin(angle), 0.0],  # argmax 0, similarity 0.94 > T
+        [0.6, 0.8, 0.0],                          # argmax 1, similarity 0.8 not > T
+        [0.0, 0.1, 1.0],                          # nearest is class 2, which has no prototype
+    ])
+    labels = dynamic_pseudo_labels(features, prototypes, available, threshold=0.8)
+    assert labels.tolist() == [0, IGN, IGN]
+    assert dynamic_pseudo_labels(features, prototypes, torch.ones(3, dtype=torch.bool), 0.8).tolist() == [0, IGN, 2]
+
+
+def test_hybrid_labels_prefer_dynamic_then_static():
+    dynamic = torch.tensor([1, IGN, IGN, 2])
+    static = torch.tensor([0, 3, IGN, IGN])
+    assert hybrid_pseudo_labels(dynamic, static).tolist() == [1, 3, IGN, 2]
+
+
+def test_class_balanced_thresholds_keep_the_top_proportion_of_each_class():
+    # 10 pixels predicted class 0 with confidences 0.50..0.95; 1 pixel class 1 at 0.6; class 2 never.
+    confidences = torch.tensor([0.5 + 0.05 * i for i in range(10)] + [0.6])
+    predicted = torch.tensor([0] * 10 + [1])
+    probabilities = torch.zeros(11, 3)
+    probabilities[torch.arange(11), predicted] = confidences
+    probabilities[torch.arange(11), (predicted + 1) % 3] = 1 - confidences
+    histogram = confidence_histogram(probabilities, bins=100)
+    thresholds = class_balanced_thresholds(histogram, proportion=0.2)
+    assert thresholds[0].item() == pytest.approx(0.90)  # the top 2 of 10: 0.90 and 0.95
+    assert thresholds[1].item() == pytest.approx(0.60)
+    assert math.isinf(thresholds[2].item())
+    labels = static_pseudo_labels(probabilities, thresholds)
+    assert labels.tolist() == [IGN] * 8 + [0, 0, 1]
+
+
+def read_metrics(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
+
+
+def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny):
+    results, run_dir = run_tiny("bicl", "synth2real", *FAST)
+    assert 0 <= results["metrics"]["mIoU"] <= 100
+    metrics = read_metrics(run_dir)
+    for kind in ("static", "dynamic_uncalibrated", "dynamic", "hybrid"):
+        assert 0 <= metrics[f"val/pseudo_labels/{kind}_density"] <= 100
+        assert 0 <= metrics[f"val/pseudo_labels/{kind}_accuracy"] <= 100
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state["memory_source_seen"].any() and state["memory_target"].shape == (19, 256)
+    assert state["memory_source"].abs().sum() > 0 and state["static_confidence_histogram"].sum() > 0
+    assert any(k.startswith("projector.") for k in state)
+
+
+def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny):
+    results, run_dir = run_tiny("bicl", "synth2real", *FAST, "trainer.precision=bf16-mixed", "method.use_fc=false",
+                                "method.use_bc=false", "method.use_dynamic=false")
+    assert results["metrics"]["mIoU"] >= 0
+    metrics = read_metrics(run_dir)
+    assert "train/loss_fc" not in metrics and "train/loss_bc" not in metrics
+    assert math.isfinite(metrics["val/mIoU"])
+
+
+def test_two_process_ddp_ranks_hold_identical_memories(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "+method=bicl", "+task=synth2real", f"run_dir={tmp_path}",
+         "logger=csv", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+         "trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_workers=0",
+         "trainer.enable_progress_bar=false", "data.source.options.length=8", "data.target.options.length=8",
+         "data.val.options.length=4", "data.batch_size=2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics["val/memory_rank_spread"] == 0.0
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state["memory_target_seen"].any() and state["memory_source"].abs().sum() > 0
