@@ -1,0 +1,155 @@
+"""mt_metric (STvM): reliability weighting and metric loss on constructed inputs, the EMA teacher, the
+source-free contract, and tiny end-to-end runs (fp32, bf16, two-process DDP)."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import datamodules
+import datamodules.uda
+from experiments.run import check_compatibility, execute
+from lightning_modules.components.metric_learning import (MetricHead, confidence_threshold_weight,
+                                                          proxy_anchor_loss, proxy_similarity, reliability_weight,
+                                                          weighted_cross_entropy)
+from lightning_modules.mt_metric import MTMetric
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def source_ckpt(tmp_path_factory):
+    """A tiny source model: the last.ckpt of a 2-step source_only run."""
+    run_dir = tmp_path_factory.mktemp("source_only")
+    execute(compose_config("source_only", "synth2real", run_dir, "trainer.max_steps=2"))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def build_module(source_ckpt, *overrides) -> MTMetric:
+    cfg = compose_config("mt_metric", "synth2real", "unused", f"method.source_ckpt={source_ckpt}", *overrides)
+    return MTMetric(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_reliability_weight_is_the_proxy_posterior_of_the_pseudo_class():
+    proxies = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # Three pixels, all pseudo-labelled class 0: on its proxy, half-way, on the other proxy.
+    embeddings = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]).view(1, 2, 1, 3)
+    similarity = proxy_similarity(embeddings, proxies)
+    assert torch.allclose(similarity[0, :, 0], torch.tensor([[1.0, math.sqrt(0.5), 0.0], [0.0, math.sqrt(0.5), 1.0]]))
+    weight = reliability_weight(similarity, torch.zeros(1, 1, 3, dtype=torch.long), scale=32.0)
+    expected = torch.tensor([1 / (1 + math.exp(-32)), 0.5, 1 / (1 + math.exp(32))])
+    assert torch.allclose(weight[0, 0], expected, atol=1e-6)
+    # Relative, not absolute: the same pixel weighs less when another proxy is as close.
+    crowded = reliability_weight(proxy_similarity(embeddings, torch.tensor([[1.0, 0.0], [1.0, 0.01]])),
+                                 torch.zeros(1, 1, 3, dtype=torch.long), scale=32.0)
+    assert crowded[0, 0, 0] < 0.51 < weight[0, 0, 0]
+
+
+def test_proxy_anchor_loss_matches_its_formula_and_pulls_pixels_to_their_proxy():
+    similarity = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    loss = proxy_anchor_loss(similarity, torch.zeros(1, 1, 1, dtype=torch.long), alpha=32.0, delta=0.1)
+    positive = math.log1p(math.exp(-32 * (1.0 - 0.1)))  # class 0: the one proxy with a positive
+    negative = (0.0 + math.log1p(math.exp(32 * (0.0 + 0.1)))) / 2  # class 0 has no negative, class 1 one
+    assert loss.item() == pytest.approx(positive + negative, rel=1e-5)
+
+    torch.manual_seed(0)
+    head = MetricHead(in_channels=3, num_classes=3, hidden_dim=8, embedding_dim=5)
+    labels = torch.randint(0, 3, (2, 3, 3))
+    features = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() + 0.1 * torch.randn(2, 3, 3, 3)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.01)
+
+    def margin():  # similarity to the own proxy minus the closest other proxy
+        similarity = head(features).detach()
+        own = similarity.gather(1, labels.unsqueeze(1))
+        return (own - similarity.scatter(1, labels.unsqueeze(1), -2.0).max(1, keepdim=True).values).mean()
+
+    before = margin()
+    for _ in range(30):
+        optimizer.zero_grad()
+        proxy_anchor_loss(head(features), labels, alpha=32.0, delta=0.1).backward()
+        optimizer.step()
+    assert margin() > before + 0.1
+
+
+def test_threshold_weight_and_weighted_loss_ignore_what_weighs_nothing():
+    probabilities = torch.tensor([[0.95, 0.6], [0.05, 0.4]]).view(1, 2, 1, 2)
+    weight = confidence_threshold_weight(probabilities, threshold=0.9)
+    assert weight.tolist() == [[[1.0, 0.0]]]
+    logits = torch.randn(1, 2, 1, 2, requires_grad=True)
+    weighted_cross_entropy(logits, torch.zeros(1, 1, 2, dtype=torch.long), weight).backward()
+    assert logits.grad[..., 1].abs().sum() == 0 and logits.grad[..., 0].abs().sum() > 0
+
+
+def test_running_without_a_source_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(SystemExit, match=r"set method.source_ckpt=PATH.*python -m experiments.run "
+                                         r"\+method=source_only \+task=synth2real"):
+        check_compatibility(compose_config("mt_metric", "synth2real", tmp_path))
+
+
+def test_teacher_is_the_ema_of_the_student_and_the_weighting_switch(source_ckpt):
+    module = build_module(source_ckpt)
+    momentum = module.hparams["method"]["ema_momentum"]
+    assert isinstance(module.metric_head, MetricHead)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    teacher_before = [p.clone() for p in module.teacher.parameters()]
+    with torch.no_grad():
+        for p in module.segmenter.parameters():
+            p.add_(1.0)
+    module.on_train_batch_end(None, None, 0)
+    for before, teacher, student in zip(teacher_before, module.teacher.parameters(), module.segmenter.parameters()):
+        assert torch.allclose(teacher, momentum * before + (1 - momentum) * student)
+    assert module.train().teacher.training is False
+
+    assert build_module(source_ckpt, "method.weighting=threshold").metric_head is None
+    with pytest.raises(ValueError, match="method.weighting='entropy'"):
+        build_module(source_ckpt, "method.weighting=entropy")
+
+
+def test_adapts_from_target_images_only_and_reports_weight_by_correctness(run_tiny, source_ckpt, monkeypatch):
+    built_specs, datamodules_built = [], []
+    build_dataset, build_datamodule = datamodules.uda.build_dataset, datamodules.build_datamodule
+
+    def spy_build_dataset(name, root, split, **options):
+        built_specs.append((split, options.get("domain")))
+        return build_dataset(name, root, split, **options)
+
+    def spy_build_datamodule(cfg):
+        datamodules_built.append(build_datamodule(cfg))
+        return datamodules_built[-1]
+
+    monkeypatch.setattr(datamodules.uda, "build_dataset", spy_build_dataset)
+    monkeypatch.setattr(datamodules, "build_datamodule", spy_build_datamodule)
+    results, run_dir = run_tiny("mt_metric", "synth2real", f"method.source_ckpt={source_ckpt}",
+                                "trainer.log_every_n_steps=1")
+
+    assert set(datamodules_built[0].train_sets) == {"tgt"}
+    assert ("train", "real") in built_specs and all(domain == "real" for _, domain in built_specs)
+    weights = results["pixel_weight"]
+    assert 0 <= weights["weight_incorrect"] <= 1 and 0 <= weights["weight_correct"] <= 1
+    assert 0 < weights["pseudo_label_accuracy"] < 1
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert "metric_head.proxies" in state and any(k.startswith("teacher.") for k in state)
+    assert not torch.equal(state["teacher.classifier.branches.0.weight"], state["segmenter.classifier.branches.0.weight"])
+    metrics = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert all(key in metrics for key in ("train/pixel_weight", "train/metric_loss", "val/weight_correct"))
+
+
+def test_bf16_mixed_precision_runs(run_tiny, source_ckpt):
+    results, _ = run_tiny("mt_metric", "synth2real", f"method.source_ckpt={source_ckpt}",
+                          "trainer.precision=bf16-mixed", "trainer.max_steps=2")
+    assert 0 <= results["metrics"]["mIoU"] <= 100 and results["global_step"] == 2
+
+
+def test_two_process_ddp_keeps_teacher_and_proxies_identical(tmp_path, source_ckpt):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "+method=mt_metric", "+task=synth2real", f"run_dir={tmp_path}",
+         f"method.source_ckpt={source_ckpt}", "logger=csv", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.strategy=ddp", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_workers=0",
+         "trainer.enable_progress_bar=false", "data.target.options.length=8", "data.val.options.length=5",
+         "data.batch_size=2"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["global_step"] == 2
+    assert results["ddp_replica_max_difference"] == {"teacher": 0.0, "proxies": 0.0}
