@@ -21,6 +21,7 @@ pseudo-labels, plus source cross-entropy when ``method.streams`` holds "src" (UD
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -237,6 +238,9 @@ class SeCo(SemanticSegmentationModule):
         all_losses = all_gather_cat(torch.from_numpy(local_losses).to(device)).cpu().numpy()
         noisy_probability = fit_noise_gmm(all_losses, scc["gmm_max_iter"], scc["gmm_tol"], scc["gmm_reg_covar"],
                                           seed=self.hparams["seed"])
+        log.info("rank %d: GMM split of %d components: %d noisy, digest %s", rank, len(all_losses),
+                 int((noisy_probability > scc["noise_threshold"]).sum()),
+                 hashlib.sha1(np.round(noisy_probability, 6).tobytes()).hexdigest()[:16])
         start = int(counts[:rank].sum())
         local_noisy = noisy_probability[start:start + len(local_losses)]
         confusions = {stage: np.zeros((self.num_classes, self.num_classes), np.int64) for stage in LABEL_STAGES}
