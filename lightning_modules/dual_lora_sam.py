@@ -20,9 +20,9 @@ from lightning_modules.base import PromptedSegmentationModule, build_optimizer
 from lightning_modules.components.distributed import all_reduce_sum
 from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
 from lightning_modules.components.sam_lora import (
-    assign_roles, background_representations, branch_parameters, branch_similarity, decode_prompted,
-    direct_alignment_loss, encode, foreground_representations, inject_lora, merged_sam, reverse_distillation_loss,
-    triplet_loss, valid_region,
+    assign_roles, background_representations, branch_parameters, branch_similarity, direct_alignment_loss, encode,
+    foreground_representations, inject_lora, merged_sam, reverse_distillation_loss, segment, triplet_loss,
+    valid_region,
 )
 
 BRANCHES = ("alpha", "beta")
@@ -64,10 +64,10 @@ class DualLoRASAM(PromptedSegmentationModule):
         weak, strong, targets = batch["img"], batch["img_strong"], batch["targets"]
         # 2. weak view through gamma (frozen) and the two collaborative encoders
         with torch.no_grad():
-            gamma_embeddings = encode(self.sam, None, weak)
-            gamma_masks = decode_prompted(self.sam, gamma_embeddings, targets, kinds, self.poly_as)
-        embeddings = {b: encode(self.sam, b, weak) for b in BRANCHES}
-        masks = {b: decode_prompted(self.sam, embeddings[b], targets, kinds, self.poly_as) for b in BRANCHES}
+            gamma_embeddings, gamma_masks = segment(self.sam, None, weak, targets, kinds, self.poly_as)
+        embeddings, masks = {}, {}
+        for b in BRANCHES:
+            embeddings[b], masks[b] = segment(self.sam, b, weak, targets, kinds, self.poly_as)
         # 3. foreground representations
         f_gamma, _, valid = self.representations(gamma_embeddings, gamma_masks)
         reps = {b: self.representations(embeddings[b], masks[b]) for b in BRANCHES}
@@ -82,7 +82,7 @@ class DualLoRASAM(PromptedSegmentationModule):
         # 5. losses
         losses = {}
         if method["direct_alignment"]:
-            student_masks = decode_prompted(self.sam, encode(self.sam, student, strong), targets, kinds, self.poly_as)
+            _, student_masks = segment(self.sam, student, strong, targets, kinds, self.poly_as)
             losses["direct"] = torch.stack([
                 direct_alignment_loss(valid_region(s_logits, target), valid_region(t_logits, target),
                                       method["focal_weight"], method["dice_weight"])

@@ -17,8 +17,8 @@ import torch
 from lightning_modules.base import PromptedSegmentationModule, build_optimizer, ema_update
 from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
 from lightning_modules.components.sam_lora import (
-    anchor_loss, branch_parameters, decode_prompted, encode, inject_lora, instance_contrastive_loss, lora_modules,
-    merged_sam, self_training_loss, valid_region,
+    anchor_loss, branch_parameters, encode, inject_lora, instance_contrastive_loss, lora_modules, merged_sam, segment,
+    self_training_loss, valid_region,
 )
 
 TEACHERS = ("shared", "ema")
@@ -51,14 +51,11 @@ class WeSAM(PromptedSegmentationModule):
         weak, strong, targets = batch["img"], batch["img_strong"], batch["targets"]
         # 1. frozen anchor on the weak view
         with torch.no_grad():
-            anchor_embeddings = encode(self.sam, None, weak)
-            anchor_masks = decode_prompted(self.sam, anchor_embeddings, targets, kinds, self.poly_as)
+            anchor_embeddings, anchor_masks = segment(self.sam, None, weak, targets, kinds, self.poly_as)
         # 2. teacher on the weak view, student on the strong view
         with torch.set_grad_enabled(not self.ema_teacher):
-            teacher_embeddings = encode(self.sam, self.teacher_branch, weak)
-            teacher_masks = decode_prompted(self.sam, teacher_embeddings, targets, kinds, self.poly_as)
-        student_embeddings = encode(self.sam, "student", strong)
-        student_masks = decode_prompted(self.sam, student_embeddings, targets, kinds, self.poly_as)
+            teacher_embeddings, teacher_masks = segment(self.sam, self.teacher_branch, weak, targets, kinds, self.poly_as)
+        student_embeddings, student_masks = segment(self.sam, "student", strong, targets, kinds, self.poly_as)
         # With an EMA teacher the regularisers act on the student (the official code's commented alternative).
         regularised_embeddings, regularised_masks = ((student_embeddings, student_masks) if self.ema_teacher
                                                      else (teacher_embeddings, teacher_masks))

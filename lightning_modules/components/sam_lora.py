@@ -165,6 +165,12 @@ def decode_prompted(sam: Sam, embeddings: torch.Tensor, targets: list, kinds: li
     return outputs
 
 
+def segment(sam: Sam, branch: str | None, images: torch.Tensor, targets: list, kinds: list, poly_as: str) -> tuple:
+    """(embeddings, decode_prompted masks) of ``images`` through branch ``branch`` for every prompt kind."""
+    embeddings = encode(sam, branch, images)
+    return embeddings, decode_prompted(sam, embeddings, targets, kinds, poly_as)
+
+
 def valid_region(logits: torch.Tensor, target: dict) -> torch.Tensor:
     """Mask logits cropped to the image's un-padded input size, [N,h,w]."""
     height, width = target["input_size"]
