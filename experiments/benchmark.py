@@ -1,0 +1,303 @@
+"""The adaptation benchmark on the procedural shifts: ``python -m experiments.benchmark [--seeds 3]``.
+
+Every row is one ``python -m experiments.run`` command (printed, so any number can be reproduced by
+hand) with a fixed seed and budget. Per task it prints one table: the source-only row, each method,
+the oracle / target row, the gain over source-only of the same network and the fraction of the
+source-to-oracle gap closed; then per row the training-step time as a ratio to the reference
+step, peak memory, and the data loader's throughput against the model's consumption. A method
+that does not beat source-only is flagged in the table. The same tables go to ``OUT/benchmark.md``
+and ``OUT/benchmark.csv``.
+
+Protocol (both tasks): a source model is trained for ``--source-steps``; each adaptation method then
+starts from it for ``--adapt-steps``. The source-only row is that source model trained on source for
+the same ``--adapt-steps`` more, so every row of a network has the same total budget; the oracle is
+trained on target labels for the whole budget. Finished rows are reused (``results.json`` in their
+run directory), so an interrupted benchmark continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A prerequisite run whose output file later rows refer to as ``{name}``."""
+    name: str
+    overrides: tuple[str, ...]
+    product: str  # path of the produced file, relative to the stage's run directory
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    commands: tuple[tuple[str, ...], ...]  # one or more runs; the last one's results.json is the row
+    role: str = "method"  # "source" (the reference), "method", or "upper" (oracle / target)
+    network: str = "deeplabv2"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    task: str
+    headline: str
+    columns: tuple[str, ...]
+    stages: tuple[Stage, ...]
+    rows: tuple[Row, ...]
+    extra_overrides: tuple[str, ...] = field(default=())
+
+
+def single(*overrides: str) -> tuple[tuple[str, ...], ...]:
+    return (tuple(overrides),)
+
+
+def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
+    total, adapt = f"trainer.max_steps={source_steps + adapt_steps}", f"trainer.max_steps={adapt_steps}"
+    source = f"trainer.max_steps={source_steps}"
+    segformer = "arch=segformer"
+    semantic = Protocol(
+        task="synth2real", headline="mIoU", columns=("mIoU",),
+        stages=(
+            Stage("source", ("+method=source_only", source), "checkpoints/last.ckpt"),
+            Stage("source_segformer", ("+method=source_only", segformer, source), "checkpoints/last.ckpt"),
+            Stage("region_sam", ("+method=sam_finetune", "+task=synth_regions", source), "sam.pth"),
+        ),
+        rows=(
+            Row("source_only", single("+method=source_only", "+method.source_ckpt={source}", adapt), "source"),
+            Row("bicl", single("+method=bicl", "method.source_ckpt={source}", adapt)),
+            Row("mt_metric", single("+method=mt_metric", "method.source_ckpt={source}", adapt)),
+            Row("mt_metric (threshold ST)", single("+method=mt_metric", "method.source_ckpt={source}",
+                                                   "method.weighting=threshold", adapt)),
+            Row("seco", (("+method=seco", "stage=pseudo_label", "method.base_ckpt={source}",
+                          "method.sam.checkpoint={region_sam}"),
+                         ("+method=seco", "method.base_ckpt={source}", "method.sam.checkpoint={region_sam}", adapt))),
+            Row("oracle", single("+method=oracle", total), "upper"),
+            Row("source_only", single("+method=source_only", segformer, "+method.source_ckpt={source_segformer}",
+                                      adapt), "source", "segformer"),
+            Row("tmt (guidance off)", single("+method=tmt", "method.source_ckpt={source_segformer}",
+                                             "method.use_transferability=false", adapt), network="segformer"),
+            Row("tmt", single("+method=tmt", "method.source_ckpt={source_segformer}", adapt), network="segformer"),
+            Row("oracle", single("+method=oracle", segformer, total), "upper", "segformer"),
+        ),
+    )
+    prompted = Protocol(
+        task="synth_shapes", headline="avg", columns=("box", "point", "poly", "avg"),
+        stages=(Stage("sam_source", ("+method=sam_finetune", source), "sam.pth"),),
+        rows=(
+            Row("source (unadapted)", single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}"),
+                "source", "sam"),
+            Row("wesam", single("+method=wesam", "model.sam_checkpoint={sam_source}", adapt), network="sam"),
+            Row("dual_lora_sam", single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", adapt),
+                network="sam"),
+            Row("target (sam_finetune)", single("+method=sam_finetune", "data.labelled_domain=target",
+                                                "model.sam_checkpoint={sam_source}", adapt), "upper", "sam"),
+        ),
+    )
+    return {p.task: p for p in (semantic, prompted)}
+
+
+COMMON = ("logger=csv", "trainer.enable_progress_bar=false")
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, products: dict[str, str]) -> Path:
+    """One experiments.run command (skipped when its results.json exists); returns its run directory."""
+    resolved = [o.format(**products) for o in overrides]
+    command = [sys.executable, "-m", "experiments.run", *resolved, f"+task={task}", f"seed={seed}",
+               f"run_dir={run_dir}", *COMMON]
+    done = run_dir / "benchmark.done"
+    if done.is_file():
+        return run_dir
+    print("  $", " ".join(command[1:]), flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "stdout.log", "w") as log_file:
+        finished = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT)
+    if finished.returncode != 0:
+        raise RuntimeError(f"run failed (exit {finished.returncode}); see {run_dir / 'stdout.log'}")
+    done.write_text(" ".join(command[1:]) + "\n")
+    return run_dir
+
+
+def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | None) -> list[dict]:
+    """Stages, then rows, for one seed; each row's results (or its failure) as a dict."""
+    base = out / protocol.task / f"seed{seed}"
+    rows = [r for r in protocol.rows if methods is None or r.role != "method" or r.name.split(" ")[0] in methods]
+    needed = {name for r in rows for command in r.commands for o in command for name in stage_refs(o)}
+    products = {}
+    for stage in protocol.stages:
+        if stage.name in needed:
+            try:
+                products[stage.name] = str(run(stage.overrides, protocol.task, seed, base / f"_{stage.name}", {})
+                                           / stage.product)
+            except RuntimeError as error:
+                print(f"  stage {stage.name} failed: {error}", flush=True)
+    results = []
+    for row in rows:
+        run_dir = base / slug(f"{row.network}_{row.name}")
+        try:
+            missing = {n for c in row.commands for o in c for n in stage_refs(o)} - set(products)
+            if missing:
+                raise RuntimeError(f"prerequisite stage {', '.join(sorted(missing))} failed")
+            for index, command in enumerate(row.commands):
+                target = run_dir if index == len(row.commands) - 1 else run_dir.with_name(f"{run_dir.name}_stage{index}")
+                run(command, protocol.task, seed, target, products)
+            results.append({"row": row, "seed": seed, **json.loads((run_dir / "results.json").read_text())})
+        except RuntimeError as error:
+            print(f"  {row.name}: {error}", flush=True)
+            results.append({"row": row, "seed": seed, "error": str(error)})
+    return results
+
+
+def stage_refs(override: str) -> list[str]:
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(override) if name]
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: list[float], signed: bool = False) -> str:
+    if not values:
+        return "-"
+    mean, spread = mean_spread(values)
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text if len(values) == 1 else f"{text} ± {spread:.2f}"
+
+
+def summarise(protocol: Protocol, results: list[dict]) -> list[dict]:
+    """One line per (network, row): metric means over seeds, gain, gap closed, step-time ratio, memory."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for result in results:
+        groups.setdefault((result["row"].network, result["row"].name), []).append(result)
+
+    def values(network: str, role: str, key: str) -> dict[int, float]:
+        rows = [r for (n, _), group in groups.items() if n == network for r in group
+                if r["row"].role == role and "error" not in r]
+        return {r["seed"]: (r["metrics"] if key != "step_time_s" else r).get(key) for r in rows}
+
+    lines = []
+    for (network, name), group in groups.items():
+        ok = [r for r in group if "error" not in r]
+        line = {"network": network, "method": name, "role": group[0]["row"].role, "seeds": len(ok)}
+        if not ok:
+            line["status"] = "failed: " + group[0]["error"]
+            lines.append(line)
+            continue
+        for column in protocol.columns:
+            line[column] = [r["metrics"][column] for r in ok]
+        source = values(network, "source", protocol.headline)
+        upper = values(network, "upper", protocol.headline)
+        gains = [r["metrics"][protocol.headline] - source[r["seed"]] for r in ok if r["seed"] in source]
+        gaps = [(r["metrics"][protocol.headline] - source[s]) / (upper[s] - source[s])
+                for r in ok if (s := r["seed"]) in source and s in upper and upper[s] != source[s]]
+        line["gain"], line["gap_closed"] = gains, [100 * g for g in gaps]
+        reference_time = values(network, "source" if network != "sam" else "upper", "step_time_s")
+        line["step_ratio"] = [r["step_time_s"] / reference_time[r["seed"]] for r in ok
+                              if r.get("step_time_s") and reference_time.get(r["seed"])]
+        line["step_ms"] = [1000 * r["step_time_s"] for r in ok if r.get("step_time_s")]
+        line["peak_mb"] = [r["peak_memory_mb"] for r in ok if r.get("peak_memory_mb")]
+        line["status"] = ("✗ does not beat source-only" if line["role"] == "method" and gains
+                          and statistics.fmean(gains) <= 0 else "")
+        lines.append(line)
+    return lines
+
+
+def markdown(protocol: Protocol, lines: list[dict], throughput: dict | None) -> str:
+    header = ["network", "method", *protocol.columns, "gain", "gap closed %", "step ms", "step ratio", "peak MB", "note"]
+    out = [f"### {protocol.task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for line in lines:
+        cells = [line["network"], line["method"], *(fmt(line.get(c, [])) for c in protocol.columns),
+                 "-" if line["role"] == "source" else fmt(line.get("gain", []), signed=True),
+                 "-" if line["role"] != "method" else fmt(line.get("gap_closed", [])),
+                 fmt(line.get("step_ms", [])), fmt(line.get("step_ratio", [])), fmt(line.get("peak_mb", [])),
+                 line.get("status", "")]
+        out.append("| " + " | ".join(cells) + " |")
+    if throughput:
+        out += ["", (f"Data loading: {throughput['images_per_s_per_worker']:.1f} images/s per worker "
+                     f"(batch {throughput['batch_size']}); the source-only step consumes "
+                     f"{throughput['model_images_per_s']:.1f} images/s, so {throughput['workers_needed']} "
+                     f"worker(s) keep it fed.")]
+    return "\n".join(out)
+
+
+def loader_throughput(task: str, batches: int = 10) -> dict:
+    """Images/s of one loader worker (num_workers=0) on the task's labelled training stream."""
+    from hydra import compose, initialize_config_dir
+
+    from datamodules import build_datamodule
+    from experiments.run import CONFIG_DIR
+    from omegaconf import OmegaConf
+
+    method = "source_only" if task == "synth2real" else "sam_finetune"
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+method={method}", f"+task={task}", "data.num_workers=0"])
+    datamodule = build_datamodule(OmegaConf.to_container(cfg, resolve=True))
+    if hasattr(datamodule, "setup"):
+        datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    loader = loader["src"] if isinstance(loader, dict) else loader
+    iterator = iter(loader)
+    next(iterator)
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    per_second = batches * cfg.data.batch_size / (time.perf_counter() - started)
+    return {"images_per_s_per_worker": per_second, "batch_size": cfg.data.batch_size}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["synth2real", "synth_shapes"])
+    parser.add_argument("--methods", nargs="+", help="only these methods (baselines always run)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; tables give mean ± std")
+    parser.add_argument("--source-steps", type=int, default=600)
+    parser.add_argument("--adapt-steps", type=int, default=400)
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    args = parser.parse_args(argv)
+    available = protocols(args.source_steps, args.adapt_steps)
+    unknown = set(args.tasks) - set(available)
+    if unknown:
+        raise SystemExit(f"no benchmark protocol for {sorted(unknown)}; available: {', '.join(available)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    reports, csv_rows = [], []
+    for task in args.tasks:
+        protocol = available[task]
+        print(f"== {task}", flush=True)
+        results = [r for seed in range(args.seeds)
+                   for r in run_protocol(protocol, seed, args.out, set(args.methods) if args.methods else None)]
+        lines = summarise(protocol, results)
+        throughput = loader_throughput(task)
+        reference = next((l for l in lines if l["role"] == ("source" if task == "synth2real" else "upper")
+                          and l.get("step_ms")), None)
+        if reference:
+            throughput["model_images_per_s"] = 1000 * throughput["batch_size"] / statistics.fmean(reference["step_ms"])
+            throughput["workers_needed"] = max(1, -(-int(throughput["model_images_per_s"])
+                                                    // max(1, int(throughput["images_per_s_per_worker"]))))
+        else:
+            throughput = None
+        report = markdown(protocol, lines, throughput)
+        print(report, flush=True)
+        reports.append(report)
+        for line in lines:
+            csv_rows.append({"task": task, **{k: (fmt(v) if isinstance(v, list) else v) for k, v in line.items()}})
+    (args.out / "benchmark.md").write_text("\n\n".join(reports) + "\n")
+    with open(args.out / "benchmark.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=sorted({k for row in csv_rows for k in row}))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    print(f"\nwritten: {args.out / 'benchmark.md'}, {args.out / 'benchmark.csv'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
