@@ -232,8 +232,8 @@ class SeCo(SemanticSegmentationModule):
         scc = self.hparams["method"]["scc"]
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = list(range(rank, len(TargetTrainImages(self.hparams["data"]["target"])), world))
-        caches = {index: dict(np.load(self.cache_path(index))) for index in mine}
-        local_losses = np.concatenate([c["losses"] for c in caches.values()] or [np.zeros(0, np.float32)])
+        local_losses = np.concatenate([np.load(self.cache_path(index))["losses"] for index in mine] or
+                                      [np.zeros(0, np.float32)])
         counts = all_gather_cat(torch.tensor([len(local_losses)], device=device)).cpu().numpy()
         all_losses = all_gather_cat(torch.from_numpy(local_losses).to(device)).cpu().numpy()
         noisy_probability = fit_noise_gmm(all_losses, scc["gmm_max_iter"], scc["gmm_tol"], scc["gmm_reg_covar"],
@@ -245,16 +245,15 @@ class SeCo(SemanticSegmentationModule):
         local_noisy = noisy_probability[start:start + len(local_losses)]
         confusions = {stage: np.zeros((self.num_classes, self.num_classes), np.int64) for stage in LABEL_STAGES}
         offset, written = 0, 0
-        for index, cache in caches.items():
+        for index in mine:
+            cache = np.load(self.cache_path(index))
             count = len(cache["losses"])
             path = pseudo_label_path(self.label_dir, index)
-            components = Components(index=cache["index"].astype(np.int64), classes=cache["classes"],
-                                    areas=np.zeros(count, np.int64), boxes=np.zeros((count, 4), np.float32))
             if not path.is_file():
                 corrected = correct_components(cache["classes"], local_noisy[offset:offset + count],
                                                cache["prediction"], cache["confidence"],
                                                scc["noise_threshold"], scc["correction_threshold"])
-                labels = relabel(components, corrected)
+                labels = relabel(cache["index"], corrected)
                 height, width = (int(v) for v in cache["original_size"])
                 save_png(path, cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST))
                 written += 1

@@ -95,7 +95,7 @@ def test_gmm_marks_the_high_loss_mode_noisy_and_correction_relabels_or_ignores()
                                    noise_threshold=0.5, correction_threshold=0.95)
     assert corrected.tolist() == [1, 4, I]
     components = connected_components(two_squares_and_a_bar())
-    relabelled = relabel(components, np.arange(len(components)))
+    relabelled = relabel(components.index, np.arange(len(components)))
     assert (relabelled[two_squares_and_a_bar() == I] == I).all()
     assert label_confusion(np.array([[0, 1, I]]), np.array([[0, 0, 1]]), 2).tolist() == [[1, 1], [0, 0]]
 

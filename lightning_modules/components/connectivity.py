@@ -174,10 +174,10 @@ def correct_components(classes: np.ndarray, noisy_probability: np.ndarray, predi
     return np.where(noisy, corrected, classes).astype(np.int64)
 
 
-def relabel(components: Components, new_classes: np.ndarray) -> np.ndarray:
-    """Label map with every component painted in its new class; pixels outside components are ignored."""
+def relabel(component_index: np.ndarray, new_classes: np.ndarray) -> np.ndarray:
+    """Label map with every component (``Components.index``) painted in its new class; the rest ignored."""
     lookup = np.concatenate([[IGNORE_INDEX], new_classes]).astype(np.uint8)
-    return lookup[components.index]
+    return lookup[component_index]
 
 
 def label_confusion(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
