@@ -130,7 +130,10 @@ class SeCo(SemanticSegmentationModule):
         method = self.hparams["method"]
         target = batch["pl"]
         logits, _ = self.segmenter(target["img"])
-        loss_target = self.supervised_loss(logits, target["mask"])
+        # A batch whose pseudo-labels are all ignored (every component filtered) contributes no target loss;
+        # mean cross-entropy over zero pixels would be NaN.
+        labelled = bool((target["mask"] != IGNORE_INDEX).any())
+        loss_target = self.supervised_loss(logits, target["mask"]) if labelled else logits.sum() * 0
         losses = {"loss_target": method["lambda_target"] * loss_target}
         if "src" in method["streams"]:
             source = batch["src"]
