@@ -51,6 +51,13 @@ class TMT(SemanticSegmentationModule):
         self.transferability_correct = MeanMetric()
         self.transferability_incorrect = MeanMetric()
 
+    def train(self, mode: bool = True):
+        # The EMA teacher predicts pseudo-labels and ACTE features in eval mode: no dropout, and BN running
+        # statistics rather than those of a mixed source + target batch.
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     # ACTE -------------------------------------------------------------------------------------------
     def estimate_transferability(self, features: torch.Tensor, images: torch.Tensor):
         """Regions of each image and their transferability: (assignment [B, R, N], region features, T(r), map)."""
