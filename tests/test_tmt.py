@@ -121,8 +121,8 @@ def test_guidance_off_or_zero_strength_gives_the_plain_encoder_logits():
     cfg = compose_config("tmt", "synth2real", "unused", "method.transferability_guidance=false")
     module = TMT(OmegaConf.to_container(cfg, resolve=True)).eval()
     assert not hasattr(module, "discriminator")
-    assert module.train().segmenter.training and not module.teacher.training
     assert torch.equal(module(images), upsample(module.segmenter(images)[0], images.shape[-2:]))
+    assert module.train().segmenter.training and not module.teacher.training
 
 
 def test_bf16_autocast_attention_with_bias():
