@@ -10,9 +10,9 @@ and ``OUT/benchmark.csv``.
 
 Protocol (both tasks): a source model is trained for ``--source-steps``; each adaptation method then
 starts from it for ``--adapt-steps``. The source-only row is that source model trained on source for
-the same ``--adapt-steps`` more, so every row of a network has the same total budget; the oracle is
-trained on target labels for the whole budget. Finished rows are reused (``results.json`` in their
-run directory), so an interrupted benchmark continues where it stopped.
+the same ``--adapt-steps`` more, so every adapted row of a network has the same budget; the oracle is
+trained on target labels for the source model's budget. A finished run leaves ``benchmark.done`` in
+its directory and is reused, so an interrupted benchmark continues where it stopped.
 """
 from __future__ import annotations
 
@@ -58,15 +58,18 @@ def single(*overrides: str) -> tuple[tuple[str, ...], ...]:
 
 
 def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
-    total, adapt = f"trainer.max_steps={source_steps + adapt_steps}", f"trainer.max_steps={adapt_steps}"
-    source = f"trainer.max_steps={source_steps}"
+    source, adapt = f"trainer.max_steps={source_steps}", f"trainer.max_steps={adapt_steps}"
     segformer = "arch=segformer"
+    # seco's SAM on synth2real: the tiny class-agnostic SAM trained on source regions (task synth_regions),
+    # with a 16 x 16 point grid for SAM's everything mode (32 x 32 at paper size) to fit a CPU budget.
+    seco_sam = ("method.sam.variant=tiny", "method.sam.checkpoint={region_sam}",
+                "method.psa.everything_mode.points_per_side=16")
     semantic = Protocol(
         task="synth2real", headline="mIoU", columns=("mIoU",),
         stages=(
             Stage("source", ("+method=source_only", source), "checkpoints/last.ckpt"),
             Stage("source_segformer", ("+method=source_only", segformer, source), "checkpoints/last.ckpt"),
-            Stage("region_sam", ("+method=sam_finetune", "+task=synth_regions", source), "sam.pth"),
+            Stage("region_sam", ("+method=sam_finetune", "+task=synth_regions"), "sam.pth"),
         ),
         rows=(
             Row("source_only", single("+method=source_only", "+method.source_ckpt={source}", adapt), "source"),
@@ -74,16 +77,17 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
             Row("mt_metric", single("+method=mt_metric", "method.source_ckpt={source}", adapt)),
             Row("mt_metric (threshold ST)", single("+method=mt_metric", "method.source_ckpt={source}",
                                                    "method.weighting=threshold", adapt)),
-            Row("seco", (("+method=seco", "stage=pseudo_label", "method.base_ckpt={source}",
-                          "method.sam.checkpoint={region_sam}"),
-                         ("+method=seco", "method.base_ckpt={source}", "method.sam.checkpoint={region_sam}", adapt))),
-            Row("oracle", single("+method=oracle", total), "upper"),
+            Row("seco", (("+method=seco", "stage=pseudo_label", "method.base_ckpt={source}", *seco_sam,
+                          "method.label_dir={row_dir}/pseudo_labels"),
+                         ("+method=seco", "method.base_ckpt={source}", "method.label_dir={row_dir}/pseudo_labels",
+                          adapt))),
+            Row("oracle", single("+method=oracle", source), "upper"),
             Row("source_only", single("+method=source_only", segformer, "+method.source_ckpt={source_segformer}",
                                       adapt), "source", "segformer"),
             Row("tmt (guidance off)", single("+method=tmt", "method.source_ckpt={source_segformer}",
-                                             "method.use_transferability=false", adapt), network="segformer"),
+                                             "method.transferability_guidance=false", adapt), network="segformer"),
             Row("tmt", single("+method=tmt", "method.source_ckpt={source_segformer}", adapt), network="segformer"),
-            Row("oracle", single("+method=oracle", segformer, total), "upper", "segformer"),
+            Row("oracle", single("+method=oracle", segformer, source), "upper", "segformer"),
         ),
     )
     prompted = Protocol(
@@ -130,7 +134,9 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
 def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | None) -> list[dict]:
     """Stages, then rows, for one seed; each row's results (or its failure) as a dict."""
     base = out / protocol.task / f"seed{seed}"
-    rows = [r for r in protocol.rows if methods is None or r.role != "method" or r.name.split(" ")[0] in methods]
+    selected = [r for r in protocol.rows if r.role == "method" and (methods is None or r.name.split(" ")[0] in methods)]
+    networks = {r.network for r in selected}
+    rows = [r for r in protocol.rows if r in selected or r.role != "method" and r.network in networks]
     needed = {name for r in rows for command in r.commands for o in command for name in stage_refs(o)}
     products = {}
     for stage in protocol.stages:
@@ -143,6 +149,7 @@ def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | N
     results = []
     for row in rows:
         run_dir = base / slug(f"{row.network}_{row.name}")
+        products["row_dir"] = str(run_dir)
         try:
             missing = {n for c in row.commands for o in c for n in stage_refs(o)} - set(products)
             if missing:
@@ -259,7 +266,7 @@ def loader_throughput(task: str, batches: int = 10) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["synth2real", "synth_shapes"])
-    parser.add_argument("--methods", nargs="+", help="only these methods (baselines always run)")
+    parser.add_argument("--methods", nargs="+", help="only these methods (with the baselines of their networks)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; tables give mean ± std")
     parser.add_argument("--source-steps", type=int, default=600)
     parser.add_argument("--adapt-steps", type=int, default=400)
