@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -281,8 +282,10 @@ class SeCo(SemanticSegmentationModule):
             total = all_reduce_sum(torch.from_numpy(confusion).to(device)).cpu()
             iou = per_class_iou(total)
             subset = next(iter(self.eval_subsets.values()))
+            miou = mean_iou(iou, subset)
+            # No labelled pixel at a stage leaves its mIoU undefined: null in the JSON, not NaN.
             metrics[stage] = {"pixel_accuracy": 100 * (total.diag().sum() / total.sum().clamp(min=1)).item(),
-                              "mIoU": 100 * mean_iou(iou, subset), "labelled_pixels": int(total.sum())}
+                              "mIoU": None if math.isnan(miou) else 100 * miou, "labelled_pixels": int(total.sum())}
         timing = all_reduce_sum(torch.tensor([self.timing["images"], self.timing["seconds"],
                                               self.timing["encoder_seconds"]], dtype=torch.float64,
                                              device=device)).cpu().tolist()
@@ -297,7 +300,7 @@ class SeCo(SemanticSegmentationModule):
         }
         if self.trainer.is_global_zero:
             for stage in LABEL_STAGES:
-                log.info("pseudo-labels %-5s: pixel accuracy %.2f, mIoU %.2f, labelled pixels %d", stage,
+                log.info("pseudo-labels %-5s: pixel accuracy %.2f, mIoU %s, labelled pixels %d", stage,
                          metrics[stage]["pixel_accuracy"], metrics[stage]["mIoU"], metrics[stage]["labelled_pixels"])
             run_dir = Path(self.hparams["run_dir"])
             run_dir.mkdir(parents=True, exist_ok=True)
