@@ -248,7 +248,8 @@ def loader_throughput(task: str, batches: int = 10) -> dict:
 
     method = "source_only" if task == "synth2real" else "sam_finetune"
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+method={method}", f"+task={task}", "data.num_workers=0"])
+        # run_dir is Hydra's output directory, which exists only under hydra.main; nothing is written here.
+        cfg = compose("config", overrides=[f"+method={method}", f"+task={task}", "data.num_workers=0", "run_dir=."])
     datamodule = build_datamodule(OmegaConf.to_container(cfg, resolve=True))
     if hasattr(datamodule, "setup"):
         datamodule.setup("fit")
