@@ -1,0 +1,43 @@
+"""The benchmark's arithmetic on constructed results: gain, gap closed, step ratio, and the flag on a
+method that does not beat source-only; its protocols only name methods and tasks that exist."""
+from experiments.benchmark import Row, markdown, protocols, stage_refs, summarise
+from experiments.run import available
+
+
+def result(row: Row, miou: float, step: float, seed: int = 0) -> dict:
+    return {"row": row, "seed": seed, "metrics": {"mIoU": miou}, "step_time_s": step, "peak_memory_mb": 900.0}
+
+
+def test_gain_gap_ratio_and_flag():
+    protocol = protocols(600, 400)["synth2real"]
+    source, oracle = Row("source_only", (), "source"), Row("oracle", (), "upper")
+    good, bad = Row("good", ()), Row("bad", ())
+    lines = {line["method"]: line for line in summarise(protocol, [
+        result(source, 40.0, 0.5), result(oracle, 80.0, 0.5), result(good, 50.0, 1.0), result(bad, 39.0, 2.0)])}
+    assert lines["good"]["gain"] == [10.0] and lines["good"]["gap_closed"] == [25.0]
+    assert lines["good"]["step_ratio"] == [2.0] and lines["good"]["status"] == ""
+    assert lines["bad"]["status"] == "✗ does not beat source-only"
+    table = markdown(protocol, list(lines.values()), None)
+    assert "| deeplabv2 | good | 50.00 | +10.00 | 25.00 |" in table
+
+
+def test_seeds_give_mean_and_spread():
+    protocol = protocols(600, 400)["synth2real"]
+    source, method = Row("source_only", (), "source"), Row("m", ())
+    lines = summarise(protocol, [result(source, 40.0, 1.0, 0), result(source, 42.0, 1.0, 1),
+                                 result(method, 44.0, 1.0, 0), result(method, 50.0, 1.0, 1)])
+    table = markdown(protocol, lines, None)
+    assert "| deeplabv2 | m | 47.00 ± 4.24 | +6.00 ± 2.83 |" in table
+
+
+def test_protocols_name_existing_methods_and_tasks():
+    methods, tasks = set(available("method")), set(available("task"))
+    for protocol in protocols(600, 400).values():
+        assert protocol.task in tasks
+        commands = [c for r in protocol.rows for c in r.commands] + [s.overrides for s in protocol.stages]
+        for command in commands:
+            named = [o.split("=", 1)[1] for o in command if o.startswith("+method=")]
+            assert named and named[0] in methods
+            assert all(o.split("=", 1)[1] in tasks for o in command if o.startswith("+task="))
+        stage_names = {s.name for s in protocol.stages} | {"row_dir"}
+        assert {ref for c in commands for o in c for ref in stage_refs(o)} <= stage_names
