@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
+import string
 import subprocess
 import sys
 import time
@@ -165,8 +167,6 @@ def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | N
 
 
 def stage_refs(override: str) -> list[str]:
-    import string
-
     return [name for _, name, _, _ in string.Formatter().parse(override) if name]
 
 
@@ -188,10 +188,14 @@ def summarise(protocol: Protocol, results: list[dict]) -> list[dict]:
     for result in results:
         groups.setdefault((result["row"].network, result["row"].name), []).append(result)
 
-    def values(network: str, role: str, key: str) -> dict[int, float]:
+    def values(network: str, role: str, read) -> dict[int, float]:
+        """``read(result)`` of the finished rows of one role of a network, by seed."""
         rows = [r for (n, _), group in groups.items() if n == network for r in group
                 if r["row"].role == role and "error" not in r]
-        return {r["seed"]: (r["metrics"] if key != "step_time_s" else r).get(key) for r in rows}
+        return {r["seed"]: read(r) for r in rows}
+
+    def headline(result: dict) -> float:
+        return result["metrics"][protocol.headline]
 
     lines = []
     for (network, name), group in groups.items():
@@ -203,13 +207,13 @@ def summarise(protocol: Protocol, results: list[dict]) -> list[dict]:
             continue
         for column in protocol.columns:
             line[column] = [r["metrics"][column] for r in ok]
-        source = values(network, "source", protocol.headline)
-        upper = values(network, "upper", protocol.headline)
+        source = values(network, "source", headline)
+        upper = values(network, "upper", headline)
         gains = [r["metrics"][protocol.headline] - source[r["seed"]] for r in ok if r["seed"] in source]
         gaps = [(r["metrics"][protocol.headline] - source[s]) / (upper[s] - source[s])
                 for r in ok if (s := r["seed"]) in source and s in upper and upper[s] != source[s]]
         line["gain"], line["gap_closed"] = gains, [100 * g for g in gaps]
-        reference_time = values(network, "source" if network != "sam" else "upper", "step_time_s")
+        reference_time = values(network, "source" if network != "sam" else "upper", lambda r: r.get("step_time_s"))
         line["step_ratio"] = [r["step_time_s"] / reference_time[r["seed"]] for r in ok
                               if r.get("step_time_s") and reference_time.get(r["seed"])]
         line["step_ms"] = [1000 * r["step_time_s"] for r in ok if r.get("step_time_s")]
@@ -290,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                           and l.get("step_ms")), None)
         if reference:
             throughput["model_images_per_s"] = 1000 * throughput["batch_size"] / statistics.fmean(reference["step_ms"])
-            throughput["workers_needed"] = max(1, -(-int(throughput["model_images_per_s"])
-                                                    // max(1, int(throughput["images_per_s_per_worker"]))))
+            throughput["workers_needed"] = max(1, math.ceil(throughput["model_images_per_s"]
+                                                            / throughput["images_per_s_per_worker"]))
         else:
             throughput = None
         report = markdown(protocol, lines, throughput)
