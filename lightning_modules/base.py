@@ -6,6 +6,7 @@ kind as WeSAM does: per image the mean IoU over its instances, then the mean ove
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import math
@@ -145,6 +146,21 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         if self.hparams["method"].get("source_ckpt"):
             load_segmenter_weights(segmenter, self.hparams["method"]["source_ckpt"])
         return segmenter
+
+    def frozen_copy(self, module: nn.Module) -> nn.Module:
+        """A gradient-free copy for a teacher or labeler that only predicts, kept in eval mode all run."""
+        clone = copy.deepcopy(module).requires_grad_(False).eval()
+        self._predict_only = getattr(self, "_predict_only", []) + [clone]
+        return clone
+
+    def train(self, mode: bool = True):
+        # Teachers and labelers predict with their running BN statistics and no dropout. Lightning (>= 2.2)
+        # keeps the modes a module was built with and restores them per submodule after validation, so
+        # they are also built in eval mode (``frozen_copy``).
+        super().train(mode)
+        for module in getattr(self, "_predict_only", []):
+            module.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits, _ = self.segmenter(images)

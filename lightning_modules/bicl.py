@@ -8,8 +8,6 @@ CBST label y_F of a frozen labeler (the model at the start of the self-training 
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +35,7 @@ class BiCL(SemanticSegmentationModule):
         # keeps DDP from waiting for its gradients.
         self.projector.requires_grad_(self.method["use_fc"] or self.method["use_bc"])
         # Static labels y_F come from the model frozen at the start of each self-training round (CBST).
-        self.static_labeler = copy.deepcopy(self.segmenter).requires_grad_(False).eval()
+        self.static_labeler = self.frozen_copy(self.segmenter)
         dim, classes = self.method["projection_dim"], self.num_classes
         self.register_buffer("memory_source", torch.zeros(classes, dim))
         self.register_buffer("memory_target", torch.zeros(classes, dim))
@@ -49,11 +47,6 @@ class BiCL(SemanticSegmentationModule):
         self.register_buffer("pseudo_label_counts", torch.zeros(len(PSEUDO_LABEL_KINDS), 2, dtype=torch.long),
                              persistent=False)
         self.register_buffer("valid_pixel_count", torch.zeros((), dtype=torch.long), persistent=False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.static_labeler.eval()
-        return self
 
     def embed(self, images: torch.Tensor):
         """Class logits and flattened projected pixel features f (L2-normalised) at the feature grid."""

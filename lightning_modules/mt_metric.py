@@ -10,7 +10,6 @@ Student and teacher start from the source model; the teacher is the EMA of the s
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import NamedTuple
 
@@ -40,7 +39,7 @@ class MTMetric(SemanticSegmentationModule):
         if method["weighting"] not in WEIGHTINGS:
             raise ValueError(f"method.weighting={method['weighting']!r} is not supported; expected one of {WEIGHTINGS}")
         self.segmenter = self.build_segmenter()
-        self.teacher = copy.deepcopy(self.segmenter).requires_grad_(False)
+        self.teacher = self.frozen_copy(self.segmenter)
         self.metric_head = None
         if method["weighting"] == "metric":
             self.metric_head = MetricHead(self.segmenter.feature_channels, self.num_classes,
@@ -49,12 +48,6 @@ class MTMetric(SemanticSegmentationModule):
         self.weight_by_correctness = torch.zeros(4)
         self.pixel_weight_summary: dict = {}
         self.replica_difference: dict = {}
-
-    def train(self, mode: bool = True):
-        # The teacher only predicts: its BN layers keep the (EMA-copied) running statistics.
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def teacher_targets(self, images: torch.Tensor) -> TeacherTargets:
         """The teacher's pseudo-label for every pixel of ``images`` and its reliability weight."""

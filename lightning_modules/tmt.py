@@ -15,7 +15,6 @@ Per iteration (``training_step``):
 """
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -43,20 +42,13 @@ class TMT(SemanticSegmentationModule):
         super().__init__(cfg)
         self.method = cfg["method"]
         self.segmenter = self.build_segmenter()
-        self.teacher = copy.deepcopy(self.segmenter).requires_grad_(False)
+        self.teacher = self.frozen_copy(self.segmenter)
         self.guided = self.method["transferability_guidance"]
         if self.guided:
             self.discriminator = RegionDomainDiscriminator(cfg["model"]["decoder_embed_dim"],
                                                            self.method["discriminator_hidden"])
         self.transferability_correct = MeanMetric()
         self.transferability_incorrect = MeanMetric()
-
-    def train(self, mode: bool = True):
-        # The EMA teacher predicts pseudo-labels and ACTE features in eval mode: no dropout, and BN running
-        # statistics rather than those of a mixed source + target batch.
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     # ACTE -------------------------------------------------------------------------------------------
     def estimate_transferability(self, features: torch.Tensor, images: torch.Tensor):

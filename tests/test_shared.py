@@ -1,5 +1,6 @@
 """Pieces every method shares: the EMA teacher, cross-rank reductions, segmenter building and loading,
 and the refusal of a method that needs a trained checkpoint."""
+import importlib
 import os
 
 import pytest
@@ -77,3 +78,31 @@ def test_method_that_needs_a_checkpoint_is_refused_in_one_sentence(tmp_path):
                          "+method.source_ckpt=null", "+method.checkpoint_from=source_only")
     with pytest.raises(SystemExit, match=r"set method.source_ckpt=PATH.*\+method=source_only \+task=synth2real"):
         check_compatibility(cfg)
+
+
+@pytest.mark.parametrize("method, module_path, attribute", [
+    ("tmt", "lightning_modules.tmt.TMT", "teacher"),
+    ("mt_metric", "lightning_modules.mt_metric.MTMetric", "teacher"),
+    ("bicl", "lightning_modules.bicl.BiCL", "static_labeler"),
+])
+def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(run_tiny, monkeypatch, tmp_path, method,
+                                                                  module_path, attribute):
+    # Lightning keeps the modes a module was built with and restores them after validation; a teacher in
+    # train mode would label with dropout and the batch's own BN statistics.
+    module_name, class_name = module_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    modes = []
+    original = cls.training_step
+
+    def recording_step(self, batch, batch_idx):
+        predicting = getattr(self, attribute)
+        modes.append((self.segmenter.training, any(m.training for m in predicting.modules())))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(cls, "training_step", recording_step)
+    overrides = []
+    if method == "mt_metric":
+        run_tiny("source_only", "synth2real", name="source")
+        overrides.append(f"method.source_ckpt={tmp_path / 'source' / 'checkpoints' / 'last.ckpt'}")
+    run_tiny(method, "synth2real", *overrides)
+    assert modes == [(True, False)] * 4  # steps 2 and 3 follow a validation
