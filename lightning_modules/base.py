@@ -105,6 +105,20 @@ def load_segmenter_weights(segmenter: nn.Module, path: str) -> None:
     log.info("segmenter weights loaded from %s", path)
 
 
+def labelling_mode(module: nn.Module, training: bool) -> nn.Module:
+    """A teacher labels as DAFormer's mean teacher does (mmseg/models/uda/dacs.py): dropout and drop-path
+    off, BatchNorm normalising with the statistics of the batch being labelled (the target images).
+    With frozen-BN networks, as in the papers' DeepLabV2, this is plain eval mode; in evaluation
+    (``training`` False) every layer is in eval mode."""
+    module.eval()
+    if getattr(module, "freeze_bn", False):
+        return module
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.train(training)
+    return module
+
+
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """Mean teacher (Tarvainen & Valpola 2017): theta_t <- m theta_t + (1 - m) theta_s; buffers copied.
@@ -148,18 +162,17 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         return segmenter
 
     def frozen_copy(self, module: nn.Module) -> nn.Module:
-        """A gradient-free copy for a teacher or labeler that only predicts, kept in eval mode all run."""
-        clone = copy.deepcopy(module).requires_grad_(False).eval()
-        self._predict_only = getattr(self, "_predict_only", []) + [clone]
+        """A gradient-free copy for a teacher or labeler that only predicts (see ``labelling_mode``)."""
+        clone = labelling_mode(copy.deepcopy(module).requires_grad_(False), True)
+        self._labellers = getattr(self, "_labellers", []) + [clone]
         return clone
 
     def train(self, mode: bool = True):
-        # Teachers and labelers predict with their running BN statistics and no dropout. Lightning (>= 2.2)
-        # keeps the modes a module was built with and restores them per submodule after validation, so
-        # they are also built in eval mode (``frozen_copy``).
+        # Lightning (>= 2.2) keeps the modes a module was built with and restores them per submodule after
+        # validation, so labellers are built in their mode (frozen_copy) and kept in it here.
         super().train(mode)
-        for module in getattr(self, "_predict_only", []):
-            module.eval()
+        for module in getattr(self, "_labellers", []):
+            labelling_mode(module, mode)
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

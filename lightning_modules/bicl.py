@@ -91,10 +91,13 @@ class BiCL(SemanticSegmentationModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         source, target = batch["src"], batch["tgt"]
-        logits_source, features_source = self.embed(source["img"])
-        logits_target, features_target = self.embed(target["img"])
+        # One pass over both domains: BN normalises training batches with the same mixed-domain statistics
+        # its running averages hold at evaluation.
+        logits, features = self.embed(torch.cat([source["img"], target["img"]]))
+        logits_source, logits_target = logits.split(source["img"].shape[0])
         grid = logits_source.shape[-2:]
         labels_source = labels_at(source["mask"], grid)
+        features_source, features_target = features.split(labels_source.shape[0])
 
         # Step 1: static labels y_F, source prototypes rho_S, dynamic labels y_D, hybrid y_T.
         static = self.static_labels(target["img"], accumulate=True)

@@ -76,16 +76,18 @@ class TMT(SemanticSegmentationModule):
         source, target = batch["src"], batch["tgt"]
         batch_size = source["img"].shape[0]
 
-        # The base needs the teacher on the target only; ACTE also needs its view of the source.
-        teacher_images = torch.cat([source["img"], target["img"]]) if self.guided else target["img"]
+        # The base needs the teacher on the target only; ACTE also needs its view of the source, in a pass of
+        # its own because the teacher normalises with the statistics of the batch it labels.
         with torch.no_grad():
-            teacher_logits, teacher_features = self.teacher(teacher_images)
+            teacher_logits, teacher_features = self.teacher(target["img"])
         source_map = target_map = None
         losses = {}
         if self.guided:
             # 1. ACTE on the teacher's view of both domains.
+            with torch.no_grad():
+                _, source_teacher_features = self.teacher(source["img"])
             assignment, domain_logits, transferability, dense = self.estimate_transferability(
-                teacher_features, teacher_images)
+                torch.cat([source_teacher_features, teacher_features]), torch.cat([source["img"], target["img"]]))
             source_map, target_map = dense.split(batch_size)
             is_source = torch.arange(2 * batch_size, device=dense.device) < batch_size
             # 4. The region discriminator (its estimate is detached from the maps above).
@@ -99,7 +101,7 @@ class TMT(SemanticSegmentationModule):
         losses["source"] = self.supervised_loss(source_logits, source["mask"])
 
         # 3. Pseudo-labels, ClassMix, strong augmentation, quality-weighted CE.
-        target_logits = upsample(teacher_logits[-batch_size:], target["img"].shape[-2:])
+        target_logits = upsample(teacher_logits, target["img"].shape[-2:])
         pseudo, quality = pseudo_labels_with_quality(target_logits, method["pseudo_threshold"])
         mask = class_mix_masks(source["mask"])
         mixed_images = strong_photometric(mix(mask, source["img"], target["img"]), method["color_jitter_p"],

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from experiments.run import check_compatibility
-from lightning_modules.base import build_segmenter, ema_update, load_segmenter_weights
+from lightning_modules.base import build_segmenter, ema_update, labelling_mode, load_segmenter_weights
 from lightning_modules.components.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from tests.conftest import compose_config
 
@@ -87,16 +87,18 @@ def test_method_that_needs_a_checkpoint_is_refused_in_one_sentence(tmp_path):
 ])
 def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(run_tiny, monkeypatch, tmp_path, method,
                                                                   module_path, attribute):
-    # Lightning keeps the modes a module was built with and restores them after validation; a teacher in
-    # train mode would label with dropout and the batch's own BN statistics.
+    # Lightning keeps the modes a module was built with and restores them after validation; a teacher must
+    # label without dropout, normalising with the labelled batch's statistics (DAFormer's mean teacher).
     module_name, class_name = module_path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module_name), class_name)
     modes = []
     original = cls.training_step
 
     def recording_step(self, batch, batch_idx):
-        predicting = getattr(self, attribute)
-        modes.append((self.segmenter.training, any(m.training for m in predicting.modules())))
+        layers = list(getattr(self, attribute).modules())
+        batch_norms = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        modes.append((self.segmenter.training, any(m.training for m in layers if m not in batch_norms),
+                      bool(batch_norms) and all(m.training for m in batch_norms)))
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(cls, "training_step", recording_step)
@@ -105,4 +107,12 @@ def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(run_tiny, monk
         run_tiny("source_only", "synth2real", name="source")
         overrides.append(f"method.source_ckpt={tmp_path / 'source' / 'checkpoints' / 'last.ckpt'}")
     run_tiny(method, "synth2real", *overrides)
-    assert modes == [(True, False)] * 4  # steps 2 and 3 follow a validation
+    assert modes == [(True, False, True)] * 4  # steps 2 and 3 follow a validation
+
+
+def test_labelling_mode_keeps_frozen_batch_norm_frozen():
+    frozen = build_segmenter({"builder": "lightning_modules.components.deeplabv2.build_deeplabv2", "backbone": "resnet18",
+                              "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
+                              "aspp_dilations": [1], "freeze_bn": True}, 3)
+    batch_norms = [m for m in labelling_mode(frozen, True).modules() if isinstance(m, nn.BatchNorm2d)]
+    assert batch_norms and not any(m.training for m in batch_norms)
