@@ -62,6 +62,8 @@ def single(*overrides: str) -> tuple[tuple[str, ...], ...]:
 def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
     source, adapt = f"trainer.max_steps={source_steps}", f"trainer.max_steps={adapt_steps}"
     segformer = "arch=segformer"
+    # The tiny SAMs are trained from random init, so they learn their prompt encoder too.
+    sam_from_scratch = ("method.train_prompt_encoder=true",)
     # seco's SAM on synth2real: the tiny class-agnostic SAM trained on source regions (task synth_regions),
     # with a 16 x 16 point grid for SAM's everything mode (32 x 32 at paper size) to fit a CPU budget.
     seco_sam = ("method.sam.variant=tiny", "method.sam.checkpoint={region_sam}",
@@ -71,7 +73,7 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
         stages=(
             Stage("source", ("+method=source_only", source), "checkpoints/last.ckpt"),
             Stage("source_segformer", ("+method=source_only", segformer, source), "checkpoints/last.ckpt"),
-            Stage("region_sam", ("+method=sam_finetune", "+task=synth_regions"), "sam.pth"),
+            Stage("region_sam", ("+method=sam_finetune", "+task=synth_regions", *sam_from_scratch), "sam.pth"),
         ),
         rows=(
             Row("source_only", single("+method=source_only", "+method.source_ckpt={source}", adapt), "source"),
@@ -94,7 +96,7 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
     )
     prompted = Protocol(
         task="synth_shapes", headline="avg", columns=("box", "point", "poly", "avg"),
-        stages=(Stage("sam_source", ("+method=sam_finetune", source), "sam.pth"),),
+        stages=(Stage("sam_source", ("+method=sam_finetune", source, *sam_from_scratch), "sam.pth"),),
         rows=(
             Row("source (unadapted)", single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}"),
                 "source", "sam"),

@@ -1,7 +1,8 @@
 """Supervised SAM fine-tuning with prompts derived from ground truth (box, point, poly).
 
 Each step encodes every image once and decodes all of its instances for each prompt kind in one
-batched call; the loss is SAM's focal + dice mask loss against the instance masks.
+batched call; the loss is SAM's focal + dice mask loss against the instance masks plus the MSE of its
+IoU prediction.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lightning_modules.base import PromptedSegmentationModule, build_optimizer
-from lightning_modules.components.losses import sam_mask_loss
+from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss
 from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
 
 
@@ -20,7 +21,7 @@ class SAMFinetune(PromptedSegmentationModule):
         model = cfg["model"]
         self.sam = build_sam(model["variant"], model.get("sam_checkpoint"), model["image_size"], model.get("tiny"))
         self.poly_as = model["poly_as"]
-        self.sam.prompt_encoder.requires_grad_(False)
+        self.sam.prompt_encoder.requires_grad_(cfg["method"]["train_prompt_encoder"])
         self.sam.image_encoder.requires_grad_(cfg["method"]["train_image_encoder"])
 
     def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
@@ -32,11 +33,12 @@ class SAMFinetune(PromptedSegmentationModule):
         losses = {}
         for kind in self.prompt_kinds:
             per_image = []
-            for logits, target in zip(predict_instances(self.sam, embeddings, batch["targets"], kind, self.poly_as),
-                                      batch["targets"]):
+            predictions = predict_instances(self.sam, embeddings, batch["targets"], kind, self.poly_as, with_iou=True)
+            for (logits, iou), target in zip(predictions, batch["targets"]):
                 height, width = target["input_size"]
-                per_image.append(sam_mask_loss(logits[:, 0, :height, :width], target["instances"][:, :height, :width],
-                                               method["focal_weight"], method["dice_weight"]))
+                logits, instances = logits[:, 0, :height, :width], target["instances"][:, :height, :width]
+                per_image.append(sam_mask_loss(logits, instances, method["focal_weight"], method["dice_weight"])
+                                 + method["iou_weight"] * iou_prediction_loss(iou[:, 0], logits, instances))
             losses[kind] = torch.stack(per_image).mean()
         loss = sum(losses.values()) / len(losses)
         self.log_dict({f"train/loss_{kind}": value for kind, value in losses.items()})
@@ -50,5 +52,6 @@ class SAMFinetune(PromptedSegmentationModule):
             save_sam_checkpoint(self.sam, Path(self.hparams["run_dir"]) / "sam.pth")
 
     def configure_optimizers(self):
-        return build_optimizer(self.sam.image_encoder.parameters(), self.sam.mask_decoder.parameters(),
-                               self.hparams["optim"], self.trainer.max_steps)
+        prompt_and_mask = [*self.sam.prompt_encoder.parameters(), *self.sam.mask_decoder.parameters()]
+        return build_optimizer(self.sam.image_encoder.parameters(), prompt_and_mask, self.hparams["optim"],
+                               self.trainer.max_steps)

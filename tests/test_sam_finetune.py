@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from lightning_modules.components.losses import iou_prediction_loss
 from lightning_modules.components.sam import build_sam, save_sam_checkpoint
 
 
@@ -40,3 +41,13 @@ def test_target_row_trains_on_target_labels(run_tiny):
     results, run_dir = run_tiny("sam_finetune", "synth_shapes", "data.labelled_domain=target")
     assert "labelled_domain: target" in (run_dir / "config.yaml").read_text()
     assert results["trained"] is True
+
+
+def test_iou_prediction_loss_is_mse_to_the_binarised_masks_iou():
+    target = torch.zeros(2, 4, 4)
+    target[:, :2] = 1  # 8 pixels
+    logits = torch.full((2, 4, 4), -5.0)
+    logits[0, :2] = 5.0  # exact: IoU 1
+    logits[1, :1] = 5.0  # 4 of 8: IoU 0.5
+    assert iou_prediction_loss(torch.tensor([1.0, 0.5]), logits, target) == 0
+    assert torch.isclose(iou_prediction_loss(torch.tensor([0.0, 0.5]), logits, target), torch.tensor(0.5))

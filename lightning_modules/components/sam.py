@@ -165,10 +165,12 @@ def decode_masks(sam: Sam, image_embedding: torch.Tensor, sparse: torch.Tensor, 
 
 
 def predict_instances(sam: Sam, image_embeddings: torch.Tensor, targets: list, kind: str,
-                      poly_as: str = "mask") -> list:
-    """Single-mask logits [N_i,1,S,S] per image: one prompt-encoder and one decoder call per image."""
+                      poly_as: str = "mask", with_iou: bool = False) -> list:
+    """Single-mask logits [N_i,1,S,S] per image (with ``with_iou``, pairs of logits and IoU predictions
+    [N_i,1]): one prompt-encoder and one decoder call per image."""
     outputs = []
     for embedding, target in zip(image_embeddings, targets):
         sparse, dense = encode_prompts(sam, target, kind, poly_as)
-        outputs.append(decode_masks(sam, embedding[None], sparse, dense)[0])
+        logits, iou = decode_masks(sam, embedding[None], sparse, dense)
+        outputs.append((logits, iou) if with_iou else logits)
     return outputs

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
-from torchvision.ops import sigmoid_focal_loss
 
-from lightning_modules.components.losses import dice_loss
+from lightning_modules.components.losses import dice_loss, iou_prediction_loss, sam_mask_loss
 from lightning_modules.components.sam import decode_masks, encode_prompts
 
 # Output blocks of SAM's fused attention projection ``attn.qkv`` (Linear(dim, 3 dim)), and the output proj.
@@ -212,9 +211,8 @@ def assign_roles(sim_alpha: torch.Tensor, sim_beta: torch.Tensor) -> tuple[str, 
 def direct_alignment_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, focal_weight: float,
                           dice_weight: float) -> torch.Tensor:
     """L_da = 20 Focal(M_S, 1(M_T > 0)) + Dice(M_S, 1(M_T > 0)): the student learns the teacher's masks."""
-    pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
-    return (focal_weight * sigmoid_focal_loss(student_logits, pseudo, reduction="mean")
-            + dice_weight * dice_loss(student_logits, pseudo))
+    return sam_mask_loss(student_logits, (teacher_logits.detach() > 0).to(student_logits.dtype), focal_weight,
+                         dice_weight)
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -241,13 +239,8 @@ def self_training_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
                        focal_weight: float, dice_weight: float, iou_weight: float) -> torch.Tensor:
     """L_self = 20 Focal(M_s, 1(M_t > 0)) + Dice(M_s, 1(M_t > 0)) + MSE(IoU_pred, IoU(M_s, 1(M_t > 0)))."""
     pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
-    predicted = student_logits.detach() > 0
-    intersection = (predicted & (pseudo > 0)).flatten(1).sum(1)
-    union = (predicted | (pseudo > 0)).flatten(1).sum(1)
-    iou = intersection / union.clamp(min=1)
-    return (focal_weight * sigmoid_focal_loss(student_logits, pseudo, reduction="mean")
-            + dice_weight * dice_loss(student_logits, pseudo)
-            + iou_weight * F.mse_loss(iou_prediction.float(), iou.float()))
+    return (direct_alignment_loss(student_logits, teacher_logits, focal_weight, dice_weight)
+            + iou_weight * iou_prediction_loss(iou_prediction, student_logits, pseudo))
 
 
 def anchor_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, anchor_logits: torch.Tensor) -> torch.Tensor:
