@@ -105,17 +105,17 @@ def load_segmenter_weights(segmenter: nn.Module, path: str) -> None:
     log.info("segmenter weights loaded from %s", path)
 
 
-def labelling_mode(module: nn.Module, training: bool) -> nn.Module:
+def labelling_mode(module: nn.Module) -> nn.Module:
     """A teacher labels as DAFormer's mean teacher does (mmseg/models/uda/dacs.py): dropout and drop-path
-    off, BatchNorm normalising with the statistics of the batch being labelled (the target images).
-    With frozen-BN networks, as in the papers' DeepLabV2, this is plain eval mode; in evaluation
-    (``training`` False) every layer is in eval mode."""
+    off, BatchNorm normalising with the statistics of the batch being labelled, in training and in the
+    validation-time measurements of its labels alike. Networks that freeze BN (the papers' DeepLabV2)
+    label in plain eval mode."""
     module.eval()
     if getattr(module, "freeze_bn", False):
         return module
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            layer.train(training)
+            layer.train()
     return module
 
 
@@ -163,16 +163,16 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
 
     def frozen_copy(self, module: nn.Module) -> nn.Module:
         """A gradient-free copy for a teacher or labeler that only predicts (see ``labelling_mode``)."""
-        clone = labelling_mode(copy.deepcopy(module).requires_grad_(False), True)
+        clone = labelling_mode(copy.deepcopy(module).requires_grad_(False))
         self._labellers = getattr(self, "_labellers", []) + [clone]
         return clone
 
     def train(self, mode: bool = True):
         # Lightning (>= 2.2) keeps the modes a module was built with and restores them per submodule after
-        # validation, so labellers are built in their mode (frozen_copy) and kept in it here.
+        # validation, so labellers are built in their mode (frozen_copy) and kept in it here, also in eval.
         super().train(mode)
         for module in getattr(self, "_labellers", []):
-            labelling_mode(module, mode)
+            labelling_mode(module)
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

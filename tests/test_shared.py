@@ -114,5 +114,5 @@ def test_labelling_mode_keeps_frozen_batch_norm_frozen():
     frozen = build_segmenter({"builder": "lightning_modules.components.deeplabv2.build_deeplabv2", "backbone": "resnet18",
                               "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
                               "aspp_dilations": [1], "freeze_bn": True}, 3)
-    batch_norms = [m for m in labelling_mode(frozen, True).modules() if isinstance(m, nn.BatchNorm2d)]
+    batch_norms = [m for m in labelling_mode(frozen).modules() if isinstance(m, nn.BatchNorm2d)]
     assert batch_norms and not any(m.training for m in batch_norms)
