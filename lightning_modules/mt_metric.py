@@ -5,6 +5,7 @@ Student and teacher start from the source model; the teacher is the EMA of the s
 2. a metric network on the teacher's encoder features, with one proxy per class, is trained with a
    proxy-based metric loss on those pseudo-labels, and scores each pseudo-label's reliability;
 3. the student learns on the strong view from all pixels, each pixel's loss weighted by that reliability;
+   with MOCM the strong views are first ClassMixed, the pasted classes drawn by their mean reliability;
 4. the teacher takes the EMA of the student.
 ``method.weighting=threshold`` swaps step 2 for the confidence-threshold self-training baseline.
 """
@@ -20,6 +21,7 @@ from lightning_modules.components.distributed import all_gather_cat, all_reduce_
 from lightning_modules.components.metric_learning import (MetricHead, confidence_threshold_weight,
                                                           proxy_anchor_loss, reliability_weight,
                                                           weighted_cross_entropy)
+from lightning_modules.components.self_training import class_means, class_mix_masks, mix
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("metric", "threshold")
@@ -75,14 +77,28 @@ class MTMetric(SemanticSegmentationModule):
             losses["metric"] = proxy_anchor_loss(teacher.similarity, teacher.logits.argmax(1),
                                                  method["alpha"], method["delta"])
         # 3. The student learns on the strong view from every pixel.
-        student_logits, _ = self.segmenter(target["img_strong"])
-        losses["self_training"] = weighted_cross_entropy(upsample(student_logits, teacher.pseudo_label.shape[-2:]),
-                                                         teacher.pseudo_label, teacher.weight)
+        images, pseudo_label, weight = target["img_strong"], teacher.pseudo_label, teacher.weight
+        if self.metric_head is not None and method["mocm"]:
+            images, pseudo_label, weight = self.metric_guided_class_mix(images, teacher)
+        student_logits, _ = self.segmenter(images)
+        losses["self_training"] = weighted_cross_entropy(upsample(student_logits, pseudo_label.shape[-2:]),
+                                                         pseudo_label, weight)
         loss = sum(losses.values())
         self.log_dict({f"train/{name}_loss": value for name, value in losses.items()})
         self.log("train/pixel_weight", teacher.weight.mean(), sync_dist=True)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def metric_guided_class_mix(self, images: torch.Tensor, teacher: TeacherTargets):
+        """MOCM: each image receives half of the pseudo-classes of the previous image in the batch, drawn with
+        probability proportional to their mean reliability; labels and weights are mixed alike."""
+        def partner(tensor):
+            return tensor.roll(1, 0)
+        reliability = class_means(teacher.weight, teacher.pseudo_label, self.num_classes)
+        mask = class_mix_masks(partner(teacher.pseudo_label), class_preference=partner(reliability))
+        pasted = mask.bool()
+        return (mix(mask, partner(images), images), torch.where(pasted, partner(teacher.pseudo_label), teacher.pseudo_label),
+                torch.where(pasted, partner(teacher.weight), teacher.weight))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # 4. Mean teacher: theta_t <- m theta_t + (1 - m) theta_s.

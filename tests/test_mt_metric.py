@@ -15,7 +15,8 @@ from experiments.run import check_compatibility, execute
 from lightning_modules.components.metric_learning import (MetricHead, confidence_threshold_weight,
                                                           proxy_anchor_loss, proxy_similarity, reliability_weight,
                                                           weighted_cross_entropy)
-from lightning_modules.mt_metric import MTMetric
+from lightning_modules.components.self_training import class_means, class_mix_masks
+from lightning_modules.mt_metric import MTMetric, TeacherTargets
 from tests.conftest import compose_config
 
 
@@ -153,3 +154,29 @@ def test_two_process_ddp_keeps_teacher_and_proxies_identical(tmp_path, source_ck
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["global_step"] == 2
     assert results["ddp_replica_max_difference"] == {"teacher": 0.0, "proxies": 0.0}
+
+
+def test_class_means_and_reliability_preferring_class_mix():
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 2, 2]]])
+    values = torch.tensor([[[1.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2]]])
+    assert torch.allclose(class_means(values, labels, 4), torch.tensor([[0.5, 0.5, 0.2, 0.0]]))
+    # Two of three present classes are pasted; a class of near-zero preference is (almost) never one of them.
+    torch.manual_seed(0)
+    preference = torch.tensor([[1.0, 1.0, 1e-9]]).expand(200, -1)
+    masks = class_mix_masks(labels.expand(200, -1, -1), class_preference=preference)
+    assert (masks.sum((1, 2)) == 4).all()  # classes 0 and 1: 4 pixels
+    assert masks[:, 1].sum() == 0
+
+
+def test_metric_guided_class_mix_pastes_the_partner_with_its_labels_and_weights(source_ckpt):
+    module = build_module(source_ckpt)
+    images = torch.stack([torch.zeros(3, 2, 4), torch.ones(3, 2, 4)])
+    labels = torch.tensor([[[0, 0, 0, 0], [0, 0, 0, 0]], [[1, 1, 2, 2], [1, 1, 2, 2]]])
+    weights = torch.stack([torch.full((2, 4), 0.1), torch.full((2, 4), 0.9)])
+    teacher = TeacherTargets(labels, weights, None, None)
+    mixed, mixed_labels, mixed_weights = module.metric_guided_class_mix(images, teacher)
+    # Image 0 receives one of image 1's two classes (whole), image 1 receives image 0's only class (all of it).
+    pasted = mixed[0, 0] == 1
+    assert pasted.sum() == 4 and (mixed_labels[0][pasted] > 0).all() and len(mixed_labels[0][pasted].unique()) == 1
+    assert (mixed_weights[0][pasted] == 0.9).all() and (mixed_weights[0][~pasted] == 0.1).all()
+    assert (mixed[1] == 0).all() and (mixed_labels[1] == 0).all()

@@ -22,9 +22,11 @@ def pseudo_labels_with_quality(teacher_logits: torch.Tensor, threshold: float) -
     return labels, quality
 
 
-def class_mix_masks(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def class_mix_masks(labels: torch.Tensor, ignore_index: int = 255,
+                    class_preference: torch.Tensor | None = None) -> torch.Tensor:
     """ClassMix (DACS): per image, half of the classes present in ``labels`` (rounded up), chosen at random;
-    returns the [B, H, W] float mask of their pixels."""
+    returns the [B, H, W] float mask of their pixels. ``class_preference`` [B, >= C] (positive) draws the
+    classes with probability proportional to it instead of uniformly (Gumbel top-k)."""
     batch = labels.shape[0]
     num_classes = int(labels[labels != ignore_index].max().item()) + 1 if (labels != ignore_index).any() else 1
     flat = labels.flatten(1)
@@ -32,11 +34,23 @@ def class_mix_masks(labels: torch.Tensor, ignore_index: int = 255) -> torch.Tens
     present = torch.zeros(batch, num_classes + 1, device=labels.device)
     present.scatter_add_(1, torch.where(valid, flat, num_classes), torch.ones_like(flat, dtype=present.dtype))
     present = present[:, :num_classes] > 0
-    scores = torch.rand(batch, num_classes, device=labels.device).masked_fill(~present, -1.0)
+    scores = torch.rand(batch, num_classes, device=labels.device)
+    if class_preference is not None:
+        gumbel = -torch.log(-torch.log(scores.clamp(1e-12, 1 - 1e-7)))
+        scores = gumbel + class_preference[:, :num_classes].float().clamp(min=1e-12).log()
+    scores = scores.masked_fill(~present, float("-inf"))
     rank = scores.argsort(1, descending=True).argsort(1)
     chosen = present & (rank < (present.sum(1, keepdim=True) + 1) // 2)
     chosen = torch.cat([chosen, torch.zeros(batch, 1, dtype=torch.bool, device=labels.device)], 1)
     return chosen.gather(1, torch.where(valid, flat, num_classes)).reshape(labels.shape).float()
+
+
+def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per image, the mean of ``values`` [B, H, W] over the pixels of each class of ``labels``: [B, C] (0 if absent)."""
+    flat_labels = labels.flatten(1)
+    sums = torch.zeros(labels.shape[0], num_classes, device=values.device).scatter_add_(1, flat_labels, values.flatten(1).float())
+    counts = torch.zeros_like(sums).scatter_add_(1, flat_labels, torch.ones_like(flat_labels, dtype=sums.dtype))
+    return sums / counts.clamp(min=1)
 
 
 def mix(mask: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
