@@ -4,7 +4,7 @@ Two stages, both from a base checkpoint (``method.base_ckpt``: source_only, bicl
 
 ``stage=pseudo_label`` refines the base model's pixel pseudo-labels on the target train images and writes
 them to ``method.label_dir``:
-  1. pixel pseudo-labels y = argmax p (PSA's input);
+  1. pixel pseudo-labels y = argmax p of the base model in labelling mode (PSA's input);
   2. Pixel Semantic Aggregation: one SAM image-encoder pass per image; "stuff" classes by semantic
      alignment of SAM's everything-mode masks, "things" by one batched box + point prompt call over the
      class's connected components;
@@ -39,8 +39,8 @@ from datamodules.datasets import build_dataset
 from datamodules.datasets.base import IGNORE_INDEX
 from datamodules.datasets.pseudo_labelled import pseudo_label_path
 from datamodules.transforms import geometric_transform, to_tensor
-from lightning_modules.base import (SemanticSegmentationModule, build_segmenter, load_segmenter_weights, mean_iou,
-                                    per_class_iou)
+from lightning_modules.base import (SemanticSegmentationModule, build_segmenter, labelling_mode, load_segmenter_weights,
+                                    mean_iou, per_class_iou)
 from lightning_modules.components.connectivity import (
     Components, component_losses, connected_components, correct_components, fit_noise_gmm, label_confusion,
     paint_in_order, pixel_pseudo_labels, purest_points, relabel, semantic_alignment, spatial_purity,
@@ -130,16 +130,18 @@ class SeCo(SemanticSegmentationModule):
     def training_step(self, batch: dict, batch_idx: int):
         method = self.hparams["method"]
         target = batch["pl"]
-        logits, _ = self.segmenter(target["img"])
+        with_source = "src" in method["streams"]
+        # With source data, one pass over both domains: BN trains on the mixed statistics it evaluates with.
+        images = torch.cat([target["img"], batch["src"]["img"]]) if with_source else target["img"]
+        logits, _ = self.segmenter(images)
+        logits, source_logits = logits.split(target["img"].shape[0]) if with_source else (logits, None)
         # A batch whose pseudo-labels are all ignored (every component filtered) contributes no target loss;
         # mean cross-entropy over zero pixels would be NaN.
         labelled = bool((target["mask"] != IGNORE_INDEX).any())
         loss_target = self.supervised_loss(logits, target["mask"]) if labelled else logits.sum() * 0
         losses = {"loss_target": method["lambda_target"] * loss_target}
-        if "src" in method["streams"]:
-            source = batch["src"]
-            source_logits, _ = self.segmenter(source["img"])
-            losses["loss_source"] = self.supervised_loss(source_logits, source["mask"])
+        if with_source:
+            losses["loss_source"] = self.supervised_loss(source_logits, batch["src"]["mask"])
         loss = sum(losses.values())
         self.log_dict({f"train/{k}": v for k, v in losses.items()})
         self.log("train/loss", loss, prog_bar=True)
@@ -172,7 +174,7 @@ class SeCo(SemanticSegmentationModule):
         everything = SamAutomaticMaskGenerator(sam, **psa["everything_mode"])
         everything.predictor = predictor
         self.psa_tools = {"predictor": predictor, "everything": everything}
-        self.segmenter.eval()
+        labelling_mode(self.segmenter)
 
     def cache_path(self, index: int) -> Path:
         return self.cache_dir / f"{index:06d}.npz"
