@@ -43,6 +43,7 @@ class Row:
     commands: tuple[tuple[str, ...], ...]  # one or more runs; the last one's results.json is the row
     role: str = "method"  # "source" (the reference), "method", or "upper" (oracle / target)
     network: str = "deeplabv2"
+    ablation: bool = False  # run only with --ablations (the papers' ablation tables)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
     segformer = "arch=segformer"
     # The tiny SAMs are trained from random init, so they learn their prompt encoder too.
     sam_from_scratch = ("method.train_prompt_encoder=true",)
+    # The seeds' ablation tables (each method's full row is the last line of its table).
+    bicl_switches = ("use_fc", "use_bc", "use_dynamic", "use_calibration")
+    bicl_ablation = {"L_base": (False, False, False, False), "+FC": (True, False, False, False),
+                     "+FC +BC": (True, True, False, False), "+y_D w/o cal.": (True, True, True, False)}
+    dual_lora_ablation = {"Direct": ("method.reverse_distillation=false", "method.triplet=false"),
+                          "+Reverse": ("method.triplet=false",)}
     # seco's SAM on synth2real: the tiny class-agnostic SAM trained on source regions (task synth_regions),
     # with a 16 x 16 point grid for SAM's everything mode (32 x 32 at paper size) to fit a CPU budget.
     seco_sam = ("method.sam.variant=tiny", "method.sam.checkpoint={region_sam}",
@@ -78,7 +85,13 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
         rows=(
             Row("source_only", single("+method=source_only", "+method.source_ckpt={source}", adapt), "source"),
             Row("bicl", single("+method=bicl", "method.source_ckpt={source}", adapt)),
+            *(Row(f"bicl {name}", single("+method=bicl", "method.source_ckpt={source}", adapt,
+                                         *(f"method.{k}={str(v).lower()}" for k, v in zip(bicl_switches, values))),
+                  ablation=True)
+              for name, values in bicl_ablation.items()),
             Row("mt_metric", single("+method=mt_metric", "method.source_ckpt={source}", adapt)),
+            Row("mt_metric w/o MOCM", single("+method=mt_metric", "method.source_ckpt={source}", "method.mocm=false",
+                                             adapt), ablation=True),
             Row("mt_metric (threshold ST)", single("+method=mt_metric", "method.source_ckpt={source}",
                                                    "method.weighting=threshold", adapt)),
             Row("seco", (("+method=seco", "stage=pseudo_label", "method.base_ckpt={source}", *seco_sam,
@@ -103,6 +116,9 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
             Row("wesam", single("+method=wesam", "model.sam_checkpoint={sam_source}", adapt), network="sam"),
             Row("dual_lora_sam", single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", adapt),
                 network="sam"),
+            *(Row(f"dual_lora_sam {name}", single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}",
+                                                  *switches, adapt), network="sam", ablation=True)
+              for name, switches in dual_lora_ablation.items()),
             Row("target (sam_finetune)", single("+method=sam_finetune", "data.labelled_domain=target",
                                                 "model.sam_checkpoint={sam_source}", adapt), "upper", "sam"),
         ),
@@ -117,10 +133,16 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
 
+def with_task(overrides: tuple[str, ...], task: str, products: dict[str, str]) -> list[str]:
+    """The overrides with their stage products filled in, on ``task`` unless they name a task of their own
+    (seco's region SAM trains on synth_regions)."""
+    resolved = [o.format(**products) for o in overrides]
+    return resolved if any(o.startswith("+task=") for o in resolved) else [*resolved, f"+task={task}"]
+
+
 def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, products: dict[str, str]) -> Path:
     """One experiments.run command (skipped when its results.json exists); returns its run directory."""
-    resolved = [o.format(**products) for o in overrides]
-    command = [sys.executable, "-m", "experiments.run", *resolved, f"+task={task}", f"seed={seed}",
+    command = [sys.executable, "-m", "experiments.run", *with_task(overrides, task, products), f"seed={seed}",
                f"run_dir={run_dir}", *COMMON]
     done = run_dir / "benchmark.done"
     if done.is_file():
@@ -135,10 +157,12 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
     return run_dir
 
 
-def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | None) -> list[dict]:
+def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | None,
+                 ablations: bool = False) -> list[dict]:
     """Stages, then rows, for one seed; each row's results (or its failure) as a dict."""
     base = out / protocol.task / f"seed{seed}"
-    selected = [r for r in protocol.rows if r.role == "method" and (methods is None or r.name.split(" ")[0] in methods)]
+    selected = [r for r in protocol.rows if r.role == "method" and (ablations or not r.ablation)
+                and (methods is None or r.name.split(" ")[0] in methods)]
     networks = {r.network for r in selected}
     rows = [r for r in protocol.rows if r in selected or r.role != "method" and r.network in networks]
     needed = {name for r in rows for command in r.commands for o in command for name in stage_refs(o)}
@@ -275,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["synth2real", "synth_shapes"])
     parser.add_argument("--methods", nargs="+", help="only these methods (with the baselines of their networks)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; tables give mean ± std")
+    parser.add_argument("--ablations", action="store_true", help="also the ablation rows of the methods' papers")
     parser.add_argument("--source-steps", type=int, default=600)
     parser.add_argument("--adapt-steps", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
@@ -289,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         protocol = available[task]
         print(f"== {task}", flush=True)
         results = [r for seed in range(args.seeds)
-                   for r in run_protocol(protocol, seed, args.out, set(args.methods) if args.methods else None)]
+                   for r in run_protocol(protocol, seed, args.out, set(args.methods) if args.methods else None,
+                                         args.ablations)]
         lines = summarise(protocol, results)
         throughput = loader_throughput(task)
         reference = next((l for l in lines if l["role"] == ("source" if task == "synth2real" else "upper")

@@ -1,6 +1,6 @@
 """The benchmark's arithmetic on constructed results: gain, gap closed, step ratio, and the flag on a
 method that does not beat source-only; its protocols only name methods and tasks that exist."""
-from experiments.benchmark import Row, markdown, protocols, stage_refs, summarise
+from experiments.benchmark import Row, markdown, protocols, stage_refs, summarise, with_task
 from experiments.run import available
 
 
@@ -41,3 +41,19 @@ def test_protocols_name_existing_methods_and_tasks():
             assert all(o.split("=", 1)[1] in tasks for o in command if o.startswith("+task="))
         stage_names = {s.name for s in protocol.stages} | {"row_dir"}
         assert {ref for c in commands for o in c for ref in stage_refs(o)} <= stage_names
+
+
+def test_every_benchmark_command_composes_including_the_ablation_rows():
+    from hydra import compose, initialize_config_dir
+
+    from experiments.run import CONFIG_DIR
+
+    for protocol in protocols(600, 400).values():
+        assert any(r.ablation for r in protocol.rows)
+        commands = [c for r in protocol.rows for c in r.commands] + [s.overrides for s in protocol.stages]
+        placeholders = {name: f"/placeholder/{name}" for name in [s.name for s in protocol.stages] + ["row_dir"]}
+        for command in commands:
+            overrides = with_task(command, protocol.task, placeholders)
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose("config", overrides=[*overrides, "run_dir=x"])
+            assert cfg.method.name == overrides[0].split("=", 1)[1]
