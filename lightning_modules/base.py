@@ -115,6 +115,8 @@ def labelling_mode(module: nn.Module) -> nn.Module:
         return module
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            # Batch statistics without touching the running averages (those come from the student).
+            layer.track_running_stats = False
             layer.train()
     return module
 

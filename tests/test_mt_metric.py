@@ -173,7 +173,7 @@ def test_metric_guided_class_mix_pastes_the_partner_with_its_labels_and_weights(
     images = torch.stack([torch.zeros(3, 2, 4), torch.ones(3, 2, 4)])
     labels = torch.tensor([[[0, 0, 0, 0], [0, 0, 0, 0]], [[1, 1, 2, 2], [1, 1, 2, 2]]])
     weights = torch.stack([torch.full((2, 4), 0.1), torch.full((2, 4), 0.9)])
-    teacher = TeacherTargets(labels, weights, None, None)
+    teacher = TeacherTargets(labels, weights)
     mixed, mixed_labels, mixed_weights = module.metric_guided_class_mix(images, teacher)
     # Image 0 receives one of image 1's two classes (whole), image 1 receives image 0's only class (all of it).
     pasted = mixed[0, 0] == 1

@@ -116,3 +116,15 @@ def test_labelling_mode_keeps_frozen_batch_norm_frozen():
                               "aspp_dilations": [1], "freeze_bn": True}, 3)
     batch_norms = [m for m in labelling_mode(frozen).modules() if isinstance(m, nn.BatchNorm2d)]
     assert batch_norms and not any(m.training for m in batch_norms)
+
+
+def test_labelling_mode_normalises_with_the_batch_and_leaves_running_statistics_alone():
+    network = build_segmenter({"builder": "lightning_modules.components.deeplabv2.build_deeplabv2", "backbone": "resnet18",
+                               "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
+                               "aspp_dilations": [1], "freeze_bn": False}, 3)
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    images = torch.randn(4, 3, 32, 32) * 5 + 3
+    labelled = labelling_mode(network)(images)[0]
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())
+    with_running_statistics = network.eval()(images)[0]
+    assert not torch.allclose(labelled, with_running_statistics)
