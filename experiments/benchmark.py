@@ -90,8 +90,8 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
                   ablation=True)
               for name, values in bicl_ablation.items()),
             Row("mt_metric", single("+method=mt_metric", "method.source_ckpt={source}", adapt)),
-            Row("mt_metric w/o MOCM", single("+method=mt_metric", "method.source_ckpt={source}", "method.mocm=false",
-                                             adapt), ablation=True),
+            Row("mt_metric +MOCM", single("+method=mt_metric", "method.source_ckpt={source}", "method.mocm=true",
+                                          adapt), ablation=True),
             Row("mt_metric (threshold ST)", single("+method=mt_metric", "method.source_ckpt={source}",
                                                    "method.weighting=threshold", adapt)),
             Row("seco", (("+method=seco", "stage=pseudo_label", "method.base_ckpt={source}", *seco_sam,

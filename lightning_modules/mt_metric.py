@@ -2,9 +2,8 @@
 
 Student and teacher start from the source model; the teacher is the EMA of the student. Per step:
 1. the teacher predicts pseudo-labels for every pixel of the weak view of a target batch;
-2. a metric network with one proxy per class scores each pseudo-label's reliability on the teacher's
-   encoder features; its proxy-based metric loss, on the student's features and the pseudo-labels, also
-   trains the student's feature space;
+2. a metric network on the teacher's encoder features, with one proxy per class, is trained with a
+   proxy-based metric loss on those pseudo-labels, and scores each pseudo-label's reliability;
 3. the student learns on the strong view from all pixels, each pixel's loss weighted by that reliability;
    with MOCM the strong views are first ClassMixed, the pasted classes drawn by their mean reliability;
 4. the teacher takes the EMA of the student.
@@ -16,7 +15,6 @@ import logging
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from lightning_modules.base import SemanticSegmentationModule, ema_update, upsample
 from lightning_modules.components.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
@@ -32,6 +30,8 @@ WEIGHTINGS = ("metric", "threshold")
 class TeacherTargets(NamedTuple):
     pseudo_label: torch.Tensor  # [B, H, W] at input size
     weight: torch.Tensor  # [B, H, W] reliability of each pseudo-label
+    features: torch.Tensor | None = None  # [B, D, h, w] the teacher's encoder features
+    feature_labels: torch.Tensor | None = None  # [B, h, w] its pseudo-labels at feature resolution
 
 
 class MTMetric(SemanticSegmentationModule):
@@ -62,7 +62,8 @@ class MTMetric(SemanticSegmentationModule):
                 return TeacherTargets(pseudo_label, confidence_threshold_weight(probabilities,
                                                                                 method["confidence_threshold"]))
             similarity = upsample(self.metric_head(features), images.shape[-2:])
-            return TeacherTargets(pseudo_label, reliability_weight(similarity, pseudo_label, method["reliability_scale"]))
+            weight = reliability_weight(similarity, pseudo_label, method["reliability_scale"])
+        return TeacherTargets(pseudo_label, weight, features, logits.argmax(1))
 
     def training_step(self, batch: dict, batch_idx: int):
         method = self.hparams["method"]
@@ -73,15 +74,12 @@ class MTMetric(SemanticSegmentationModule):
         images, pseudo_label, weight = target["img_strong"], teacher.pseudo_label, teacher.weight
         if self.metric_head is not None and method["mocm"]:
             images, pseudo_label, weight = self.metric_guided_class_mix(images, teacher)
-        student_logits, student_features = self.segmenter(images)
+        student_logits, _ = self.segmenter(images)
         losses = {"self_training": weighted_cross_entropy(upsample(student_logits, pseudo_label.shape[-2:]),
                                                           pseudo_label, weight)}
         if self.metric_head is not None:
-            # The metric loss shapes the student's feature space around the class proxies; the teacher, its
-            # EMA, scores reliability in that space.
-            feature_labels = F.interpolate(pseudo_label[:, None].float(), size=student_features.shape[-2:],
-                                           mode="nearest")[:, 0].long()
-            losses["metric"] = proxy_anchor_loss(self.metric_head(student_features), feature_labels,
+            # The metric network learns its embedding and proxies on the teacher's (slowly moving) features.
+            losses["metric"] = proxy_anchor_loss(self.metric_head(teacher.features), teacher.feature_labels,
                                                  method["alpha"], method["delta"])
         loss = sum(losses.values())
         self.log_dict({f"train/{name}_loss": value for name, value in losses.items()})
