@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from lightning_modules.base import PromptedSegmentationModule, build_optimizer
-from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss
-from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
+from lightning_modules.components.sam import build_sam, decode_masks, predict_instances, save_sam_checkpoint
 
 
 class SAMFinetune(PromptedSegmentationModule):
@@ -40,10 +40,29 @@ class SAMFinetune(PromptedSegmentationModule):
                 per_image.append(sam_mask_loss(logits, instances, method["focal_weight"], method["dice_weight"])
                                  + method["iou_weight"] * iou_prediction_loss(iou[:, 0], logits, instances))
             losses[kind] = torch.stack(per_image).mean()
+        if method["train_multimask"]:
+            losses["ambiguous_point"] = self.ambiguous_point_loss(embeddings, batch["targets"])
         loss = sum(losses.values()) / len(losses)
         self.log_dict({f"train/loss_{kind}": value for kind, value in losses.items()})
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def ambiguous_point_loss(self, embeddings: torch.Tensor, targets: list) -> torch.Tensor:
+        """SAM's ambiguity-aware term (Kirillov et al. 2023, Sec. 3): one positive point per instance, three
+        output masks, only the lowest mask loss back-propagated, the IoU head trained on all three. It trains
+        the multimask outputs that SAM's everything mode (SeCo's PSA) decodes."""
+        method, per_image = self.hparams["method"], []
+        for embedding, target in zip(embeddings, targets):
+            points = target["points"][:, :1].to(self.device)
+            sparse, dense = self.sam.prompt_encoder(points=(points, torch.ones_like(points[..., 0], dtype=torch.int)),
+                                                    boxes=None, masks=None)
+            logits, iou = decode_masks(self.sam, embedding[None], sparse, dense, multimask_output=True)
+            height, width = target["input_size"]
+            logits, instances = logits[..., :height, :width], target["instances"][:, None, :height, :width]
+            mask_losses = sam_mask_loss_per_mask(logits, instances, method["focal_weight"], method["dice_weight"])
+            per_image.append(mask_losses.min(1).values.mean()
+                             + method["iou_weight"] * iou_prediction_loss(iou, logits, instances))
+        return torch.stack(per_image).mean()
 
     def on_fit_end(self) -> None:
         # A plain SAM state dict (official format): the "Source" SAM that adaptation methods start from

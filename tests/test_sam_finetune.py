@@ -3,9 +3,13 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from lightning_modules.components.losses import iou_prediction_loss
+from datamodules import build_datamodule
+from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
 from lightning_modules.components.sam import build_sam, save_sam_checkpoint
+from lightning_modules.sam_finetune import SAMFinetune
+from tests.conftest import compose_config
 
 
 def test_sam_finetune_trains_and_reports_each_prompt_kind(run_tiny):
@@ -51,3 +55,28 @@ def test_iou_prediction_loss_is_mse_to_the_binarised_masks_iou():
     logits[1, :1] = 5.0  # 4 of 8: IoU 0.5
     assert iou_prediction_loss(torch.tensor([1.0, 0.5]), logits, target) == 0
     assert torch.isclose(iou_prediction_loss(torch.tensor([0.0, 0.5]), logits, target), torch.tensor(0.5))
+
+
+def test_per_mask_loss_ranks_masks_and_averages_to_the_mask_loss():
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 2:6, 2:6] = 1
+    logits = torch.stack([10 * (2 * target[0, 0] - 1), -10 * torch.ones(8, 8), 10 * torch.ones(8, 8)])[None]
+    per_mask = sam_mask_loss_per_mask(logits, target, 20.0, 1.0)
+    assert per_mask.shape == (1, 3) and per_mask[0].argmin() == 0
+    assert torch.isclose(per_mask.mean(), sam_mask_loss(logits, target.expand_as(logits), 20.0, 1.0))
+
+
+@pytest.mark.parametrize("train_multimask", [True, False])
+def test_ambiguity_term_trains_the_multimask_outputs(tmp_path, train_multimask):
+    cfg = OmegaConf.to_container(compose_config("sam_finetune", "synth_shapes", tmp_path,
+                                                f"method.train_multimask={train_multimask}"), resolve=True)
+    module = SAMFinetune(cfg)
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+    module.training_step(next(iter(datamodule.train_dataloader())), 0).backward()
+    # Masks 1-3 come from their own hypernetwork MLPs, which only the ambiguity term reaches (for the
+    # instances where that mask is the best of the three).
+    reached = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
+               for mlp in module.sam.mask_decoder.output_hypernetworks_mlps[1:]]
+    assert any(reached) == train_multimask
