@@ -2,9 +2,13 @@
 
 ``SyntheticStreets`` draws street scenes in the 19 Cityscapes train ids: the "synthetic" domain paints
 each class a flat colour (a renderer's look), the "real" domain re-colours the classes, adds texture,
-an illumination gradient and blur (a camera's look) over the same layout statistics.
-``SyntheticShapes`` draws foreground objects as instances: "clear" objects contrast with a plain
-background, "camouflaged" objects carry the background's own texture with a small colour offset.
+an illumination gradient and blur (a camera's look) over the same layout statistics. The "diverse"
+domain draws a new palette and grain per image: neither source nor target, it stands in for the broad
+natural-image data SAM is trained on (seco's region SAM learns on it).
+``SyntheticShapes`` draws foreground objects as instances on a textured background: "clear" objects
+carry a texture of their own palette, "camouflaged" ones the background's palette with a small colour
+offset. Only the palette contrast shifts, as for SAM moving from natural images to camouflaged ones,
+so a model trained on clear objects keeps part of its skill on camouflaged ones.
 
 Every item is a pure function of (seed, domain, split, index), so any worker, rank or rerun sees the
 same image; nothing is cached or written.
@@ -37,7 +41,7 @@ REAL_PALETTE = {
 REAL_TEXTURE = {
     ROAD: 18, SIDEWALK: 22, BUILDING: 30, POLE: 10, SIGN: 10, VEGETATION: 35, SKY: 8, PERSON: 20, CAR: 15,
 }
-DOMAINS = ("synthetic", "real")
+DOMAINS = ("synthetic", "real", "diverse")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -114,8 +118,15 @@ def paint(labels: np.ndarray, palette: dict, rng: np.random.Generator, texture: 
     return image + rng.normal(0, noise, image.shape).astype(np.float32)
 
 
+def camera(image: np.ndarray, rng: np.random.Generator, blur: float) -> np.ndarray:
+    """A camera's look: a vertical illumination gradient, a colour cast and optical blur."""
+    light = np.linspace(rng.uniform(0.75, 1.0), rng.uniform(1.0, 1.25), image.shape[0], dtype=np.float32)
+    image = image * light[:, None, None] + rng.uniform(-20, 20, size=3).astype(np.float32)
+    return cv2.GaussianBlur(image, (0, 0), blur)
+
+
 class SyntheticStreets(Dataset):
-    """Street scenes in the "synthetic" (flat render) or "real" (textured camera) domain."""
+    """Street scenes in the "synthetic" (flat render), "real" (textured camera) or "diverse" domain."""
 
     def __init__(self, domain: str, split: str = "train", length: int = 400, size=(64, 128), seed: int = 0):
         if domain not in DOMAINS:
@@ -131,12 +142,13 @@ class SyntheticStreets(Dataset):
         labels = street_layout(rng, *self.size)
         if self.domain == "synthetic":
             image = paint(labels, SYNTHETIC_PALETTE, rng, texture=None, noise=4.0)
+        elif self.domain == "real":
+            image = camera(paint(labels, REAL_PALETTE, rng, texture=REAL_TEXTURE, noise=8.0), rng, blur=0.7)
         else:
-            image = paint(labels, REAL_PALETTE, rng, texture=REAL_TEXTURE, noise=8.0)
-            height, width = self.size
-            light = np.linspace(rng.uniform(0.75, 1.0), rng.uniform(1.0, 1.25), height, dtype=np.float32)
-            image = image * light[:, None, None] + rng.uniform(-20, 20, size=3).astype(np.float32)
-            image = cv2.GaussianBlur(image, (0, 0), 0.7)
+            palette = {c: tuple(rng.uniform(0, 255, size=3)) for c in STREET_CLASSES}
+            grain = {c: float(rng.uniform(0, 40)) for c in STREET_CLASSES}
+            image = camera(paint(labels, palette, rng, texture=grain, noise=rng.uniform(2, 10)), rng,
+                           blur=rng.uniform(0.3, 1.2))
         image = np.clip(image, 0, 255).astype(np.uint8)
         return {"image": image, "mask": labels, "meta": {"path": f"synth_streets/{self.domain}/{self.split}/{index}"}}
 
@@ -187,21 +199,18 @@ class SyntheticShapes(Dataset):
         masks = shape_masks(rng, self.size, int(rng.integers(1, 5)))
         while len(masks) == 0:
             masks = shape_masks(rng, self.size, 1)
+        colours = rng.uniform(40, 200, size=(4, 3))
+        background = blob_texture(rng, shape, colours, scale=self.size / 24)
         if self.domain == "clear":
-            background = np.full((*shape, 3), rng.uniform(90, 140, size=3), dtype=np.float32)
             foreground = np.zeros_like(background)
-            foreground[:] = rng.uniform(0, 255, size=3)
             for mask in masks:
-                foreground[mask.astype(bool)] = rng.uniform(0, 255, size=3)
-            noise = 6.0
+                palette = rng.uniform(0, 255, size=(4, 3))
+                foreground[mask.astype(bool)] = blob_texture(rng, shape, palette, scale=self.size / 24)[mask.astype(bool)]
         else:
-            colours = rng.uniform(40, 200, size=(4, 3))
-            background = blob_texture(rng, shape, colours, scale=self.size / 24)
             offset = rng.uniform(-28, 28, size=3)
             foreground = blob_texture(rng, shape, colours + offset, scale=self.size / 24)
-            noise = 10.0
         inside = masks.any(0)[..., None]
-        image = np.where(inside, foreground, background) + rng.normal(0, noise, (*shape, 3))
+        image = np.where(inside, foreground, background) + rng.normal(0, 10.0, (*shape, 3))
         image = np.clip(image, 0, 255).astype(np.uint8)
         return {"image": image, "instances": masks,
                 "meta": {"path": f"synth_shapes/{self.domain}/{self.split}/{index}"}}

@@ -29,6 +29,14 @@ def test_domains_share_layout_statistics_but_differ_in_appearance():
     assert road[1] > 2 * road[0]  # the real domain is textured, the synthetic one flat
 
 
+def test_diverse_streets_draw_a_new_look_per_image_over_the_same_layouts():
+    diverse = SyntheticStreets("diverse", length=6)
+    road_colours = np.stack([item["image"][item["mask"] == 0].mean(0) for item in (diverse[i] for i in range(6))])
+    assert road_colours.std(0).mean() > 20  # a fresh palette per image, unlike the fixed source / target ones
+    labels = np.concatenate([diverse[i]["mask"].ravel() for i in range(6)])
+    assert set(np.unique(labels)) <= set(STREET_CLASSES)
+
+
 def test_shapes_give_nonempty_instances_and_camouflage_lowers_contrast():
     def contrast(item):
         inside = item["instances"].any(0)
