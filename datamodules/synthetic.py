@@ -203,9 +203,9 @@ class SyntheticShapes(Dataset):
         background = blob_texture(rng, shape, colours, scale=self.size / 24)
         if self.domain == "clear":
             foreground = np.zeros_like(background)
-            for mask in masks:
+            for mask in masks.astype(bool):
                 palette = rng.uniform(0, 255, size=(4, 3))
-                foreground[mask.astype(bool)] = blob_texture(rng, shape, palette, scale=self.size / 24)[mask.astype(bool)]
+                foreground[mask] = blob_texture(rng, shape, palette, scale=self.size / 24)[mask]
         else:
             offset = rng.uniform(-28, 28, size=3)
             foreground = blob_texture(rng, shape, colours + offset, scale=self.size / 24)

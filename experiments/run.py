@@ -159,6 +159,8 @@ def execute(cfg) -> dict:
         return run_stage(module, cfg.stage, trainer)
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        # The final state, also when max_steps ends between validations (no callback saved it then).
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     elif cfg.ckpt_path:
         raise SystemExit("train=false evaluates the starting weights; drop ckpt_path or use train=true to resume.")
     trainer.test(module, datamodule=datamodule, verbose=False)

@@ -44,6 +44,11 @@ def test_resume_from_last_checkpoint_continues_to_max_steps(run_tiny):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
 
 
+def test_last_checkpoint_holds_the_final_step_when_training_ends_between_validations(run_tiny):
+    _, run_dir = run_tiny("source_only", "synth2real", "trainer.max_steps=3", "trainer.val_check_interval=2")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
 def test_bf16_mixed_precision_runs(run_tiny):
     results, _ = run_tiny("source_only", "synth2real", "trainer.precision=bf16-mixed")
     assert results["metrics"]["mIoU"] >= 0
