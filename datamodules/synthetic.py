@@ -199,16 +199,17 @@ class SyntheticShapes(Dataset):
         masks = shape_masks(rng, self.size, int(rng.integers(1, 5)))
         while len(masks) == 0:
             masks = shape_masks(rng, self.size, 1)
+        grain_scale = self.size / 24  # blob size of every texture, background and objects alike
         colours = rng.uniform(40, 200, size=(4, 3))
-        background = blob_texture(rng, shape, colours, scale=self.size / 24)
+        background = blob_texture(rng, shape, colours, scale=grain_scale)
         if self.domain == "clear":
             foreground = np.zeros_like(background)
             for mask in masks.astype(bool):
                 palette = rng.uniform(0, 255, size=(4, 3))
-                foreground[mask] = blob_texture(rng, shape, palette, scale=self.size / 24)[mask]
+                foreground[mask] = blob_texture(rng, shape, palette, scale=grain_scale)[mask]
         else:
             offset = rng.uniform(-28, 28, size=3)
-            foreground = blob_texture(rng, shape, colours + offset, scale=self.size / 24)
+            foreground = blob_texture(rng, shape, colours + offset, scale=grain_scale)
         inside = masks.any(0)[..., None]
         image = np.where(inside, foreground, background) + rng.normal(0, 10.0, (*shape, 3))
         image = np.clip(image, 0, 255).astype(np.uint8)
