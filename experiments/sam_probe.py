@@ -1,0 +1,96 @@
+"""What a SAM's own masks know about a domain: ``python -m experiments.sam_probe RUN_DIR [--stream target]``.
+
+A source-free SAM method learns from its own masks, so it can only gain where they already carry the
+object. Per prompt kind this prints the masks' IoU, the share of each object they cover (recall), their
+precision, and how well the mask logits rank object above background inside the object's box (AUC;
+0.5 means the masks know nothing the prompt did not say). RUN_DIR is a finished SAM run (its
+``config.yaml`` and ``sam.pth``, e.g. the benchmark's ``_sam_source`` stage). It reads labels, so it
+analyses a benchmark's regime; no method trains on it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from sklearn.metrics import roc_auc_score
+
+from datamodules.prompted import PromptedDataset, build_spec, collate_prompted
+from lightning_modules.components.sam import PROMPT_KINDS, build_sam, predict_instances, unpadded
+
+
+def box_auc(logits: torch.Tensor, instance: torch.Tensor) -> float | None:
+    """AUC of ``logits`` [H,W] separating ``instance`` (bool [H,W]) from the rest of its bounding box."""
+    ys, xs = torch.where(instance)
+    if len(ys) == 0:
+        return None
+    box = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
+    inside = instance[box].flatten().numpy()
+    if inside.all():
+        return None
+    return float(roc_auc_score(inside, logits[box].flatten().float().numpy()))
+
+
+def mask_quality(logits: torch.Tensor, instances: torch.Tensor) -> dict[str, list[float]]:
+    """Per instance of one image: IoU, recall and precision of ``logits > 0`` [N,H,W] against ``instances``
+    [N,H,W] (binary), and the in-box AUC (instances filling their box have none)."""
+    predicted, truth = logits > 0, instances > 0.5
+    overlap = (predicted & truth).flatten(1).sum(1).float()
+    union = (predicted | truth).flatten(1).sum(1).float()
+    aucs = [box_auc(l, t) for l, t in zip(logits, truth)]
+    return {"iou": (overlap / union.clamp(min=1)).tolist(),
+            "recall": (overlap / truth.flatten(1).sum(1).clamp(min=1)).tolist(),
+            "precision": (overlap / predicted.flatten(1).sum(1).clamp(min=1)).tolist(),
+            "auc": [a for a in aucs if a is not None]}
+
+
+@torch.no_grad()
+def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[str, float]]:
+    """Mean mask quality per prompt kind of RUN_DIR's SAM on ``images`` images of ``data.<stream>``."""
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    model, data = cfg["model"], cfg["data"]
+    checkpoint = run_dir / "sam.pth"
+    if not checkpoint.is_file():
+        raise SystemExit(f"{checkpoint} does not exist; expected a finished SAM run directory")
+    if data.get(stream) is None:
+        raise SystemExit(f"the run's task has no data.{stream}; expected one of source, target, val")
+    sam = build_sam(model["variant"], str(checkpoint), model["image_size"], model.get("tiny")).eval()
+    # train=True gives the strong view too; its prompts are drawn from the dataset's seeded stream.
+    dataset = PromptedDataset(build_spec(data[stream], "train"), model["image_size"], train=True,
+                              strong_view=view == "strong", seed=cfg["seed"])
+    batch = collate_prompted([dataset[i] for i in range(min(images, len(dataset)))])
+    embeddings = sam.image_encoder(batch["img_strong" if view == "strong" else "img"])
+    table = {}
+    for kind in cfg["task"]["prompt_kinds"]:
+        totals: dict[str, list[float]] = {}
+        for logits, target in zip(predict_instances(sam, embeddings, batch["targets"], kind, model["poly_as"]),
+                                  batch["targets"]):
+            quality = mask_quality(unpadded(logits[:, 0], target), unpadded(target["instances"], target))
+            for name, values in quality.items():
+                totals.setdefault(name, []).extend(values)
+        table[kind] = {name: float(np.mean(values)) if values else float("nan") for name, values in totals.items()}
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--stream", default="target", choices=("source", "target", "val"))
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--view", default="weak", choices=("weak", "strong"))
+    args = parser.parse_args(argv)
+    table = probe(args.run_dir, args.stream, args.images, args.view)
+    print(f"| prompt | IoU | recall | precision | in-box AUC |  ({args.run_dir}, data.{args.stream}, {args.view} view)")
+    print("|---|---|---|---|---|")
+    for kind in PROMPT_KINDS:
+        if kind in table:
+            row = table[kind]
+            print(f"| {kind} | {100 * row['iou']:.1f} | {100 * row['recall']:.1f} | {100 * row['precision']:.1f} | "
+                  f"{row['auc']:.3f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

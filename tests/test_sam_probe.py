@@ -1,0 +1,47 @@
+"""The SAM probe: mask quality values on constructed logits, and the command on a finished run."""
+import pytest
+import torch
+
+from experiments.sam_probe import box_auc, main, mask_quality
+
+
+def square(size: int, top: int, left: int, side: int) -> torch.Tensor:
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[top:top + side, left:left + side] = True
+    return mask
+
+
+def test_mask_quality_on_constructed_masks():
+    truth = torch.stack([square(16, 2, 2, 8), square(16, 4, 4, 8)]).float()
+    exact = torch.where(truth > 0, 3.0, -3.0)
+    half = exact.clone()
+    half[1, 4:8, 4:12] = -3.0  # the second mask misses the top half of its object
+    quality = mask_quality(half, truth)
+    assert quality["iou"] == pytest.approx([1.0, 0.5])
+    assert quality["recall"] == pytest.approx([1.0, 0.5])
+    assert quality["precision"] == pytest.approx([1.0, 1.0])
+    assert quality["auc"] == []  # squares fill their boxes: nothing inside the box to separate
+
+
+def test_box_auc_separates_object_from_the_rest_of_its_box():
+    ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="ij")
+    disc = (ys - 10) ** 2 + (xs - 10) ** 2 < 36
+    assert box_auc(disc.float() * 2 - 1, disc) == pytest.approx(1.0)
+    assert box_auc(1 - disc.float() * 2, disc) == pytest.approx(0.0)
+    assert box_auc(torch.zeros(20, 20), disc) == pytest.approx(0.5)  # the prompt alone: chance
+    assert box_auc(torch.zeros(20, 20), torch.zeros(20, 20, dtype=torch.bool)) is None
+
+
+def test_probe_prints_every_prompt_kind_of_a_finished_run(run_tiny, capsys):
+    _, run_dir = run_tiny("sam_finetune", "synth_shapes", "method.train_prompt_encoder=true")
+    capsys.readouterr()
+    main([str(run_dir), "--images", "2", "--view", "strong"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| box", "| point", "| poly"]
+    assert all(0 <= float(row.split(" | ")[1]) <= 100 for row in rows)
+
+
+def test_probe_names_a_run_without_a_sam(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: {variant: tiny}\ndata: {}\n")
+    with pytest.raises(SystemExit, match="sam.pth"):
+        main([str(tmp_path)])
