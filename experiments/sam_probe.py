@@ -19,29 +19,29 @@ from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
 from datamodules.prompted import PromptedDataset, build_spec, collate_prompted
-from lightning_modules.components.sam import PROMPT_KINDS, build_sam, predict_instances, unpadded
+from lightning_modules.base import instance_iou
+from lightning_modules.components.sam import PROMPT_KINDS, build_sam, masks_to_boxes, predict_instances, unpadded
 
 
-def box_auc(logits: torch.Tensor, instance: torch.Tensor) -> float | None:
-    """AUC of ``logits`` [H,W] separating ``instance`` (bool [H,W]) from the rest of its bounding box."""
-    ys, xs = torch.where(instance)
-    if len(ys) == 0:
+def box_auc(logits: torch.Tensor, instance: torch.Tensor, box: torch.Tensor) -> float | None:
+    """AUC of ``logits`` [H,W] separating ``instance`` (bool [H,W]) from the rest of its xyxy ``box``
+    (inclusive max, as ``masks_to_boxes``); None when the box holds only object or no object."""
+    x0, y0, x1, y1 = box.int().tolist()
+    region = (slice(y0, y1 + 1), slice(x0, x1 + 1))
+    inside = instance[region].flatten().numpy()
+    if inside.all() or not inside.any():
         return None
-    box = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
-    inside = instance[box].flatten().numpy()
-    if inside.all():
-        return None
-    return float(roc_auc_score(inside, logits[box].flatten().float().numpy()))
+    return float(roc_auc_score(inside, logits[region].flatten().float().numpy()))
 
 
 def mask_quality(logits: torch.Tensor, instances: torch.Tensor) -> dict[str, list[float]]:
-    """Per instance of one image: IoU, recall and precision of ``logits > 0`` [N,H,W] against ``instances``
-    [N,H,W] (binary), and the in-box AUC (instances filling their box have none)."""
+    """Per instance of one image: IoU (the evaluation's ``instance_iou``), recall and precision of
+    ``logits > 0`` [N,H,W] against ``instances`` [N,H,W] (binary), and the in-box AUC (instances filling
+    their box have none)."""
     predicted, truth = logits > 0, instances > 0.5
     overlap = (predicted & truth).flatten(1).sum(1).float()
-    union = (predicted | truth).flatten(1).sum(1).float()
-    aucs = [box_auc(l, t) for l, t in zip(logits, truth)]
-    return {"iou": (overlap / union.clamp(min=1)).tolist(),
+    aucs = [box_auc(l, t, b) for l, t, b in zip(logits, truth, masks_to_boxes(truth))]
+    return {"iou": instance_iou(logits, instances).tolist(),
             "recall": (overlap / truth.flatten(1).sum(1).clamp(min=1)).tolist(),
             "precision": (overlap / predicted.flatten(1).sum(1).clamp(min=1)).tolist(),
             "auc": [a for a in aucs if a is not None]}
@@ -50,14 +50,17 @@ def mask_quality(logits: torch.Tensor, instances: torch.Tensor) -> dict[str, lis
 @torch.no_grad()
 def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[str, float]]:
     """Mean mask quality per prompt kind of RUN_DIR's SAM on ``images`` images of ``data.<stream>``."""
+    for required in (run_dir / "config.yaml", run_dir / "sam.pth"):
+        if not required.is_file():
+            raise SystemExit(f"{required} does not exist; expected a finished SAM run directory "
+                             "(its config.yaml and sam.pth)")
+    if images < 1:
+        raise SystemExit(f"--images {images}: expected at least 1")
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
     model, data = cfg["model"], cfg["data"]
-    checkpoint = run_dir / "sam.pth"
-    if not checkpoint.is_file():
-        raise SystemExit(f"{checkpoint} does not exist; expected a finished SAM run directory")
     if data.get(stream) is None:
         raise SystemExit(f"the run's task has no data.{stream}; expected one of source, target, val")
-    sam = build_sam(model["variant"], str(checkpoint), model["image_size"], model.get("tiny")).eval()
+    sam = build_sam(model["variant"], str(run_dir / "sam.pth"), model["image_size"], model.get("tiny")).eval()
     # train=True gives the strong view too; its prompts are drawn from the dataset's seeded stream.
     dataset = PromptedDataset(build_spec(data[stream], "train"), model["image_size"], train=True,
                               strong_view=view == "strong", seed=cfg["seed"])

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from experiments.sam_probe import box_auc, main, mask_quality
+from lightning_modules.components.sam import masks_to_boxes
 
 
 def square(size: int, top: int, left: int, side: int) -> torch.Tensor:
@@ -26,10 +27,12 @@ def test_mask_quality_on_constructed_masks():
 def test_box_auc_separates_object_from_the_rest_of_its_box():
     ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="ij")
     disc = (ys - 10) ** 2 + (xs - 10) ** 2 < 36
-    assert box_auc(disc.float() * 2 - 1, disc) == pytest.approx(1.0)
-    assert box_auc(1 - disc.float() * 2, disc) == pytest.approx(0.0)
-    assert box_auc(torch.zeros(20, 20), disc) == pytest.approx(0.5)  # the prompt alone: chance
-    assert box_auc(torch.zeros(20, 20), torch.zeros(20, 20, dtype=torch.bool)) is None
+    box = masks_to_boxes(disc[None])[0]
+    assert box_auc(disc.float() * 2 - 1, disc, box) == pytest.approx(1.0)
+    assert box_auc(1 - disc.float() * 2, disc, box) == pytest.approx(0.0)
+    assert box_auc(torch.zeros(20, 20), disc, box) == pytest.approx(0.5)  # the prompt alone: chance
+    empty = torch.zeros(20, 20, dtype=torch.bool)
+    assert box_auc(torch.zeros(20, 20), empty, masks_to_boxes(empty[None])[0]) is None
 
 
 def test_probe_prints_every_prompt_kind_of_a_finished_run(run_tiny, capsys):
@@ -42,6 +45,8 @@ def test_probe_prints_every_prompt_kind_of_a_finished_run(run_tiny, capsys):
 
 
 def test_probe_names_a_run_without_a_sam(tmp_path):
+    with pytest.raises(SystemExit, match="config.yaml does not exist"):
+        main([str(tmp_path)])
     (tmp_path / "config.yaml").write_text("model: {variant: tiny}\ndata: {}\n")
     with pytest.raises(SystemExit, match="sam.pth"):
         main([str(tmp_path)])
