@@ -12,7 +12,7 @@ import torch
 
 from lightning_modules.base import PromptedSegmentationModule, build_optimizer
 from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
-from lightning_modules.components.sam import (build_sam, decode_masks, predict_instances, save_sam_checkpoint,
+from lightning_modules.components.sam import (build_sam, decode_batch, predict_instances, save_sam_checkpoint,
                                               unpadded)
 
 
@@ -51,12 +51,12 @@ class SAMFinetune(PromptedSegmentationModule):
         """SAM's ambiguity-aware term (Kirillov et al. 2023, Sec. 3): one positive point per instance, three
         output masks, only the lowest mask loss back-propagated, the IoU head trained on all three. It trains
         the multimask outputs that SAM's everything mode (SeCo's PSA) decodes."""
-        method, per_image = self.hparams["method"], []
-        for embedding, target in zip(embeddings, targets):
+        method, per_image, prompts = self.hparams["method"], [], []
+        for target in targets:
             points = target["points"][:, :1].to(self.device)
-            sparse, dense = self.sam.prompt_encoder(points=(points, torch.ones_like(points[..., 0], dtype=torch.int)),
-                                                    boxes=None, masks=None)
-            logits, iou = decode_masks(self.sam, embedding[None], sparse, dense, multimask_output=True)
+            prompts.append(self.sam.prompt_encoder(points=(points, torch.ones_like(points[..., 0], dtype=torch.int)),
+                                                   boxes=None, masks=None))
+        for (logits, iou), target in zip(decode_batch(self.sam, embeddings, prompts, multimask_output=True), targets):
             logits, instances = unpadded(logits, target), unpadded(target["instances"][:, None], target)
             mask_losses = sam_mask_loss_per_mask(logits, instances, method["focal_weight"], method["dice_weight"])
             per_image.append(mask_losses.min(1).values.mean()

@@ -46,6 +46,18 @@ def test_predict_instances_per_image(sam, batch):
     assert [o.shape for o in outputs] == [(len(t["boxes"]), 1, SIZE, SIZE) for t in batch["targets"]]
 
 
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_batched_decoding_equals_one_image_at_a_time(sam, batch, kind):
+    """One decoder call for all images' instances gives each image's own single-image masks and IoUs."""
+    with torch.no_grad():
+        embeddings = sam.image_encoder(batch["img"])
+        batched = predict_instances(sam, embeddings, batch["targets"], kind, with_iou=True)
+        for embedding, target, (logits, iou) in zip(embeddings, batch["targets"], batched):
+            single_logits, single_iou = decode_masks(sam, embedding[None], *encode_prompts(sam, target, kind))
+            torch.testing.assert_close(logits, single_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou, single_iou, atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_kind_is_rejected(sam, batch):
     with pytest.raises(ValueError, match="prompt kind"):
         encode_prompts(sam, batch["targets"][0], "scribble")

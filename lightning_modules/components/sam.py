@@ -2,9 +2,8 @@
 
 ``build_sam`` gives the official ViT-B/L/H (``sam_model_registry``) or a CPU-size "tiny" SAM made from the
 same modules, loading official-format state dicts with errors that name the file. ``encode_prompts`` /
-``decode_masks`` are the differentiable halves of ``Sam.forward`` (which runs under no_grad), applied to
-every instance of one image in a single call: the mask decoder broadcasts one image embedding to all
-N prompts.
+``decode_masks`` are the differentiable halves of ``Sam.forward`` (which runs under no_grad);
+``decode_batch`` decodes every instance of every image of a batch in one mask-decoder call.
 """
 from __future__ import annotations
 
@@ -170,13 +169,23 @@ def decode_masks(sam: Sam, image_embedding: torch.Tensor, sparse: torch.Tensor, 
     return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False), iou
 
 
+def decode_batch(sam: Sam, image_embeddings: torch.Tensor, prompts: list,
+                 multimask_output: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(mask logits [N_i,M,S,S], IoU predictions [N_i,M]) per image from its (sparse, dense) prompts, all the
+    batch's instances in one decoder call."""
+    counts = [len(sparse) for sparse, _ in prompts]
+    sparse, dense = torch.cat([sparse for sparse, _ in prompts]), torch.cat([dense for _, dense in prompts])
+    # SAM's decoder adds each mask's dense prompt to the one image embedding it is given; adding every
+    # instance's own image embedding here instead lets one call serve instances of different images.
+    instance_embeddings = image_embeddings.repeat_interleave(torch.tensor(counts, device=dense.device), dim=0)
+    logits, iou = decode_masks(sam, torch.zeros_like(image_embeddings[:1]), sparse, dense + instance_embeddings,
+                               multimask_output)
+    return list(zip(logits.split(counts), iou.split(counts)))
+
+
 def predict_instances(sam: Sam, image_embeddings: torch.Tensor, targets: list, kind: str,
                       poly_as: str = "mask", with_iou: bool = False) -> list:
     """Single-mask logits [N_i,1,S,S] per image (with ``with_iou``, pairs of logits and IoU predictions
-    [N_i,1]): one prompt-encoder and one decoder call per image."""
-    outputs = []
-    for embedding, target in zip(image_embeddings, targets):
-        sparse, dense = encode_prompts(sam, target, kind, poly_as)
-        logits, iou = decode_masks(sam, embedding[None], sparse, dense)
-        outputs.append((logits, iou) if with_iou else logits)
-    return outputs
+    [N_i,1]): one prompt-encoder call per image, one decoder call for the batch."""
+    outputs = decode_batch(sam, image_embeddings, [encode_prompts(sam, target, kind, poly_as) for target in targets])
+    return outputs if with_iou else [logits for logits, _ in outputs]

@@ -21,7 +21,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from lightning_modules.components.losses import dice_loss, iou_prediction_loss, sam_mask_loss
-from lightning_modules.components.sam import decode_masks, encode_prompts, unpadded
+from lightning_modules.components.sam import predict_instances, unpadded
 
 # Output blocks of SAM's fused attention projection ``attn.qkv`` (Linear(dim, 3 dim)), and the output proj.
 QKV_TARGETS = ("q", "k", "v")
@@ -153,21 +153,11 @@ def encode(sam: Sam, branch: str | None, images: torch.Tensor) -> torch.Tensor:
         return sam.image_encoder(images)
 
 
-def decode_prompted(sam: Sam, embeddings: torch.Tensor, targets: list, kinds: list, poly_as: str) -> dict:
-    """{kind: [(mask logits [N,1,S,S], IoU predictions [N,1]) per image]}: one decoder call per image and kind."""
-    outputs = {}
-    for kind in kinds:
-        outputs[kind] = []
-        for embedding, target in zip(embeddings, targets):
-            sparse, dense = encode_prompts(sam, target, kind, poly_as)
-            outputs[kind].append(decode_masks(sam, embedding[None], sparse, dense))
-    return outputs
-
-
 def segment(sam: Sam, branch: str | None, images: torch.Tensor, targets: list, kinds: list, poly_as: str) -> tuple:
-    """(embeddings, decode_prompted masks) of ``images`` through branch ``branch`` for every prompt kind."""
+    """(embeddings, {kind: [(mask logits [N,1,S,S], IoU predictions [N,1]) per image]}) of ``images`` through
+    branch ``branch``: one decoder call per prompt kind."""
     embeddings = encode(sam, branch, images)
-    return embeddings, decode_prompted(sam, embeddings, targets, kinds, poly_as)
+    return embeddings, {kind: predict_instances(sam, embeddings, targets, kind, poly_as, with_iou=True) for kind in kinds}
 
 
 def valid_region(logits: torch.Tensor, target: dict) -> torch.Tensor:
