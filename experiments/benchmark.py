@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["synth2real", "synth_shapes"])
     parser.add_argument("--methods", nargs="+", help="only these methods (with the baselines of their networks)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; tables give mean ± std")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start at this seed (seeds FIRST..FIRST+N-1), e.g. one seed per machine sharing --out")
     parser.add_argument("--ablations", action="store_true", help="also the ablation rows of the methods' papers")
     parser.add_argument("--source-steps", type=int, default=600)
     parser.add_argument("--adapt-steps", type=int, default=400)
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks:
         protocol = available[task]
         print(f"== {task}", flush=True)
-        results = [r for seed in range(args.seeds)
+        results = [r for seed in range(args.first_seed, args.first_seed + args.seeds)
                    for r in run_protocol(protocol, seed, args.out, set(args.methods) if args.methods else None,
                                          args.ablations)]
         lines = summarise(protocol, results)

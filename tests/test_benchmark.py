@@ -57,3 +57,14 @@ def test_every_benchmark_command_composes_including_the_ablation_rows():
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose("config", overrides=[*overrides, "run_dir=x"])
             assert cfg.method.name == overrides[0].split("=", 1)[1]
+
+
+def test_first_seed_picks_the_seeds_run(monkeypatch, tmp_path):
+    """--first-seed 1 --seeds 2 runs seeds 1 and 2 only, so machines sharing --out can split the seeds."""
+    import experiments.benchmark as benchmark
+
+    seeds_run = []
+    monkeypatch.setattr(benchmark, "run_protocol", lambda protocol, seed, *args: seeds_run.append(seed) or [])
+    monkeypatch.setattr(benchmark, "loader_throughput", lambda task: {"images_per_s_per_worker": 1.0, "batch_size": 1})
+    benchmark.main(["--tasks", "synth_shapes", "--first-seed", "1", "--seeds", "2", "--out", str(tmp_path)])
+    assert seeds_run == [1, 2]
