@@ -20,14 +20,16 @@ def test_sam_finetune_trains_and_reports_each_prompt_kind(run_tiny):
     assert all(0 <= v <= 100 for v in kinds)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    reloaded = build_sam("tiny", run_dir / "sam.pth", image_size=128).state_dict()
+    tiny = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model.tiny)
+    reloaded = build_sam("tiny", run_dir / "sam.pth", image_size=128, tiny=tiny).state_dict()
     assert all(torch.equal(trained[f"sam.{key}"], value) for key, value in reloaded.items())
 
 
 def test_unadapted_evaluation_loads_the_given_sam_checkpoint(run_tiny, tmp_path):
     torch.manual_seed(1)
     checkpoint = tmp_path / "sam_tiny.pth"
-    save_sam_checkpoint(build_sam("tiny", image_size=128), checkpoint)
+    tiny = OmegaConf.to_container(compose_config("sam_finetune", "synth_shapes", tmp_path / "cfg").model.tiny)
+    save_sam_checkpoint(build_sam("tiny", image_size=128, tiny=tiny), checkpoint)
     first, run_dir = run_tiny("sam_finetune", "synth_shapes", "train=false", f"model.sam_checkpoint={checkpoint}",
                               name="a")
     second, _ = run_tiny("sam_finetune", "synth_shapes", "train=false", f"model.sam_checkpoint={checkpoint}", name="b")
