@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapt-steps", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     args = parser.parse_args(argv)
+    if args.seeds < 1 or args.first_seed < 0:
+        parser.error(f"expected --seeds >= 1 and --first-seed >= 0; "
+                     f"got --seeds {args.seeds}, --first-seed {args.first_seed}")
     available = protocols(args.source_steps, args.adapt_steps)
     unknown = set(args.tasks) - set(available)
     if unknown:

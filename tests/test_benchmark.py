@@ -68,3 +68,14 @@ def test_first_seed_picks_the_seeds_run(monkeypatch, tmp_path):
     monkeypatch.setattr(benchmark, "loader_throughput", lambda task: {"images_per_s_per_worker": 1.0, "batch_size": 1})
     benchmark.main(["--tasks", "synth_shapes", "--first-seed", "1", "--seeds", "2", "--out", str(tmp_path)])
     assert seeds_run == [1, 2]
+
+
+def test_no_seed_to_run_is_an_error_that_names_the_flags(capsys):
+    import pytest
+
+    import experiments.benchmark as benchmark
+
+    for argv in (["--seeds", "0"], ["--first-seed", "-1"]):
+        with pytest.raises(SystemExit):
+            benchmark.main(["--tasks", "synth_shapes", *argv])
+        assert "expected --seeds >= 1 and --first-seed >= 0" in capsys.readouterr().err
