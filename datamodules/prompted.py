@@ -36,14 +36,18 @@ POINT_CHUNK = 8
 PADDING_POINT = -1  # SAM's prompt encoder label for "not a point" (embedded as not_a_point_embed)
 
 
-def masks_to_boxes(instances: np.ndarray) -> np.ndarray:
-    """Tight xyxy boxes with inclusive max pixel indices (as torchvision.ops.masks_to_boxes and SAM's amg)."""
-    rows, cols = instances.any(2), instances.any(1)
-    height, width = instances.shape[1:]
-    y0, x0 = rows.argmax(1), cols.argmax(1)
-    y1 = height - 1 - rows[:, ::-1].argmax(1)
-    x1 = width - 1 - cols[:, ::-1].argmax(1)
-    return np.stack([x0, y0, x1, y1], 1).astype(np.float32)
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Tight xyxy boxes of bool/float[N,H,W] masks with inclusive max pixel indices (as SAM's amg).
+
+    Vectorised over instances (torchvision's version loops over them); an empty mask gives a box
+    whose min lies past its max.
+    """
+    rows, cols = masks.any(2), masks.any(1)
+    height, width = masks.shape[1:]
+    y0, x0 = rows.int().argmax(1), cols.int().argmax(1)
+    y1 = height - 1 - rows.flip(1).int().argmax(1)
+    x1 = width - 1 - cols.flip(1).int().argmax(1)
+    return torch.stack([x0, y0, x1, y1], 1).float()
 
 
 def sample_points(regions: np.ndarray, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +95,7 @@ def derive_prompts(instances: np.ndarray, rng: np.random.Generator, num_positive
     n = len(instances)
     labels = np.concatenate([np.ones((n, num_positive), np.int64),
                              np.where(negative_valid, 0, PADDING_POINT).astype(np.int64)], 1)
-    return {"boxes": masks_to_boxes(instances), "points": np.concatenate([positives, negatives], 1),
+    return {"boxes": masks_to_boxes(torch.from_numpy(instances)).numpy(), "points": np.concatenate([positives, negatives], 1),
             "point_labels": labels, "polys": polygon_masks(instances, poly_epsilon)}
 
 

@@ -18,9 +18,9 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
-from datamodules.prompted import PromptedDataset, build_spec, collate_prompted
+from datamodules.prompted import PromptedDataset, build_spec, collate_prompted, masks_to_boxes
 from lightning_modules.base import instance_iou
-from lightning_modules.components.sam import PROMPT_KINDS, build_sam, masks_to_boxes, predict_instances, unpadded
+from lightning_modules.components.sam import PROMPT_KINDS, build_sam, predict_instances, unpadded
 
 
 def box_auc(logits: torch.Tensor, instance: torch.Tensor, box: torch.Tensor) -> float | None:

@@ -136,7 +136,21 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 class EvaluationMixin:
-    """Keeps the metrics of the last evaluation in ``last_results`` (experiments.run writes results.json)."""
+    """Validation and test run ``evaluation_step`` per batch and ``log_evaluation`` per epoch, both given by
+    the subclass; the metrics of the last evaluation stay in ``last_results`` (experiments.run writes
+    results.json)."""
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluation_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation("test")
 
     def record_results(self, stage: str, metrics: dict, extra: dict) -> None:
         self.last_results = {"method": self.hparams["method"]["name"], "task": self.hparams["task"]["name"],
@@ -188,18 +202,6 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
     def evaluation_step(self, batch: dict) -> None:
         self.confusion.update(self(batch["img"]).argmax(1), batch["mask"])
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self.log_evaluation("test")
-
     def log_evaluation(self, stage: str) -> None:
         iou = per_class_iou(self.confusion.compute())
         self.confusion.reset()
@@ -237,18 +239,6 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
             for logits, target in zip(self.predict(batch["img"], batch["targets"], kind), batch["targets"]):
                 iou = instance_iou(unpadded(logits[:, 0], target), unpadded(target["instances"], target))
                 self.prompt_iou[kind].update(iou.mean())
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self.log_evaluation("test")
 
     def log_evaluation(self, stage: str) -> None:
         metrics = {kind: 100 * self.prompt_iou[kind].compute().item() for kind in self.prompt_kinds}

@@ -132,12 +132,8 @@ class MTMetric(SemanticSegmentationModule):
         self.weight_by_correctness = self.weight_by_correctness.to(self.device) + torch.stack([
             (teacher.weight * correct).sum(), correct.sum(), (teacher.weight * incorrect).sum(), incorrect.sum()]).float()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        self.accumulate_weight_by_correctness(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        super().test_step(batch, batch_idx)
+    def evaluation_step(self, batch: dict) -> None:
+        super().evaluation_step(batch)
         self.accumulate_weight_by_correctness(batch)
 
     def log_evaluation(self, stage: str) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from datamodules.datasets.base import DatasetLayoutError
-from datamodules.prompted import PromptedDataModule, PromptedDataset, build_prompted_datamodule, collate_prompted, derive_prompts
+from datamodules.prompted import (PromptedDataModule, PromptedDataset, build_prompted_datamodule, collate_prompted,
+                                  derive_prompts, masks_to_boxes)
 from datamodules.synthetic import SyntheticShapes
 from lightning_modules.components.sam import build_sam
 
@@ -27,6 +29,12 @@ def test_boxes_are_tight_inclusive_xyxy():
     prompts = derive_prompts(rectangles(), np.random.default_rng(0))
     np.testing.assert_array_equal(prompts["boxes"], [[10, 5, 29, 14], [40, 20, 40, 38]])
     assert prompts["boxes"].dtype == np.float32
+
+
+def test_boxes_equal_torchvision_on_random_masks():
+    masks = torch.rand(16, 30, 50, generator=torch.Generator().manual_seed(0)) > 0.995
+    masks[:, 7, 11] = True  # no empty mask: torchvision's version raises on those
+    torch.testing.assert_close(masks_to_boxes(masks), torchvision.ops.masks_to_boxes(masks))
 
 
 def test_positive_points_inside_negative_points_outside():

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from datamodules.prompted import SAM_PIXEL_MEAN, SAM_PIXEL_STD, masks_to_boxes
+
 log = logging.getLogger(__name__)
 
 OFFICIAL_VARIANTS = ("vit_b", "vit_l", "vit_h")
@@ -26,8 +28,6 @@ TINY_DEFAULTS = {
     "global_attn_indexes": (1,), "prompt_embed_dim": 64, "decoder_depth": 2, "decoder_mlp_dim": 256,
     "decoder_heads": 4,
 }
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 PROMPT_KINDS = ("box", "point", "poly")
 POLY_AS = ("mask", "box")
 # A polygon becomes a mask prompt of logits in [-10, 10]: the fraction f of each low-res cell inside the
@@ -54,7 +54,7 @@ def build_tiny_sam(image_size: int, options: dict) -> Sam:
             transformer=TwoWayTransformer(depth=options["decoder_depth"], embedding_dim=dim,
                                           mlp_dim=options["decoder_mlp_dim"], num_heads=options["decoder_heads"]),
         ),
-        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
+        pixel_mean=SAM_PIXEL_MEAN.tolist(), pixel_std=SAM_PIXEL_STD.tolist(),
     )
 
 
@@ -121,16 +121,6 @@ def unpadded(tensor: torch.Tensor, target: dict) -> torch.Tensor:
     """``tensor`` [..., S, S] cropped to the image's un-padded input size (the transform pads bottom-right)."""
     height, width = target["input_size"]
     return tensor[..., :height, :width]
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes (inclusive max) of float/bool[N,H,W] masks, vectorised over instances."""
-    rows, cols = masks.any(2), masks.any(1)
-    height, width = masks.shape[1:]
-    y0, x0 = rows.int().argmax(1), cols.int().argmax(1)
-    y1 = height - 1 - rows.flip(1).int().argmax(1)
-    x1 = width - 1 - cols.flip(1).int().argmax(1)
-    return torch.stack([x0, y0, x1, y1], 1).float()
 
 
 def poly_mask_logits(polys: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
