@@ -95,8 +95,9 @@ def derive_prompts(instances: np.ndarray, rng: np.random.Generator, num_positive
     n = len(instances)
     labels = np.concatenate([np.ones((n, num_positive), np.int64),
                              np.where(negative_valid, 0, PADDING_POINT).astype(np.int64)], 1)
-    return {"boxes": masks_to_boxes(torch.from_numpy(instances)).numpy(), "points": np.concatenate([positives, negatives], 1),
-            "point_labels": labels, "polys": polygon_masks(instances, poly_epsilon)}
+    return {"boxes": masks_to_boxes(torch.from_numpy(instances)).numpy(),
+            "points": np.concatenate([positives, negatives], 1), "point_labels": labels,
+            "polys": polygon_masks(instances, poly_epsilon)}
 
 
 def weak_photometric_transform() -> A.Compose:

@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from datamodules.prompted import PromptedDataset, build_spec, collate_prompted, masks_to_boxes
 from lightning_modules.base import instance_iou
-from lightning_modules.components.sam import PROMPT_KINDS, build_sam, predict_instances, unpadded
+from lightning_modules.components.sam import PROMPT_KINDS, build_configured_sam, predict_instances, unpadded
 
 
 def box_auc(logits: torch.Tensor, instance: torch.Tensor, box: torch.Tensor) -> float | None:
@@ -60,7 +60,7 @@ def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[
     model, data = cfg["model"], cfg["data"]
     if data.get(stream) is None:
         raise SystemExit(f"the run's task has no data.{stream}; expected one of source, target, val")
-    sam = build_sam(model["variant"], str(run_dir / "sam.pth"), model["image_size"], model.get("tiny")).eval()
+    sam = build_configured_sam(model, run_dir / "sam.pth").eval()
     # train=True gives the strong view too; its prompts are drawn from the dataset's seeded stream.
     dataset = PromptedDataset(build_spec(data[stream], "train"), model["image_size"], train=True,
                               strong_view=view == "strong", seed=cfg["seed"])

@@ -18,7 +18,7 @@ import torch
 
 from lightning_modules.base import PromptedSegmentationModule, build_optimizer
 from lightning_modules.components.distributed import all_reduce_sum
-from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.components.sam import build_configured_sam, predict_instances, save_sam_checkpoint
 from lightning_modules.components.sam_lora import (
     assign_roles, background_representations, branch_parameters, branch_similarity, direct_alignment_loss, encode,
     foreground_representations, inject_lora, merged_sam, reverse_distillation_loss, segment, triplet_loss,
@@ -32,7 +32,7 @@ class DualLoRASAM(PromptedSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         model, method = cfg["model"], cfg["method"]
-        self.sam = build_sam(model["variant"], model.get("sam_checkpoint"), model["image_size"], model.get("tiny"))
+        self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # prompt encoder and mask decoder stay as SAM's; only LoRA trains
         lora = method["lora"]

@@ -12,7 +12,7 @@ import torch
 
 from lightning_modules.base import PromptedSegmentationModule, build_optimizer
 from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
-from lightning_modules.components.sam import (build_sam, decode_batch, predict_instances, save_sam_checkpoint,
+from lightning_modules.components.sam import (build_configured_sam, decode_batch, predict_instances, save_sam_checkpoint,
                                               unpadded)
 
 
@@ -20,7 +20,7 @@ class SAMFinetune(PromptedSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         model = cfg["model"]
-        self.sam = build_sam(model["variant"], model.get("sam_checkpoint"), model["image_size"], model.get("tiny"))
+        self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
         self.sam.prompt_encoder.requires_grad_(cfg["method"]["train_prompt_encoder"])
         self.sam.image_encoder.requires_grad_(cfg["method"]["train_image_encoder"])

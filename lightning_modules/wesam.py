@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lightning_modules.base import PromptedSegmentationModule, build_optimizer, ema_update
-from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.components.sam import build_configured_sam, predict_instances, save_sam_checkpoint
 from lightning_modules.components.sam_lora import (
     anchor_loss, branch_parameters, encode, inject_lora, instance_contrastive_loss, lora_modules, merged_sam, segment,
     self_training_loss, valid_region,
@@ -30,7 +30,7 @@ class WeSAM(PromptedSegmentationModule):
         model, method = cfg["model"], cfg["method"]
         if method["teacher"] not in TEACHERS:
             raise ValueError(f"method.teacher={method['teacher']!r}; expected one of {TEACHERS}")
-        self.sam = build_sam(model["variant"], model.get("sam_checkpoint"), model["image_size"], model.get("tiny"))
+        self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # official base_config freezes image encoder, prompt encoder, mask decoder
         self.ema_teacher = method["teacher"] == "ema"

@@ -1,7 +1,11 @@
 """The benchmark's arithmetic on constructed results: gain, gap closed, step ratio, and the flag on a
 method that does not beat source-only; its protocols only name methods and tasks that exist."""
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments import benchmark
 from experiments.benchmark import Row, markdown, protocols, stage_refs, summarise, with_task
-from experiments.run import available
+from experiments.run import CONFIG_DIR, available
 
 
 def result(row: Row, miou: float, step: float, seed: int = 0) -> dict:
@@ -44,10 +48,6 @@ def test_protocols_name_existing_methods_and_tasks():
 
 
 def test_every_benchmark_command_composes_including_the_ablation_rows():
-    from hydra import compose, initialize_config_dir
-
-    from experiments.run import CONFIG_DIR
-
     for protocol in protocols(600, 400).values():
         assert any(r.ablation for r in protocol.rows)
         commands = [c for r in protocol.rows for c in r.commands] + [s.overrides for s in protocol.stages]
@@ -61,8 +61,6 @@ def test_every_benchmark_command_composes_including_the_ablation_rows():
 
 def test_first_seed_picks_the_seeds_run(monkeypatch, tmp_path):
     """--first-seed 1 --seeds 2 runs seeds 1 and 2 only, so machines sharing --out can split the seeds."""
-    import experiments.benchmark as benchmark
-
     seeds_run = []
     monkeypatch.setattr(benchmark, "run_protocol", lambda protocol, seed, *args: seeds_run.append(seed) or [])
     monkeypatch.setattr(benchmark, "loader_throughput", lambda task: {"images_per_s_per_worker": 1.0, "batch_size": 1})
@@ -71,10 +69,6 @@ def test_first_seed_picks_the_seeds_run(monkeypatch, tmp_path):
 
 
 def test_no_seed_to_run_is_an_error_that_names_the_flags(capsys):
-    import pytest
-
-    import experiments.benchmark as benchmark
-
     for argv in (["--seeds", "0"], ["--first-seed", "-1"]):
         with pytest.raises(SystemExit):
             benchmark.main(["--tasks", "synth_shapes", *argv])

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from segment_anything import sam_model_registry
 
-from lightning_modules.components.sam import build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.components.sam import build_configured_sam, build_sam, predict_instances, save_sam_checkpoint
 from lightning_modules.components.sam_lora import (
     LoRALinear, active_branch, assign_roles, background_representations, branch_parameters, branch_similarity,
     direct_alignment_loss, encode, foreground_representations, inject_lora, instance_contrastive_loss, lora_modules,
@@ -226,8 +226,8 @@ def test_dual_lora_sam_runs_logs_roles_and_writes_the_selected_branch(run_tiny):
     expected_q = state[f"{prefix}.base.weight"][:64] + scale * (
         state[f"{prefix}.branches.{selected}.up.q"] @ state[f"{prefix}.branches.{selected}.down.q"])
     assert torch.allclose(qkv[:64], expected_q, atol=1e-6)
-    tiny = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model.tiny)
-    assert set(saved) == set(build_sam("tiny", image_size=128, tiny=tiny).state_dict())
+    run_model = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model, resolve=True)
+    assert set(saved) == set(build_configured_sam(run_model).state_dict())
 
 
 def test_ablation_switches_and_bf16(run_tiny):

@@ -8,7 +8,7 @@ import torch
 
 from datamodules.prompted import PromptedDataset, collate_prompted
 from datamodules.synthetic import SyntheticShapes
-from lightning_modules.components.sam import (PROMPT_KINDS, build_sam, decode_masks, encode_prompts,
+from lightning_modules.components.sam import (PROMPT_KINDS, build_configured_sam, build_sam, decode_masks, encode_prompts,
                                               predict_instances, save_sam_checkpoint)
 
 SIZE = 64
@@ -82,6 +82,18 @@ def test_checkpoint_round_trip_gives_identical_logits(sam, batch, tmp_path):
         actual = predict_instances(loaded.eval(), loaded.image_encoder(batch["img"]), batch["targets"], "box")
     for a, b in zip(actual, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_configured_sam_loads_the_given_checkpoint_over_the_configured_one(sam, tmp_path):
+    configured, given = tmp_path / "configured.pth", tmp_path / "given.pth"
+    save_sam_checkpoint(sam, given)
+    save_sam_checkpoint(build_sam("tiny", image_size=SIZE, tiny=TINY), configured)
+    model = {"variant": "tiny", "sam_checkpoint": str(configured), "image_size": SIZE, "tiny": TINY}
+    weight = "mask_decoder.output_upscaling.0.weight"
+    from_config = build_configured_sam(model).state_dict()[weight]
+    assert torch.equal(from_config, torch.load(configured, weights_only=True)[weight])
+    assert torch.equal(build_configured_sam(model, given).state_dict()[weight], sam.state_dict()[weight])
+    assert not torch.equal(from_config, sam.state_dict()[weight])
 
 
 def test_checkpoint_errors_name_the_path(sam, tmp_path):

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from datamodules import build_datamodule
 from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
-from lightning_modules.components.sam import build_sam, save_sam_checkpoint
+from lightning_modules.components.sam import build_configured_sam, save_sam_checkpoint
 from lightning_modules.sam_finetune import SAMFinetune
 from tests.conftest import compose_config
 
@@ -20,16 +20,16 @@ def test_sam_finetune_trains_and_reports_each_prompt_kind(run_tiny):
     assert all(0 <= v <= 100 for v in kinds)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     trained = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    tiny = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model.tiny)
-    reloaded = build_sam("tiny", run_dir / "sam.pth", image_size=128, tiny=tiny).state_dict()
+    run_model = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model, resolve=True)
+    reloaded = build_configured_sam(run_model, run_dir / "sam.pth").state_dict()
     assert all(torch.equal(trained[f"sam.{key}"], value) for key, value in reloaded.items())
 
 
 def test_unadapted_evaluation_loads_the_given_sam_checkpoint(run_tiny, tmp_path):
     torch.manual_seed(1)
     checkpoint = tmp_path / "sam_tiny.pth"
-    tiny = OmegaConf.to_container(compose_config("sam_finetune", "synth_shapes", tmp_path / "cfg").model.tiny)
-    save_sam_checkpoint(build_sam("tiny", image_size=128, tiny=tiny), checkpoint)
+    task_model = OmegaConf.to_container(compose_config("sam_finetune", "synth_shapes", tmp_path / "cfg").model)
+    save_sam_checkpoint(build_configured_sam(task_model), checkpoint)
     first, run_dir = run_tiny("sam_finetune", "synth_shapes", "train=false", f"model.sam_checkpoint={checkpoint}",
                               name="a")
     second, _ = run_tiny("sam_finetune", "synth_shapes", "train=false", f"model.sam_checkpoint={checkpoint}", name="b")

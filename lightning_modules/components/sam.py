@@ -8,6 +8,7 @@ same modules, loading official-format state dicts with errors that name the file
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -108,6 +109,12 @@ def build_sam(variant: str, checkpoint: str | Path | None = None, image_size: in
     else:
         load_sam_checkpoint(sam, checkpoint)
     return sam.train()
+
+
+def build_configured_sam(model: Mapping, checkpoint: str | Path | None = None) -> Sam:
+    """The SAM a run's ``model`` config describes, from ``checkpoint`` if given, else ``model.sam_checkpoint``."""
+    weights = checkpoint if checkpoint is not None else model.get("sam_checkpoint")
+    return build_sam(model["variant"], weights, model["image_size"], model.get("tiny"))
 
 
 def save_sam_checkpoint(sam: Sam, path: str | Path) -> None:
