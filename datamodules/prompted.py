@@ -1,9 +1,8 @@
 """SAM-task data: images resized and padded as SAM expects, instance masks, and ground-truth prompts.
 
-WeSAM's protocol (../shared/DATASETS.md): the longest side is resized to ``image_size`` and the image
-padded to a square; per instance, the prompts are its tight box, 5 positive + 5 negative points and a
-coarse polygon (``cv2.approxPolyDP`` with epsilon = 0.05 x arc length), all derived on the *resized*
-masks so they live in SAM's input frame. Evaluation prompts are a pure function of (seed, index), so
+WeSAM's protocol (docs/protocols.md#sam-adaptation): the longest side is resized to ``image_size`` and the
+image padded to a square; per instance, the ground-truth prompts of ``datamodules/prompts.py``, derived on the
+*resized* masks so they live in SAM's input frame. Evaluation prompts are a pure function of (seed, index), so
 every run and rank scores the same prompts.
 
 Items: ``{"img": float[3,S,S] (SAM-normalised, zero-padded), ("img_strong"), ("instances": float[N,S,S]),
@@ -16,90 +15,21 @@ from __future__ import annotations
 from typing import Sequence
 
 import albumentations as A
-import cv2
 import lightning as L
 import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from datamodules.datasets import build_dataset
+from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from datamodules.datasets import build_from_spec
 from datamodules.datasets.base import DatasetLayoutError
+from datamodules.loading import build_loader, evaluation_indices, training_sampler
+from datamodules.prompts import derive_prompts
 from datamodules.transforms import strong_photometric_transform
-from datamodules.uda import rank_and_world, seed_worker_transforms
 
-# Sam.pixel_mean / Sam.pixel_std (segment_anything/build_sam.py), on the 0-255 scale.
-SAM_PIXEL_MEAN = np.asarray((123.675, 116.28, 103.53), dtype=np.float32)
-SAM_PIXEL_STD = np.asarray((58.395, 57.12, 57.375), dtype=np.float32)
-# Points are scored per instance in chunks so that N x H x W score arrays stay small at 1024 x 1024.
-POINT_CHUNK = 8
-PADDING_POINT = -1  # SAM's prompt encoder label for "not a point" (embedded as not_a_point_embed)
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight xyxy boxes of bool/float[N,H,W] masks with inclusive max pixel indices (as SAM's amg).
-
-    Vectorised over instances (torchvision's version loops over them); an empty mask gives a box
-    whose min lies past its max.
-    """
-    rows, cols = masks.any(2), masks.any(1)
-    height, width = masks.shape[1:]
-    y0, x0 = rows.int().argmax(1), cols.int().argmax(1)
-    y1 = height - 1 - rows.flip(1).int().argmax(1)
-    x1 = width - 1 - cols.flip(1).int().argmax(1)
-    return torch.stack([x0, y0, x1, y1], 1).float()
-
-
-def sample_points(regions: np.ndarray, rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` pixels per region, uniformly without replacement while the region has enough pixels.
-
-    Each pixel gets a random score, pixels outside the region a score below every inside one; the top
-    ``count`` scores (argpartition) are the sample. A region with fewer pixels repeats its pixels; an
-    empty region (e.g. negatives of an instance covering the image) yields SAM padding points.
-    Returns xy float32[N,count,2] and a bool[N,count] validity flag.
-    """
-    n, height, width = regions.shape
-    flat = regions.reshape(n, -1)
-    chosen = np.zeros((n, count), dtype=np.int64)
-    for start in range(0, n, POINT_CHUNK):
-        inside = flat[start:start + POINT_CHUNK].astype(bool)
-        scores = np.where(inside, rng.random(inside.shape, dtype=np.float32), -1.0)
-        top = np.argpartition(-scores, count - 1, axis=1)[:, :count]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
-        available = np.maximum(inside.sum(1), 1)
-        chosen[start:start + POINT_CHUNK] = np.take_along_axis(top, np.arange(count)[None] % available[:, None], 1)
-    valid = np.take_along_axis(flat, chosen, 1).astype(bool)
-    points = np.stack([chosen % width, chosen // width], -1).astype(np.float32)
-    return points, valid
-
-
-def polygon_masks(instances: np.ndarray, poly_epsilon: float) -> np.ndarray:
-    """Each instance's outer contours simplified by approxPolyDP (epsilon relative to arc length), filled.
-
-    Every external contour is kept, so an instance split by occlusion keeps all of its parts.
-    """
-    polys = np.zeros_like(instances, dtype=np.uint8)
-    for poly, mask in zip(polys, instances):
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        simplified = [cv2.approxPolyDP(c, poly_epsilon * cv2.arcLength(c, True), True) for c in contours]
-        cv2.fillPoly(poly, simplified, 1)
-    return polys
-
-
-def derive_prompts(instances: np.ndarray, rng: np.random.Generator, num_positive: int = 5,
-                   num_negative: int = 5, poly_epsilon: float = 0.05) -> dict:
-    """WeSAM's ground-truth prompts for every instance of one image (all in the masks' pixel frame)."""
-    instances = instances.astype(np.uint8)
-    positives, _ = sample_points(instances, rng, num_positive)
-    negatives, negative_valid = sample_points(1 - instances, rng, num_negative)
-    n = len(instances)
-    labels = np.concatenate([np.ones((n, num_positive), np.int64),
-                             np.where(negative_valid, 0, PADDING_POINT).astype(np.int64)], 1)
-    return {"boxes": masks_to_boxes(torch.from_numpy(instances)).numpy(),
-            "points": np.concatenate([positives, negatives], 1), "point_labels": labels,
-            "polys": polygon_masks(instances, poly_epsilon)}
-
-
+SAM_PIXEL_MEAN_ARRAY = np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)
+SAM_PIXEL_STD_ARRAY = np.asarray(SAM_PIXEL_STD, dtype=np.float32)
 def weak_photometric_transform() -> A.Compose:
     """Mild colour jitter for supervised fine-tuning; geometry stays fixed so prompts stay exact."""
     return A.Compose([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5)])
@@ -137,7 +67,7 @@ def pad_to_square(array: np.ndarray, size: int) -> np.ndarray:
 
 def sam_normalise(image: np.ndarray, size: int) -> torch.Tensor:
     """uint8 HWC RGB (already resized) -> float[3,size,size] exactly as Sam.preprocess computes it."""
-    chw = ((image.astype(np.float32) - SAM_PIXEL_MEAN) / SAM_PIXEL_STD).transpose(2, 0, 1)
+    chw = ((image.astype(np.float32) - SAM_PIXEL_MEAN_ARRAY) / SAM_PIXEL_STD_ARRAY).transpose(2, 0, 1)
     return torch.from_numpy(pad_to_square(chw, size))
 
 
@@ -228,31 +158,19 @@ class PromptedDataModule(L.LightningDataModule):
         self.val_set = PromptedDataset(val_dataset, image_size, train=False, seed=seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
-    def loader(self, dataset: Dataset, sampler, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=drop_last, collate_fn=collate_prompted, worker_init_fn=seed_worker_transforms,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
-
     def train_dataloader(self) -> DataLoader:
-        rank, world = rank_and_world(self)
-        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
-                                     drop_last=True)
-        return self.loader(self.train_set, sampler, drop_last=True)
+        return build_loader(self.train_set, training_sampler(self.train_set, self, self.seed), self.batch_size,
+                            self.num_workers, drop_last=True, collate_fn=collate_prompted)
 
     def eval_loader(self) -> DataLoader:
-        # A disjoint strided share per rank without padding: every val image is scored exactly once.
-        rank, world = rank_and_world(self)
-        return self.loader(self.val_set, list(range(rank, len(self.val_set), world)), drop_last=False)
+        return build_loader(self.val_set, evaluation_indices(self.val_set, self), self.batch_size, self.num_workers,
+                            drop_last=False, collate_fn=collate_prompted)
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader()
 
     def test_dataloader(self) -> DataLoader:
         return self.eval_loader()
-
-
-def build_spec(spec: dict, default_split: str) -> Dataset:
-    return build_dataset(spec["name"], spec.get("root"), spec.get("split", default_split), **(spec.get("options") or {}))
 
 
 def build_prompted_datamodule(cfg: dict) -> PromptedDataModule:
@@ -269,7 +187,7 @@ def build_prompted_datamodule(cfg: dict) -> PromptedDataModule:
         train_spec, labelled = data["target"], False
     else:
         raise ValueError(f"SAM tasks train on one stream, ['src'] or ['tgt']; got {streams}")
-    return PromptedDataModule(build_spec(train_spec, "train"), build_spec(data["val"], "val"),
+    return PromptedDataModule(build_from_spec(train_spec, "train"), build_from_spec(data["val"], "val"),
                               image_size=cfg["model"]["image_size"], batch_size=data["batch_size"],
                               num_workers=data["num_workers"], max_instances=data["max_instances"],
                               strong_view=data["strong_view"], seed=cfg["seed"], train_labelled=labelled)

@@ -12,8 +12,8 @@ import albumentations as A
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
+
 
 
 def geometric_transform(resize: Sequence[int] | None, crop: Sequence[int] | None, train: bool) -> A.Compose:

@@ -3,7 +3,7 @@
 A method asks for the training streams it needs (``streams``): ``"src"`` is the labelled stream (the
 source domain, or the target domain for the oracle: ``labelled_domain=target``), ``"tgt"`` the target
 train images without labels. A stream that is not asked for is never built, so a source-free method
-cannot touch source data. Batches follow the data contract of ../shared/DESIGN.md:
+cannot touch source data. Batches follow the data contract of docs/data_contract.md#training-batch:
 ``{"src": {"img", "mask"}, "tgt": {"img", ("img_strong")}}`` in training, ``{"img", "mask"}`` in val/test.
 """
 from __future__ import annotations
@@ -11,44 +11,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from datamodules.datasets import build_dataset
+from datamodules.datasets import build_from_spec
+from datamodules.datasets.pseudo_labelled import PseudoLabelled
+from datamodules.loading import TransformedDataset, build_loader, evaluation_indices, training_sampler
 from datamodules.transforms import SemanticTransform
 
 # "pl": target train images with pseudo-labels read from ``pseudo_label_dir`` (written by a method's
 # pseudo-label stage), a labelled stream of the target domain for self-training.
 STREAMS = ("src", "tgt", "pl")
-
-
-class TransformedDataset(Dataset):
-    def __init__(self, dataset: Dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.transform(self.dataset[index])
-
-
-def seed_worker_transforms(worker_id: int) -> None:
-    """Give each loader worker its own, reproducible augmentation stream.
-
-    Albumentations keeps its own generator; torch derives ``initial_seed`` of a worker from the
-    (seeded) main process, so this is deterministic and differs between workers.
-    """
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(torch.initial_seed() % 2**31)
-
-
-def rank_and_world(module: L.LightningDataModule) -> tuple[int, int]:
-    trainer = module.trainer
-    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
 class UDADataModule(L.LightningDataModule):
@@ -74,8 +46,11 @@ class UDADataModule(L.LightningDataModule):
         self.train_sets: dict[str, Dataset] = {}
         self.val_set: Dataset | None = None
 
-    def build(self, spec: dict, split: str, train: bool, labelled: bool, strong_view: bool = False) -> Dataset:
-        dataset = build_dataset(spec["name"], spec.get("root"), split, **(spec.get("options") or {}))
+    def build(self, spec: dict, split: str, train: bool, labelled: bool, strong_view: bool = False,
+              label_dir: str | None = None) -> Dataset:
+        dataset = build_from_spec(spec, split)
+        if label_dir is not None:
+            dataset = PseudoLabelled(dataset, label_dir)
         transform = SemanticTransform(resize=spec.get("resize"), crop=self.crop_size if train else None,
                                       train=train, strong_view=strong_view, labelled=labelled, seed=self.seed)
         return TransformedDataset(dataset, transform)
@@ -96,33 +71,20 @@ class UDADataModule(L.LightningDataModule):
                     raise ValueError("the 'pl' stream needs data.pseudo_label_dir: the folder of pseudo-labels to "
                                      "train on (for seco: method.label_dir of its stage=pseudo_label run)")
                 target = self.specs["target"]
-                spec = {"name": "pseudo_labelled", "resize": target.get("resize"),
-                        "options": {"dataset": target, "label_dir": self.pseudo_label_dir}}
-                self.train_sets["pl"] = self.build(spec, target.get("split", "train"), train=True, labelled=True)
+                self.train_sets["pl"] = self.build(target, target.get("split", "train"), train=True, labelled=True,
+                                                   label_dir=self.pseudo_label_dir)
 
-    def loader(self, dataset: Dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=drop_last, worker_init_fn=seed_worker_transforms,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self):
-        rank, world = rank_and_world(self)
-        loaders = {}
-        for name, dataset in self.train_sets.items():
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
-                                         drop_last=True)
-            loaders[name] = self.loader(dataset, sampler, self.batch_size, drop_last=True)
-        return loaders
+    def train_dataloader(self) -> dict[str, DataLoader]:
+        return {name: build_loader(dataset, training_sampler(dataset, self, self.seed), self.batch_size,
+                                   self.num_workers, drop_last=True)
+                for name, dataset in self.train_sets.items()}
 
     def eval_loader(self) -> DataLoader:
-        # Each rank evaluates a disjoint strided share with no padding, so confusion matrices summed over
-        # ranks count every val image exactly once (DistributedSampler would repeat images).
-        rank, world = rank_and_world(self)
-        indices = list(range(rank, len(self.val_set), world))
-        return self.loader(self.val_set, indices, batch_size=self.batch_size, drop_last=False)
+        return build_loader(self.val_set, evaluation_indices(self.val_set, self), self.batch_size, self.num_workers,
+                            drop_last=False)
 
-    def val_dataloader(self):
+    def val_dataloader(self) -> DataLoader:
         return self.eval_loader()
 
-    def test_dataloader(self):
+    def test_dataloader(self) -> DataLoader:
         return self.eval_loader()

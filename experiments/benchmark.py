@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                                          args.ablations)]
         lines = summarise(protocol, results)
         throughput = loader_throughput(task)
-        reference = next((l for l in lines if l["role"] == ("source" if task == "synth2real" else "upper")
-                          and l.get("step_ms")), None)
+        reference = next((line for line in lines if line["role"] == ("source" if task == "synth2real" else "upper")
+                          and line.get("step_ms")), None)
         if reference:
             throughput["model_images_per_s"] = 1000 * throughput["batch_size"] / statistics.fmean(reference["step_ms"])
             throughput["workers_needed"] = max(1, math.ceil(throughput["model_images_per_s"]

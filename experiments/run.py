@@ -6,7 +6,6 @@ Composes the Hydra config, refuses an incompatible method x task pair in one sen
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -77,8 +76,15 @@ def wandb_api_key() -> bool:
 
 
 def build_module(cfg: dict):
-    module_path, class_name = cfg["method"]["module"].rsplit(".", 1)
-    return getattr(importlib.import_module(module_path), class_name)(cfg)
+    """The method's LightningModule, ``module._target_`` of its yaml, given the whole resolved config as ``cfg``."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(cfg["module"], cfg=cfg, _recursive_=False, _convert_="all")
+    except InstantiationException as error:
+        # Hydra wraps what the constructor raised; the original names the bad key or file.
+        raise (error.__cause__ or error) from None
 
 
 def training_on_gpu(cfg) -> bool:

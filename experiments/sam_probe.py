@@ -18,9 +18,12 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
-from datamodules.prompted import PromptedDataset, build_spec, collate_prompted, masks_to_boxes
-from lightning_modules.base import instance_iou
-from lightning_modules.components.sam import PROMPT_KINDS, build_configured_sam, predict_instances, unpadded
+from datamodules.datasets import build_from_spec
+from datamodules.prompted import PromptedDataset, collate_prompted
+from datamodules.prompts import masks_to_boxes
+from lightning_modules.components.ops import unpadded
+from lightning_modules.metrics import instance_iou
+from lightning_modules.networks.sam import PROMPT_KINDS, build_configured_sam, predict_instances
 
 
 def box_auc(logits: torch.Tensor, instance: torch.Tensor, box: torch.Tensor) -> float | None:
@@ -40,7 +43,7 @@ def mask_quality(logits: torch.Tensor, instances: torch.Tensor) -> dict[str, lis
     their box have none)."""
     predicted, truth = logits > 0, instances > 0.5
     overlap = (predicted & truth).flatten(1).sum(1).float()
-    aucs = [box_auc(l, t, b) for l, t, b in zip(logits, truth, masks_to_boxes(truth))]
+    aucs = [box_auc(logit, t, b) for logit, t, b in zip(logits, truth, masks_to_boxes(truth))]
     return {"iou": instance_iou(logits, instances).tolist(),
             "recall": (overlap / truth.flatten(1).sum(1).clamp(min=1)).tolist(),
             "precision": (overlap / predicted.flatten(1).sum(1).clamp(min=1)).tolist(),
@@ -62,7 +65,7 @@ def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[
         raise SystemExit(f"the run's task has no data.{stream}; expected one of source, target, val")
     sam = build_configured_sam(model, run_dir / "sam.pth").eval()
     # train=True gives the strong view too; its prompts are drawn from the dataset's seeded stream.
-    dataset = PromptedDataset(build_spec(data[stream], "train"), model["image_size"], train=True,
+    dataset = PromptedDataset(build_from_spec(data[stream], "train"), model["image_size"], train=True,
                               strong_view=view == "strong", seed=cfg["seed"])
     batch = collate_prompted([dataset[i] for i in range(min(images, len(dataset)))])
     embeddings = sam.image_encoder(batch["img_strong" if view == "strong" else "img"])

@@ -1,16 +1,12 @@
-"""What every method shares: evaluation, optimiser/schedule building and checkpoint loading.
-
-Semantic tasks are scored from one confusion matrix (torchmetrics, summed over DDP ranks) as per-class
-IoU and mIoU over each of the task's class subsets (19 / 16 / 13). SAM tasks are scored per prompt
-kind as WeSAM does: per image the mean IoU over its instances, then the mean over images.
+"""The two base classes every method subclasses: semantic segmentation (mIoU over a confusion matrix) and prompted
+segmentation with SAM (IoU per prompt kind). Both evaluate the same way for every method; a method adds its
+``training_step`` and, where it needs them, its own evaluation measurements.
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import math
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,120 +15,14 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from datamodules.datasets.base import IGNORE_INDEX
-from datamodules.datasets.labels import CITYSCAPES_CLASSES
-from lightning_modules.components.sam import unpadded
+from datamodules.constants import CITYSCAPES_CLASSES, IGNORE_INDEX
+from lightning_modules.components.ops import unpadded, upsample
+from lightning_modules.metrics import format_metrics, instance_iou, mean_iou, per_class_iou
+from lightning_modules.networks.factory import build_network, load_segmenter_weights
+from lightning_modules.optim import build_optimizer
+from lightning_modules.teachers import labelling_mode
 
 log = logging.getLogger(__name__)
-
-
-def per_class_iou(confusion: torch.Tensor) -> torch.Tensor:
-    """IoU_c = TP_c / (TP_c + FP_c + FN_c) from a [C, C] (true x predicted) matrix; NaN where c never occurs."""
-    confusion = confusion.double()
-    true_positive = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - true_positive
-    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
-
-
-def mean_iou(iou: torch.Tensor, classes) -> float:
-    """Mean over the evaluated classes that occur in ground truth or prediction."""
-    return torch.nanmean(iou[list(classes)]).item()
-
-
-def instance_iou(mask_logits: torch.Tensor, instances: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """IoU of each predicted mask (logits > SAM's mask_threshold) with its ground truth, [N]."""
-    predicted = mask_logits > threshold
-    truth = instances > 0.5
-    intersection = (predicted & truth).flatten(1).sum(1)
-    union = (predicted | truth).flatten(1).sum(1)
-    return intersection / union.clamp(min=1)
-
-
-def poly_lr_lambda(max_steps: int, power: float, warmup_steps: int):
-    """Linear warm-up, then DeepLab's poly decay (1 - t/T)^power."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, 1 - step / max(1, max_steps)) ** power
-    return factor
-
-
-def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int):
-    """SGD (DeepLabV2 papers) or AdamW (DAFormer family); the head runs at ``head_lr_mult`` x lr."""
-    groups = [
-        {"params": [p for p in backbone_params if p.requires_grad], "lr": optim["lr"]},
-        {"params": [p for p in head_params if p.requires_grad], "lr": optim["lr"] * optim["head_lr_mult"]},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if optim["name"] == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["momentum"],
-                                    weight_decay=optim["weight_decay"])
-    elif optim["name"] == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=optim["lr"], weight_decay=optim["weight_decay"],
-                                      betas=tuple(optim.get("betas", (0.9, 0.999))))
-    else:
-        raise ValueError(f"optim.name={optim['name']!r} is not supported; expected 'sgd' or 'adamw'")
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"]))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def load_state_from_checkpoint(path: str, prefix: str = "") -> dict:
-    """Tensors of a Lightning .ckpt (or a plain state dict) whose keys start with ``prefix``, prefix removed."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    selected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not selected:
-        raise KeyError(f"checkpoint {path} holds no weights under '{prefix}'; keys start with "
-                       f"{sorted({k.split('.')[0] for k in state})}")
-    return selected
-
-
-def build_segmenter(model: dict, num_classes: int) -> nn.Module:
-    """The network named by ``model.builder`` in configs/network/*.yaml.
-
-    Contract of every segmenter: ``forward(images) -> (logits at the feature resolution, features)``
-    and a ``backbone`` attribute (the parameters trained at the base learning rate).
-    """
-    module_path, name = model["builder"].rsplit(".", 1)
-    return getattr(importlib.import_module(module_path), name)(model, num_classes)
-
-
-def load_segmenter_weights(segmenter: nn.Module, path: str) -> None:
-    """Start from the ``segmenter`` of another run's checkpoint (e.g. source_only's last.ckpt)."""
-    segmenter.load_state_dict(load_state_from_checkpoint(path, "segmenter."))
-    log.info("segmenter weights loaded from %s", path)
-
-
-def labelling_mode(module: nn.Module) -> nn.Module:
-    """A teacher labels as DAFormer's mean teacher does (mmseg/models/uda/dacs.py): dropout and drop-path
-    off, BatchNorm normalising with the statistics of the batch being labelled, in training and in the
-    validation-time measurements of its labels alike. Networks that freeze BN (the papers' DeepLabV2)
-    label in plain eval mode."""
-    module.eval()
-    if getattr(module, "freeze_bn", False):
-        return module
-    for layer in module.modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            # Batch statistics without touching the running averages (those come from the student).
-            layer.track_running_stats = False
-            layer.train()
-    return module
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """Mean teacher (Tarvainen & Valpola 2017): theta_t <- m theta_t + (1 - m) theta_s; buffers copied.
-
-    Under DDP every rank holds the same student after the gradient all-reduce (and DDP broadcasts
-    buffers from rank 0), so the teachers stay identical across ranks without communication.
-    """
-    for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
-        teacher_param.lerp_(student_param.detach(), 1 - momentum)
-    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
-        teacher_buffer.copy_(student_buffer)
 
 
 class EvaluationMixin:
@@ -153,7 +43,7 @@ class EvaluationMixin:
         self.log_evaluation("test")
 
     def record_results(self, stage: str, metrics: dict, extra: dict) -> None:
-        self.last_results = {"method": self.hparams["method"]["name"], "task": self.hparams["task"]["name"],
+        self.last_results = {"method": self.method["name"], "task": self.hparams["task"]["name"],
                              "kind": self.hparams["task"]["kind"], "seed": self.hparams["seed"],
                              "trained": self.hparams.get("train", True), "global_step": self.global_step,
                              "stage": stage, "metrics": metrics, **extra}
@@ -165,17 +55,18 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
     def __init__(self, cfg: dict):
         super().__init__()
         self.save_hyperparameters(cfg)
+        self.method = self.hparams["method"]
         task = cfg["task"]
         self.num_classes = task["num_classes"]
         self.class_names = list(CITYSCAPES_CLASSES)
         self.eval_subsets = {name: list(classes) for name, classes in task["eval_subsets"].items()}
         self.confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX)
 
-    def build_segmenter(self) -> nn.Module:
-        """The configured network, started from ``method.source_ckpt`` when the method has one set."""
-        segmenter = build_segmenter(self.hparams["model"], self.num_classes)
-        if self.hparams["method"].get("source_ckpt"):
-            load_segmenter_weights(segmenter, self.hparams["method"]["source_ckpt"])
+    def build_segmenter(self, checkpoint: str | None) -> nn.Module:
+        """The configured network (``model``), started from the ``segmenter`` of ``checkpoint`` when one is given."""
+        segmenter = build_network(self.hparams["model"], self.num_classes)
+        if checkpoint:
+            load_segmenter_weights(segmenter, checkpoint)
         return segmenter
 
     def frozen_copy(self, module: nn.Module) -> nn.Module:
@@ -227,11 +118,12 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
     def __init__(self, cfg: dict):
         super().__init__()
         self.save_hyperparameters(cfg)
+        self.method = self.hparams["method"]
         self.prompt_kinds = list(cfg["task"]["prompt_kinds"])
         self.prompt_iou = torch.nn.ModuleDict({kind: MeanMetric() for kind in self.prompt_kinds})
 
     def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
-        """Mask logits [N_i, S, S] per image for one prompt kind; implemented by each method."""
+        """Mask logits [N_i, 1, S, S] per image for one prompt kind; implemented by each method."""
         raise NotImplementedError
 
     def evaluation_step(self, batch: dict) -> None:
@@ -249,11 +141,3 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
         self.record_results(stage, metrics, {})
         if self.trainer.is_global_zero:
             log.info("%s: %s", stage, format_metrics(metrics))
-
-
-def upsample(logits: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def format_metrics(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())

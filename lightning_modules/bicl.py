@@ -3,7 +3,7 @@
 DeepLabV2 with a projection head. Each step: source CE + target CE on hybrid pseudo-labels y_T
 (L_base); batch prototypes rho_S (source labels) and rho_T (y_T); forward contrast (target pixels
 vs rho_S) and backward contrast (source pixels vs rho_T). y_T takes the dynamic label y_D (pixel
-matched to a calibrated source prototype rho_S + mu_T - mu_S above T) and falls back to the static
+matched to a calibrated source prototype rho_S + mu_T - mu_S above the threshold T) and falls back to the static
 CBST label y_F of a frozen labeler (the model at the start of the self-training round).
 """
 from __future__ import annotations
@@ -11,15 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from datamodules.datasets.base import IGNORE_INDEX
+from datamodules.constants import IGNORE_INDEX
 from lightning_modules.base import SemanticSegmentationModule
-from lightning_modules.components.deeplabv2 import ProjectionHead
-from lightning_modules.components.distributed import all_reduce_mean, all_reduce_sum
+from lightning_modules.components.ops import labels_at, pixels
 from lightning_modules.components.prototypes import (
     batch_prototypes, calibrated_source_prototypes, calibration, class_balanced_thresholds, confidence_histogram,
-    dynamic_pseudo_labels, ema_prototype_memory, hybrid_pseudo_labels, labels_at, pixels, prototype_contrast_loss,
-    static_pseudo_labels,
+    dynamic_pseudo_labels, ema_prototype_memory, hybrid_pseudo_labels, prototype_contrast_loss, static_pseudo_labels,
 )
+from lightning_modules.distributed import all_reduce_mean, all_reduce_sum
+from lightning_modules.networks.heads import ProjectionHead
 
 PSEUDO_LABEL_KINDS = ("static", "dynamic_uncalibrated", "dynamic", "hybrid")
 
@@ -27,8 +27,7 @@ PSEUDO_LABEL_KINDS = ("static", "dynamic_uncalibrated", "dynamic", "hybrid")
 class BiCL(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.method = cfg["method"]
-        self.segmenter = self.build_segmenter()
+        self.segmenter = self.build_segmenter(self.method["source_ckpt"])
         channels = self.segmenter.feature_channels
         self.projector = ProjectionHead(channels, self.method["projection_hidden_dim"], self.method["projection_dim"])
         # Without either contrast nothing trains the projection (the "base" ablation row); freezing it
@@ -75,7 +74,7 @@ class BiCL(SemanticSegmentationModule):
     @torch.no_grad()
     def update_memories(self, source_prototypes, source_present, target_prototypes, target_present) -> None:
         """mu_S, mu_T <- EMA of the batch prototypes; averaged over ranks so every rank holds the same memory."""
-        momentum = self.method["lambda"]
+        momentum = self.method["memory_momentum"]
         memory_source, self.memory_source_seen = ema_prototype_memory(
             self.memory_source, self.memory_source_seen, source_prototypes, source_present, momentum)
         memory_target, self.memory_target_seen = ema_prototype_memory(
@@ -104,7 +103,7 @@ class BiCL(SemanticSegmentationModule):
         source_prototypes, source_present = batch_prototypes(features_source, labels_source, self.num_classes)
         if self.method["use_dynamic"]:
             calibrated, available = self.calibrated_prototypes(source_prototypes.detach(), source_present)
-            dynamic = dynamic_pseudo_labels(features_target.detach(), calibrated, available, self.method["T"])
+            dynamic = dynamic_pseudo_labels(features_target.detach(), calibrated, available, self.method["dynamic_label_threshold"])
             labels_target = hybrid_pseudo_labels(dynamic, static)
         else:
             labels_target = static
@@ -114,18 +113,18 @@ class BiCL(SemanticSegmentationModule):
         target_mask = labels_target.view(target["img"].shape[0], *grid)
         loss_target = (F.cross_entropy(logits_target.float(), target_mask, ignore_index=IGNORE_INDEX)
                        if (target_mask != IGNORE_INDEX).any() else logits_target.sum() * 0.0)
-        loss = loss_source + self.method["w_target"] * loss_target
+        loss = loss_source + self.method["target_loss_weight"] * loss_target
 
         # Step 3: target prototypes rho_T; forward (target -> rho_S) and backward (source -> rho_T) contrast.
         target_prototypes, target_present = batch_prototypes(features_target, labels_target, self.num_classes)
-        tau = self.method["tau"]
+        temperature = self.method["contrast_temperature"]
         if self.method["use_fc"]:
-            loss_fc = prototype_contrast_loss(features_target, labels_target, source_prototypes, source_present, tau)
-            loss = loss + self.method["w_fc"] * loss_fc
+            loss_fc = prototype_contrast_loss(features_target, labels_target, source_prototypes, source_present, temperature)
+            loss = loss + self.method["forward_contrast_weight"] * loss_fc
             self.log("train/loss_fc", loss_fc)
         if self.method["use_bc"]:
-            loss_bc = prototype_contrast_loss(features_source, labels_source, target_prototypes, target_present, tau)
-            loss = loss + self.method["w_bc"] * loss_bc
+            loss_bc = prototype_contrast_loss(features_source, labels_source, target_prototypes, target_present, temperature)
+            loss = loss + self.method["backward_contrast_weight"] * loss_bc
             self.log("train/loss_bc", loss_bc)
 
         # Step 4: prototype memories mu_S, mu_T (EMA), used for the calibration xi of the next step.
@@ -150,7 +149,7 @@ class BiCL(SemanticSegmentationModule):
         static = self.static_labels(images, accumulate=False)
         seen = self.memory_source_seen
         xi = calibration(self.memory_target, self.memory_source, self.memory_target_seen, seen)
-        threshold = self.method["T"]
+        threshold = self.method["dynamic_label_threshold"]
         uncalibrated = dynamic_pseudo_labels(features, self.memory_source, seen, threshold)
         dynamic = dynamic_pseudo_labels(features, calibrated_source_prototypes(self.memory_source, xi), seen, threshold)
         truth = labels_at(mask, logits.shape[-2:])

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.base import PromptedSegmentationModule, build_optimizer
-from lightning_modules.components.distributed import all_reduce_sum
-from lightning_modules.components.sam import build_configured_sam, predict_instances, save_sam_checkpoint
-from lightning_modules.components.sam_lora import (
-    assign_roles, background_representations, branch_parameters, branch_similarity, direct_alignment_loss, encode,
-    foreground_representations, inject_lora, merged_sam, reverse_distillation_loss, segment, triplet_loss,
-    valid_region,
+from lightning_modules.base import PromptedSegmentationModule
+from lightning_modules.components.sam_adaptation import (
+    assign_roles, background_representations, branch_similarity, direct_alignment_loss, foreground_representations,
+    reverse_distillation_loss, triplet_loss, valid_region,
 )
+from lightning_modules.distributed import all_reduce_sum
+from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.networks.sam_lora import branch_parameters, encode, inject_lora, merged_sam, segment
+from lightning_modules.optim import build_optimizer
 
 BRANCHES = ("alpha", "beta")
 
@@ -31,7 +32,7 @@ BRANCHES = ("alpha", "beta")
 class DualLoRASAM(PromptedSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        model, method = cfg["model"], cfg["method"]
+        model, method = cfg["model"], self.method
         self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # prompt encoder and mask decoder stay as SAM's; only LoRA trains
@@ -50,7 +51,7 @@ class DualLoRASAM(PromptedSegmentationModule):
 
     def representations(self, embeddings: torch.Tensor, masks: dict) -> tuple:
         """Foreground (f) and background (b) representations [sum N, C] over all images and prompt kinds."""
-        threshold = self.hparams["method"]["T"]
+        threshold = self.method["foreground_threshold"]
         fg, bg, valid = [], [], []
         for per_image in masks.values():
             for embedding, (logits, _) in zip(embeddings, per_image):
@@ -60,7 +61,7 @@ class DualLoRASAM(PromptedSegmentationModule):
         return torch.cat(fg), torch.cat(bg), torch.cat(valid)
 
     def training_step(self, batch: dict, batch_idx: int):
-        method, kinds = self.hparams["method"], self.prompt_kinds
+        method, kinds = self.method, self.prompt_kinds
         weak, strong, targets = batch["img"], batch["img_strong"], batch["targets"]
         # 2. weak view through gamma (frozen) and the two collaborative encoders
         with torch.no_grad():

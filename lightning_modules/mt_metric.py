@@ -19,13 +19,16 @@ from typing import NamedTuple
 
 import torch
 
-from lightning_modules.base import SemanticSegmentationModule, ema_update, upsample
-from lightning_modules.components.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
-from lightning_modules.components.metric_learning import (MetricHead, class_normalised_weight,
-                                                          confidence_threshold_weight, proxy_anchor_loss,
-                                                          reliability_weight, weighted_cross_entropy)
-from lightning_modules.components.prototypes import labels_at
-from lightning_modules.components.self_training import class_means, class_mix_masks, mix
+from datamodules.constants import IGNORE_INDEX
+from lightning_modules.base import SemanticSegmentationModule
+from lightning_modules.components.metric_learning import (class_normalised_weight, confidence_threshold_weight,
+                                                          proxy_anchor_loss, reliability_weight,
+                                                          weighted_cross_entropy)
+from lightning_modules.components.ops import class_means, labels_at, upsample
+from lightning_modules.components.self_training import class_mix_masks, mix
+from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
+from lightning_modules.networks.heads import MetricHead
+from lightning_modules.teachers import ema_update
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("metric", "threshold", "uniform")
@@ -44,7 +47,7 @@ class MTMetric(SemanticSegmentationModule):
         method = cfg["method"]
         if method["weighting"] not in WEIGHTINGS:
             raise ValueError(f"method.weighting={method['weighting']!r} is not supported; expected one of {WEIGHTINGS}")
-        self.segmenter = self.build_segmenter()
+        self.segmenter = self.build_segmenter(method["source_ckpt"])
         self.teacher = self.frozen_copy(self.segmenter)
         self.metric_head = None
         if method["weighting"] == "metric":
@@ -57,7 +60,7 @@ class MTMetric(SemanticSegmentationModule):
 
     def teacher_targets(self, images: torch.Tensor, across_ranks: bool = True) -> TeacherTargets:
         """The teacher's pseudo-label for every pixel of ``images`` and its reliability weight."""
-        method = self.hparams["method"]
+        method = self.method
         with torch.no_grad():
             logits, features = self.teacher(images)
             probabilities = upsample(logits.float(), images.shape[-2:]).softmax(1)
@@ -74,7 +77,7 @@ class MTMetric(SemanticSegmentationModule):
         return TeacherTargets(pseudo_label, weight, features, logits.argmax(1))
 
     def training_step(self, batch: dict, batch_idx: int):
-        method = self.hparams["method"]
+        method = self.method
         target = batch["tgt"]
         # 1-2. Teacher pseudo-labels on the weak view, weighted by their reliability.
         teacher = self.teacher_targets(target["img"])
@@ -90,7 +93,7 @@ class MTMetric(SemanticSegmentationModule):
             # or on the student's, where the metric loss also trains the student's feature space.
             features, labels = ((student_features, labels_at(pseudo_label, student_features.shape[-2:]))
                                 if method["metric_trains_student"] else (teacher.features, teacher.feature_labels))
-            losses["metric"] = proxy_anchor_loss(self.metric_head(features), labels, method["alpha"], method["delta"])
+            losses["metric"] = proxy_anchor_loss(self.metric_head(features), labels, method["proxy_anchor_scale"], method["proxy_anchor_margin"])
         loss = sum(losses.values())
         self.log_dict({f"train/{name}_loss": value for name, value in losses.items()})
         self.log("train/pixel_weight", teacher.weight.mean(), sync_dist=True)
@@ -110,7 +113,7 @@ class MTMetric(SemanticSegmentationModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # 4. Mean teacher: theta_t <- m theta_t + (1 - m) theta_s.
-        ema_update(self.teacher, self.segmenter, self.hparams["method"]["ema_momentum"])
+        ema_update(self.teacher, self.segmenter, self.method["ema_momentum"])
         # BN statistics are rank-local (no SyncBatchNorm): average them so every rank holds the same teacher.
         for buffer in self.teacher.buffers():
             if buffer.is_floating_point():
@@ -126,7 +129,7 @@ class MTMetric(SemanticSegmentationModule):
     def accumulate_weight_by_correctness(self, batch: dict) -> None:
         # Evaluation shards differ in batch count between ranks, so no per-batch collective here.
         teacher = self.teacher_targets(batch["img"], across_ranks=False)
-        valid = batch["mask"] != 255
+        valid = batch["mask"] != IGNORE_INDEX
         correct = (teacher.pseudo_label == batch["mask"]) & valid
         incorrect = valid & ~correct
         self.weight_by_correctness = self.weight_by_correctness.to(self.device) + torch.stack([

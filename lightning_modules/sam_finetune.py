@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.base import PromptedSegmentationModule, build_optimizer
+from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
-from lightning_modules.components.sam import (build_configured_sam, decode_batch, predict_instances, save_sam_checkpoint,
-                                              unpadded)
+from lightning_modules.components.ops import unpadded
+from lightning_modules.networks.sam import build_configured_sam, decode_batch, predict_instances, save_sam_checkpoint
+from lightning_modules.optim import build_optimizer
 
 
 class SAMFinetune(PromptedSegmentationModule):
@@ -22,14 +23,14 @@ class SAMFinetune(PromptedSegmentationModule):
         model = cfg["model"]
         self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
-        self.sam.prompt_encoder.requires_grad_(cfg["method"]["train_prompt_encoder"])
-        self.sam.image_encoder.requires_grad_(cfg["method"]["train_image_encoder"])
+        self.sam.prompt_encoder.requires_grad_(self.method["train_prompt_encoder"])
+        self.sam.image_encoder.requires_grad_(self.method["train_image_encoder"])
 
     def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
         return predict_instances(self.sam, self.sam.image_encoder(images), targets, kind, self.poly_as)
 
     def training_step(self, batch: dict, batch_idx: int):
-        method = self.hparams["method"]
+        method = self.method
         embeddings = self.sam.image_encoder(batch["img"])
         losses = {}
         for kind in self.prompt_kinds:
@@ -51,7 +52,7 @@ class SAMFinetune(PromptedSegmentationModule):
         """SAM's ambiguity-aware term (Kirillov et al. 2023, Sec. 3): one positive point per instance, three
         output masks, only the lowest mask loss back-propagated, the IoU head trained on all three. It trains
         the multimask outputs that SAM's everything mode (SeCo's PSA) decodes."""
-        method, per_image, prompts = self.hparams["method"], [], []
+        method, per_image, prompts = self.method, [], []
         for target in targets:
             points = target["points"][:, :1].to(self.device)
             prompts.append(self.sam.prompt_encoder(points=(points, torch.ones_like(points[..., 0], dtype=torch.int)),

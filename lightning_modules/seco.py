@@ -25,110 +25,45 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-from torch.utils.data import DataLoader, Dataset
+from segment_anything import SamAutomaticMaskGenerator
+from torch.utils.data import DataLoader
 
-from datamodules.datasets import build_dataset
-from datamodules.datasets.base import IGNORE_INDEX
+from datamodules.constants import IGNORE_INDEX
 from datamodules.datasets.pseudo_labelled import pseudo_label_path
-from datamodules.transforms import geometric_transform, to_tensor
-from lightning_modules.base import (SemanticSegmentationModule, build_segmenter, labelling_mode, load_segmenter_weights,
-                                    mean_iou, per_class_iou)
+from datamodules.files import save_label_png, save_npz
+from datamodules.labelling import TargetTrainImages, collate_images
+from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.connectivity import (
     Components, component_losses, connected_components, correct_components, fit_noise_gmm, label_confusion,
     paint_in_order, pixel_pseudo_labels, purest_points, relabel, semantic_alignment, spatial_purity,
     unclipped_boxes)
-from lightning_modules.components.distributed import all_gather_cat, all_reduce_sum
-from lightning_modules.components.sam import build_sam
+from lightning_modules.distributed import all_gather_cat, all_reduce_sum
+from lightning_modules.metrics import mean_iou, per_class_iou
+from lightning_modules.networks.sam import SharedEmbeddingPredictor, build_sam
+from lightning_modules.teachers import labelling_mode
 
 log = logging.getLogger(__name__)
 LABEL_STAGES = ("pixel", "psa", "scc")
 
 
-class TargetTrainImages(Dataset):
-    """The target train split at the task's working resolution: uint8 image (for SAM), normalised tensor
-    (for the segmenter), ground-truth mask (for measurement only; all-ignore where the dataset has none)."""
-
-    def __init__(self, spec: dict):
-        self.dataset = build_dataset(spec["name"], spec.get("root"), spec.get("split", "train"),
-                                     **(spec.get("options") or {}))
-        self.geometry = geometric_transform(spec.get("resize"), None, train=False)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.dataset[index]
-        mask = item.get("mask")
-        mask = np.full(item["image"].shape[:2], IGNORE_INDEX, np.int64) if mask is None else mask.astype(np.int64)
-        out = self.geometry(image=item["image"], mask=mask)
-        return {"index": index, "image": out["image"], "img": to_tensor(out["image"]),
-                "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])),
-                "original_size": torch.tensor(item["image"].shape[:2])}
-
-
-class SharedEmbeddingPredictor(SamPredictor):
-    """SamPredictor that keeps one image embedding until ``release``: the everything-mode generator's own
-    set_image / reset_image around its point grid reuse it, so the image encoder runs once per image."""
-
-    def __init__(self, sam) -> None:
-        super().__init__(sam)
-        self.release()
-
-    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        if not self.is_image_set:
-            super().set_image(image, image_format)
-
-    def reset_image(self) -> None:
-        """Kept: the embedding also serves the box + point prompts of the things."""
-
-    def release(self) -> None:
-        super().reset_image()
-
-
-def write_atomically(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename: a reader (or a resumed run) never sees a partial file."""
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(temporary)
-    os.replace(temporary, path)
-
-
-def save_png(path: Path, labels: np.ndarray) -> None:
-    def write(temporary: Path) -> None:
-        if not cv2.imwrite(str(temporary), labels.astype(np.uint8)):
-            raise OSError(f"could not write {temporary}")
-    write_atomically(path, write)
-
-
-def save_npz(path: Path, **arrays) -> None:
-    def write(temporary: Path) -> None:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
-    write_atomically(path, write)
-
-
 class SeCo(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        method = cfg["method"]
-        self.segmenter = build_segmenter(cfg["model"], self.num_classes)
-        if method.get("base_ckpt"):
-            load_segmenter_weights(self.segmenter, method["base_ckpt"])
-        self.label_dir = Path(method["label_dir"] or Path(cfg["run_dir"]) / "pseudo_labels")
+        self.segmenter = self.build_segmenter(self.method["base_ckpt"])
+        self.label_dir = Path(self.method["label_dir"] or Path(cfg["run_dir"]) / "pseudo_labels")
         self.cache_dir = self.label_dir / "psa"
         self.psa_tools: dict = {}
         self.timing = {"images": 0, "seconds": 0.0, "encoder_seconds": 0.0}
 
     # ----------------------------------------------------------------- stage=train: self-training
     def training_step(self, batch: dict, batch_idx: int):
-        method = self.hparams["method"]
+        method = self.method
         target = batch["pl"]
         with_source = "src" in method["streams"]
         # With source data, one pass over both domains: BN trains on the mixed statistics it evaluates with.
@@ -149,7 +84,7 @@ class SeCo(SemanticSegmentationModule):
 
     # ----------------------------------------------------------------- stage=pseudo_label
     def run_pseudo_label(self, trainer) -> dict:
-        if self.hparams["method"]["psa"]["everything_mode"].get("crop_n_layers", 0) != 0:
+        if self.method["psa"]["everything_mode"].get("crop_n_layers", 0) != 0:
             raise ValueError("method.psa.everything_mode.crop_n_layers must be 0: PSA encodes each image once and "
                              "shares that embedding between everything-mode and the thing prompts")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +102,7 @@ class SeCo(SemanticSegmentationModule):
                           num_workers=self.hparams["data"]["num_workers"], collate_fn=collate_images)
 
     def on_predict_start(self) -> None:
-        sam_cfg, psa = self.hparams["method"]["sam"], self.hparams["method"]["psa"]
+        sam_cfg, psa = self.method["sam"], self.method["psa"]
         sam = build_sam(sam_cfg["variant"], sam_cfg.get("checkpoint"), sam_cfg.get("image_size"), sam_cfg.get("tiny"))
         sam.to(self.device).eval().requires_grad_(False)
         predictor = SharedEmbeddingPredictor(sam)
@@ -181,7 +116,7 @@ class SeCo(SemanticSegmentationModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> None:
-        method = self.hparams["method"]
+        method = self.method
         logits = self(batch["img"])
         pixel_labels = pixel_pseudo_labels(logits.softmax(1), method["pixel_threshold"]).cpu().numpy()
         for i, index in enumerate(batch["index"]):
@@ -200,7 +135,7 @@ class SeCo(SemanticSegmentationModule):
 
     def pixel_semantic_aggregation(self, image: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Stuff by semantic alignment of everything-mode masks, then things by box + point prompts."""
-        psa = self.hparams["method"]["psa"]
+        psa = self.method["psa"]
         predictor, everything = self.psa_tools["predictor"], self.psa_tools["everything"]
         started = time.perf_counter()
         predictor.set_image(image)
@@ -218,7 +153,7 @@ class SeCo(SemanticSegmentationModule):
 
     def prompt_things(self, things: Components, labels: np.ndarray) -> np.ndarray:
         """One batched SAM decoder call: every thing component's unclipped box + its purest points."""
-        psa, predictor = self.hparams["method"]["psa"], self.psa_tools["predictor"]
+        psa, predictor = self.method["psa"], self.psa_tools["predictor"]
         height, width = labels.shape
         purity = spatial_purity(labels, self.num_classes, psa["purity_radius"])
         points = purest_points(things, purity, psa["points_per_thing"])
@@ -235,7 +170,7 @@ class SeCo(SemanticSegmentationModule):
         """Semantic Connectivity Correction over every image's components, then the final labels."""
         self.trainer.strategy.barrier()
         device = self.trainer.strategy.root_device
-        scc = self.hparams["method"]["scc"]
+        scc = self.method["scc"]
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = list(range(rank, len(TargetTrainImages(self.hparams["data"]["target"])), world))
         local_losses = np.concatenate([np.load(self.cache_path(index))["losses"] for index in mine] or
@@ -261,7 +196,7 @@ class SeCo(SemanticSegmentationModule):
                                                scc["noise_threshold"], scc["correction_threshold"])
                 labels = relabel(cache["index"], corrected)
                 height, width = (int(v) for v in cache["original_size"])
-                save_png(path, cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST))
+                save_label_png(path, cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST))
                 written += 1
             offset += count
             confusions["pixel"] += cache["confusion_pixel"]
@@ -291,9 +226,9 @@ class SeCo(SemanticSegmentationModule):
         timing = all_reduce_sum(torch.tensor([self.timing["images"], self.timing["seconds"],
                                               self.timing["encoder_seconds"]], dtype=torch.float64,
                                              device=device)).cpu().tolist()
-        noise_threshold = self.hparams["method"]["scc"]["noise_threshold"]
+        noise_threshold = self.method["scc"]["noise_threshold"]
         self.pseudo_label_results = {
-            "method": self.hparams["method"]["name"], "task": self.hparams["task"]["name"], "stage": "pseudo_label",
+            "method": self.method["name"], "task": self.hparams["task"]["name"], "stage": "pseudo_label",
             "label_dir": str(self.label_dir), "metrics": metrics,
             "components": {"total": int(len(losses)), "noisy": int((noisy_probability > noise_threshold).sum())},
             "psa_images": int(timing[0]), "psa_images_per_second": timing[0] / max(timing[1], 1e-9),
@@ -307,10 +242,3 @@ class SeCo(SemanticSegmentationModule):
             run_dir = Path(self.hparams["run_dir"])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "pseudo_label_results.json").write_text(json.dumps(self.pseudo_label_results, indent=2))
-
-
-def collate_images(items: list) -> dict:
-    """Tensors stacked; the uint8 images for SAM stay a list of HWC arrays."""
-    return {"index": [item["index"] for item in items], "image": [item["image"] for item in items],
-            "img": torch.stack([item["img"] for item in items]), "mask": torch.stack([item["mask"] for item in items]),
-            "original_size": torch.stack([item["original_size"] for item in items])}

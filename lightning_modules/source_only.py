@@ -10,7 +10,7 @@ from lightning_modules.base import SemanticSegmentationModule
 class SourceOnly(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.segmenter = self.build_segmenter()
+        self.segmenter = self.build_segmenter(self.method["source_ckpt"])
 
     def training_step(self, batch: dict, batch_idx: int):
         labelled = batch["src"]

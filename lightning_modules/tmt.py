@@ -24,15 +24,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torchmetrics import MeanMetric
 
-from datamodules.datasets.base import IGNORE_INDEX
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lightning_modules.base import SemanticSegmentationModule, ema_update, upsample
+from datamodules.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from lightning_modules.base import SemanticSegmentationModule
+from lightning_modules.components.ops import upsample
 from lightning_modules.components.self_training import (class_mix_masks, ema_momentum, mix,
                                                         pseudo_labels_with_quality, strong_photometric)
-from lightning_modules.components.transferability import (RegionDomainDiscriminator, partition_descriptors,
-                                                          region_correctness, region_domain_loss, region_means,
-                                                          region_partition, region_transferability,
-                                                          transferability_attention_bias, transferability_map)
+from lightning_modules.components.transferability import (partition_descriptors, region_correctness,
+                                                          region_domain_loss, region_means, region_partition,
+                                                          region_transferability, transferability_attention_bias,
+                                                          transferability_map)
+from lightning_modules.networks.heads import RegionDomainDiscriminator
+from lightning_modules.teachers import ema_update
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,7 @@ log = logging.getLogger(__name__)
 class TMT(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.method = cfg["method"]
-        self.segmenter = self.build_segmenter()
+        self.segmenter = self.build_segmenter(self.method["source_ckpt"])
         self.teacher = self.frozen_copy(self.segmenter)
         self.guided = self.method["transferability_guidance"]
         if self.guided:
@@ -55,7 +56,7 @@ class TMT(SemanticSegmentationModule):
         """Regions of each image and their transferability: (assignment [B, R, N], region features, T(r), map)."""
         method = self.method
         descriptors = partition_descriptors(features.detach(), images, method["structure_weight"])
-        assignment = region_partition(descriptors, method["cell_size"], method["cluster_iterations"], method["kappa"])
+        assignment = region_partition(descriptors, method["cell_size"], method["cluster_iterations"], method["assignment_sharpness"])
         pooled = region_means(assignment, features.detach().flatten(2).float())
         domain_logits = self.discriminator(pooled)
         transferability = region_transferability(domain_logits.detach())

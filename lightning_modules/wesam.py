@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.base import PromptedSegmentationModule, build_optimizer, ema_update
-from lightning_modules.components.sam import build_configured_sam, predict_instances, save_sam_checkpoint
-from lightning_modules.components.sam_lora import (
-    anchor_loss, branch_parameters, encode, inject_lora, instance_contrastive_loss, lora_modules, merged_sam, segment,
-    self_training_loss, valid_region,
-)
+from lightning_modules.base import PromptedSegmentationModule
+from lightning_modules.components.sam_adaptation import (anchor_loss, instance_contrastive_loss,
+                                                         self_training_loss, valid_region)
+from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.networks.sam_lora import (branch_parameters, encode, inject_lora, lora_modules, merged_sam,
+                                                 segment)
+from lightning_modules.optim import build_optimizer
+from lightning_modules.teachers import ema_update
 
 TEACHERS = ("shared", "ema")
 
@@ -27,7 +29,7 @@ TEACHERS = ("shared", "ema")
 class WeSAM(PromptedSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        model, method = cfg["model"], cfg["method"]
+        model, method = cfg["model"], self.method
         if method["teacher"] not in TEACHERS:
             raise ValueError(f"method.teacher={method['teacher']!r}; expected one of {TEACHERS}")
         self.sam = build_configured_sam(model)
@@ -47,7 +49,7 @@ class WeSAM(PromptedSegmentationModule):
         return predict_instances(self.sam, encode(self.sam, self.teacher_branch, images), targets, kind, self.poly_as)
 
     def training_step(self, batch: dict, batch_idx: int):
-        method, kinds = self.hparams["method"], self.prompt_kinds
+        method, kinds = self.method, self.prompt_kinds
         weak, strong, targets = batch["img"], batch["img_strong"], batch["targets"]
         # 1. frozen anchor on the weak view
         with torch.no_grad():
@@ -86,7 +88,7 @@ class WeSAM(PromptedSegmentationModule):
         if self.ema_teacher:
             student = torch.nn.ModuleList(m.branches["student"] for m in lora_modules(self.sam))
             teacher = torch.nn.ModuleList(m.branches["teacher"] for m in lora_modules(self.sam))
-            ema_update(teacher, student, self.hparams["method"]["ema_rate"])
+            ema_update(teacher, student, self.method["ema_rate"])
 
     def on_fit_end(self) -> None:
         # The evaluated network, LoRA merged, as a plain SAM state dict.

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from datamodules.datasets.base import IGNORE_INDEX as IGN
+from datamodules.constants import IGNORE_INDEX as IGN
 from lightning_modules.components.prototypes import (
     batch_prototypes, calibrated_source_prototypes, calibration, class_balanced_thresholds, confidence_histogram,
     dynamic_pseudo_labels, ema_prototype_memory, hybrid_pseudo_labels, prototype_contrast_loss, static_pseudo_labels,

@@ -9,12 +9,13 @@ import torch
 from omegaconf import OmegaConf
 from segment_anything import sam_model_registry
 
-from lightning_modules.components.sam import build_configured_sam, build_sam, predict_instances, save_sam_checkpoint
-from lightning_modules.components.sam_lora import (
-    LoRALinear, active_branch, assign_roles, background_representations, branch_parameters, branch_similarity,
-    direct_alignment_loss, encode, foreground_representations, inject_lora, instance_contrastive_loss, lora_modules,
-    merged_sam, reverse_distillation_loss, triplet_loss,
+from lightning_modules.networks.sam import build_configured_sam, build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.components.sam_adaptation import (
+    assign_roles, background_representations, branch_similarity, direct_alignment_loss, foreground_representations,
+    instance_contrastive_loss, reverse_distillation_loss, triplet_loss,
 )
+from lightning_modules.networks.sam_lora import (LoRALinear, active_branch, branch_parameters, encode, inject_lora,
+                                                 lora_modules, merged_sam)
 
 ROOT = Path(__file__).resolve().parent.parent
 

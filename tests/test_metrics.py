@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lightning_modules.base import instance_iou, mean_iou, per_class_iou, poly_lr_lambda
+from lightning_modules.metrics import instance_iou, mean_iou, per_class_iou
+from lightning_modules.optim import poly_lr_lambda
 
 
 def test_per_class_iou_from_constructed_confusion_matrix():

@@ -13,10 +13,12 @@ import datamodules
 import datamodules.uda
 import lightning_modules.mt_metric
 from experiments.run import check_compatibility, execute
-from lightning_modules.components.metric_learning import (MetricHead, class_normalised_weight,
-                                                          confidence_threshold_weight, proxy_anchor_loss,
-                                                          proxy_similarity, reliability_weight, weighted_cross_entropy)
-from lightning_modules.components.self_training import class_means, class_mix_masks
+from lightning_modules.components.metric_learning import (class_normalised_weight, confidence_threshold_weight,
+                                                          proxy_anchor_loss, proxy_similarity, reliability_weight,
+                                                          weighted_cross_entropy)
+from lightning_modules.components.ops import class_means
+from lightning_modules.components.self_training import class_mix_masks
+from lightning_modules.networks.heads import MetricHead
 from lightning_modules.mt_metric import MTMetric, TeacherTargets
 from tests.conftest import compose_config
 
@@ -123,17 +125,17 @@ def test_teacher_is_the_ema_of_the_student_and_the_weighting_switch(source_ckpt)
 
 def test_adapts_from_target_images_only_and_reports_weight_by_correctness(run_tiny, source_ckpt, monkeypatch):
     built_specs, datamodules_built = [], []
-    build_dataset, build_datamodule = datamodules.uda.build_dataset, datamodules.build_datamodule
+    build_from_spec, build_datamodule = datamodules.uda.build_from_spec, datamodules.build_datamodule
 
-    def spy_build_dataset(name, root, split, **options):
-        built_specs.append((split, options.get("domain")))
-        return build_dataset(name, root, split, **options)
+    def spy_build_from_spec(spec, default_split):
+        built_specs.append((spec.get("split", default_split), (spec.get("options") or {}).get("domain")))
+        return build_from_spec(spec, default_split)
 
     def spy_build_datamodule(cfg):
         datamodules_built.append(build_datamodule(cfg))
         return datamodules_built[-1]
 
-    monkeypatch.setattr(datamodules.uda, "build_dataset", spy_build_dataset)
+    monkeypatch.setattr(datamodules.uda, "build_from_spec", spy_build_from_spec)
     monkeypatch.setattr(datamodules, "build_datamodule", spy_build_datamodule)
     results, run_dir = run_tiny("mt_metric", "synth2real", f"method.source_ckpt={source_ckpt}",
                                 "trainer.log_every_n_steps=1")

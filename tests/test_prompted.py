@@ -8,10 +8,10 @@ import torchvision
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from datamodules.datasets.base import DatasetLayoutError
-from datamodules.prompted import (PromptedDataModule, PromptedDataset, build_prompted_datamodule, collate_prompted,
-                                  derive_prompts, masks_to_boxes)
-from datamodules.synthetic import SyntheticShapes
-from lightning_modules.components.sam import build_sam
+from datamodules.prompted import PromptedDataModule, PromptedDataset, build_prompted_datamodule, collate_prompted
+from datamodules.prompts import derive_prompts, masks_to_boxes
+from datamodules.datasets.synth_shapes import SyntheticShapes
+from lightning_modules.networks.sam import build_sam
 
 
 def rectangles() -> np.ndarray:
@@ -74,7 +74,7 @@ def test_polygon_of_rectangle_and_disk():
 
 
 def test_geometry_and_normalisation_equal_sam_preprocess():
-    shapes = SyntheticShapes("clear", "val", length=2, size=64)
+    shapes = SyntheticShapes(split="val", domain="clear", length=2, size=64)
     item = PromptedDataset(shapes, image_size=128, train=False)[0]
     raw = shapes[0]
     sam = build_sam("tiny", image_size=128)
@@ -117,7 +117,7 @@ def test_training_keeps_a_random_subset_of_max_instances():
 
 
 def test_eval_prompts_identical_for_same_seed():
-    shapes = SyntheticShapes("camouflaged", "val", length=3, size=64)
+    shapes = SyntheticShapes(split="val", domain="camouflaged", length=3, size=64)
     first, second = (PromptedDataset(shapes, image_size=64, train=False, seed=5) for _ in range(2))
     for index in (2, 0):
         a, b = first[index], second[index]
@@ -127,8 +127,8 @@ def test_eval_prompts_identical_for_same_seed():
 
 
 def test_collate_and_datamodule_loaders():
-    shapes = SyntheticShapes("clear", "train", length=5, size=32)
-    module = PromptedDataModule(shapes, SyntheticShapes("clear", "val", length=3, size=32), image_size=32,
+    shapes = SyntheticShapes(split="train", domain="clear", length=5, size=32)
+    module = PromptedDataModule(shapes, SyntheticShapes(split="val", domain="clear", length=3, size=32), image_size=32,
                                 batch_size=2, num_workers=0, strong_view=True)
     batch = next(iter(module.train_dataloader()))
     assert batch["img"].shape == batch["img_strong"].shape == (2, 3, 32, 32)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from datamodules.prompted import PromptedDataset, collate_prompted
-from datamodules.synthetic import SyntheticShapes
-from lightning_modules.components.sam import (PROMPT_KINDS, build_configured_sam, build_sam, decode_masks, encode_prompts,
+from datamodules.datasets.synth_shapes import SyntheticShapes
+from lightning_modules.networks.sam import (PROMPT_KINDS, build_configured_sam, build_sam, decode_masks, encode_prompts,
                                               predict_instances, save_sam_checkpoint)
 
 SIZE = 64
@@ -23,7 +23,7 @@ def sam():
 
 @pytest.fixture(scope="module")
 def batch():
-    shapes = SyntheticShapes("clear", "val", length=2, size=48)
+    shapes = SyntheticShapes(split="val", domain="clear", length=2, size=48)
     dataset = PromptedDataset(shapes, image_size=SIZE, train=False)
     return collate_prompted([dataset[0], dataset[1]])
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from datamodules import build_datamodule
 from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
-from lightning_modules.components.sam import build_configured_sam, save_sam_checkpoint
+from lightning_modules.networks.sam import build_configured_sam, save_sam_checkpoint
 from lightning_modules.sam_finetune import SAMFinetune
 from tests.conftest import compose_config
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from experiments.sam_probe import box_auc, main, mask_quality
-from datamodules.prompted import masks_to_boxes
+from datamodules.prompts import masks_to_boxes
 
 
 def square(size: int, top: int, left: int, side: int) -> torch.Tensor:

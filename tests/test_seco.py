@@ -11,20 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.datasets.base import IGNORE_INDEX
-from lightning_modules.base import build_segmenter
+from datamodules.constants import IGNORE_INDEX
+from lightning_modules.networks.factory import build_network
 from lightning_modules.components.connectivity import (
     component_losses, connected_components, correct_components, fit_noise_gmm, label_confusion, paint_in_order,
     purest_points, relabel, semantic_alignment, spatial_purity, unclipped_boxes)
-from lightning_modules.components.sam import build_sam, save_sam_checkpoint
+from lightning_modules.networks.sam import build_sam, save_sam_checkpoint
 from tests.conftest import compose_config
 
-I = IGNORE_INDEX
+IGN = IGNORE_INDEX
 TINY_PSA = ["method.sam.variant=tiny", "method.psa.everything_mode.points_per_side=4"]
 
 
 def two_squares_and_a_bar() -> np.ndarray:
-    labels = np.full((8, 10), I, dtype=np.int64)
+    labels = np.full((8, 10), IGN, dtype=np.int64)
     labels[0:2, 0:2] = 1          # component A (class 1), area 4
     labels[5:8, 6:9] = 1          # component B (class 1), area 9
     labels[3, 0:10] = 2           # component C (class 2), area 10
@@ -37,13 +37,13 @@ def test_connected_components_of_each_class_with_areas_and_boxes():
     assert sorted(zip(components.classes.tolist(), components.areas.tolist())) == [(1, 4), (1, 9), (2, 1), (2, 10)]
     b = int(np.flatnonzero(components.areas == 9)[0])
     assert components.boxes[b].tolist() == [6, 5, 8, 7]
-    assert (components.index[5:8, 6:9] == b + 1).all() and (components.index[two_squares_and_a_bar() == I] == 0).all()
+    assert (components.index[5:8, 6:9] == b + 1).all() and (components.index[two_squares_and_a_bar() == IGN] == 0).all()
     filtered = connected_components(two_squares_and_a_bar(), classes=[2], min_area=2)
     assert filtered.classes.tolist() == [2] and filtered.areas.tolist() == [10]
 
 
 def test_semantic_alignment_votes_share_of_labelled_pixels_and_later_masks_win():
-    labels = np.full((4, 4), I, dtype=np.int64)
+    labels = np.full((4, 4), IGN, dtype=np.int64)
     labels[:, :2] = 0
     labels[0, 2] = 8
     masks = np.zeros((3, 4, 4), dtype=bool)
@@ -51,14 +51,14 @@ def test_semantic_alignment_votes_share_of_labelled_pixels_and_later_masks_win()
     masks[1, :, 2:] = True                            # labelled: 1 veg of 1 -> vegetation
     masks[2, 3, 3] = True                             # no labelled pixel -> ignore
     classes = semantic_alignment(masks, labels, stuff_classes=[0, 8], threshold=0.2)
-    assert classes.tolist() == [0, 8, I]
-    painted = paint_in_order(masks, classes, np.full((4, 4), I, dtype=np.int64))
+    assert classes.tolist() == [0, 8, IGN]
+    painted = paint_in_order(masks, classes, np.full((4, 4), IGN, dtype=np.int64))
     assert (painted[:, :2] == 0).all() and (painted[:, 2:] == 8).all()
-    assert semantic_alignment(masks[:1], labels, [0, 8], threshold=0.95).tolist() == [I]
+    assert semantic_alignment(masks[:1], labels, [0, 8], threshold=0.95).tolist() == [IGN]
 
 
 def test_thing_prompts_are_inside_their_component_and_boxes_grow_by_unclip():
-    labels = np.full((20, 20), I, dtype=np.int64)
+    labels = np.full((20, 20), IGN, dtype=np.int64)
     labels[2:6, 2:12] = 5
     labels[10:18, 14:18] = 5
     things = connected_components(labels, classes=[5])
@@ -93,11 +93,11 @@ def test_gmm_marks_the_high_loss_mode_noisy_and_correction_relabels_or_ignores()
     corrected = correct_components(classes=np.array([1, 1, 2]), noisy_probability=np.array([0.1, 0.9, 0.9]),
                                    prediction=np.array([3, 4, 5]), confidence=np.array([0.99, 0.99, 0.5]),
                                    noise_threshold=0.5, correction_threshold=0.95)
-    assert corrected.tolist() == [1, 4, I]
+    assert corrected.tolist() == [1, 4, IGN]
     components = connected_components(two_squares_and_a_bar())
     relabelled = relabel(components.index, np.arange(len(components)))
-    assert (relabelled[two_squares_and_a_bar() == I] == I).all()
-    assert label_confusion(np.array([[0, 1, I]]), np.array([[0, 0, 1]]), 2).tolist() == [[1, 1], [0, 0]]
+    assert (relabelled[two_squares_and_a_bar() == IGN] == IGN).all()
+    assert label_confusion(np.array([[0, 1, IGN]]), np.array([[0, 0, 1]]), 2).tolist() == [[1, 1], [0, 0]]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def pseudo_label_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("seco")
     cfg = compose_config("seco", "synth2real", root / "pl", "stage=pseudo_label", "data.target.options.length=6",
                          *TINY_PSA)
-    segmenter = build_segmenter(dict(cfg.model), 19)
+    segmenter = build_network(dict(cfg.model), 19)
     torch.save({"state_dict": {f"segmenter.{k}": v for k, v in segmenter.state_dict().items()}}, root / "base.ckpt")
     save_sam_checkpoint(build_sam("tiny"), root / "sam.pth")
     overrides = ["stage=pseudo_label", "data.target.options.length=6", *TINY_PSA, f"method.base_ckpt={root / 'base.ckpt'}",

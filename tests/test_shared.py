@@ -10,8 +10,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from experiments.run import check_compatibility
-from lightning_modules.base import build_segmenter, ema_update, labelling_mode, load_segmenter_weights
-from lightning_modules.components.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
+from lightning_modules.networks.factory import build_network, load_segmenter_weights
+from lightning_modules.teachers import ema_update, labelling_mode
+from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from tests.conftest import compose_config
 
 
@@ -56,15 +57,15 @@ def test_reductions_across_two_processes():
 
 
 def test_segmenter_weights_round_trip_through_a_checkpoint(tmp_path):
-    model = {"builder": "lightning_modules.components.deeplabv2.build_deeplabv2", "backbone": "resnet18",
+    model = {"builder": "lightning_modules.networks.deeplabv2.build_deeplabv2", "backbone": "resnet18",
              "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8}, "aspp_dilations": [1],
              "pretrained": None, "freeze_bn": False}
     torch.manual_seed(0)
-    source = build_segmenter(model, 3)
+    source = build_network(model, 3)
     path = tmp_path / "source.ckpt"
     torch.save({"state_dict": {f"segmenter.{k}": v for k, v in source.state_dict().items()}}, path)
     torch.manual_seed(1)
-    adapted = build_segmenter(model, 3)
+    adapted = build_network(model, 3)
     load_segmenter_weights(adapted, str(path))
     images = torch.randn(1, 3, 32, 32)
     assert torch.equal(source.eval()(images)[0], adapted.eval()(images)[0])
@@ -111,7 +112,7 @@ def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(run_tiny, monk
 
 
 def test_labelling_mode_keeps_frozen_batch_norm_frozen():
-    frozen = build_segmenter({"builder": "lightning_modules.components.deeplabv2.build_deeplabv2", "backbone": "resnet18",
+    frozen = build_network({"builder": "lightning_modules.networks.deeplabv2.build_deeplabv2", "backbone": "resnet18",
                               "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
                               "aspp_dilations": [1], "freeze_bn": True}, 3)
     batch_norms = [m for m in labelling_mode(frozen).modules() if isinstance(m, nn.BatchNorm2d)]
@@ -119,7 +120,7 @@ def test_labelling_mode_keeps_frozen_batch_norm_frozen():
 
 
 def test_labelling_mode_normalises_with_the_batch_and_leaves_running_statistics_alone():
-    network = build_segmenter({"builder": "lightning_modules.components.deeplabv2.build_deeplabv2", "backbone": "resnet18",
+    network = build_network({"builder": "lightning_modules.networks.deeplabv2.build_deeplabv2", "backbone": "resnet18",
                                "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
                                "aspp_dilations": [1], "freeze_bn": False}, 3)
     before = {k: v.clone() for k, v in network.state_dict().items()}

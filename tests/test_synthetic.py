@@ -4,24 +4,25 @@ import pytest
 import torch
 
 from datamodules.datasets.base import DatasetLayoutError
-from datamodules.synthetic import STREET_CLASSES, SyntheticShapes, SyntheticStreets
+from datamodules.datasets.synth_shapes import SyntheticShapes
+from datamodules.datasets.synth_streets import STREET_CLASSES, SyntheticStreets
 from datamodules.transforms import SemanticTransform
 
 
 def test_streets_are_a_pure_function_of_seed_and_index():
-    first, again = SyntheticStreets("real", seed=3)[5], SyntheticStreets("real", seed=3)[5]
-    other_seed = SyntheticStreets("real", seed=4)[5]
+    first, again = SyntheticStreets(domain="real", seed=3)[5], SyntheticStreets(domain="real", seed=3)[5]
+    other_seed = SyntheticStreets(domain="real", seed=4)[5]
     assert np.array_equal(first["image"], again["image"]) and np.array_equal(first["mask"], again["mask"])
     assert not np.array_equal(first["mask"], other_seed["mask"])
 
 
 def test_streets_use_only_the_drawn_train_ids():
-    labels = np.concatenate([SyntheticStreets("synthetic", length=20)[i]["mask"].ravel() for i in range(20)])
+    labels = np.concatenate([SyntheticStreets(domain="synthetic", length=20)[i]["mask"].ravel() for i in range(20)])
     assert set(np.unique(labels)) == set(STREET_CLASSES)
 
 
 def test_domains_share_layout_statistics_but_differ_in_appearance():
-    source, target = SyntheticStreets("synthetic", length=30), SyntheticStreets("real", length=30)
+    source, target = SyntheticStreets(domain="synthetic", length=30), SyntheticStreets(domain="real", length=30)
     source_freq = np.bincount(np.concatenate([source[i]["mask"].ravel() for i in range(30)]), minlength=19)
     target_freq = np.bincount(np.concatenate([target[i]["mask"].ravel() for i in range(30)]), minlength=19)
     assert np.abs(source_freq / source_freq.sum() - target_freq / target_freq.sum()).max() < 0.05
@@ -30,7 +31,7 @@ def test_domains_share_layout_statistics_but_differ_in_appearance():
 
 
 def test_diverse_streets_draw_a_new_look_per_image_over_the_same_layouts():
-    diverse = SyntheticStreets("diverse", length=6)
+    diverse = SyntheticStreets(domain="diverse", length=6)
     road_colours = np.stack([item["image"][item["mask"] == 0].mean(0) for item in (diverse[i] for i in range(6))])
     assert road_colours.std(0).mean() > 20  # a fresh palette per image, unlike the fixed source / target ones
     labels = np.concatenate([diverse[i]["mask"].ravel() for i in range(6)])
@@ -41,7 +42,7 @@ def test_shapes_give_nonempty_instances_and_camouflage_lowers_contrast():
     def contrast(item):
         inside = item["instances"].any(0)
         return np.abs(item["image"][inside].mean(0) - item["image"][~inside].mean(0)).sum()
-    clear, camouflaged = SyntheticShapes("clear", length=20), SyntheticShapes("camouflaged", length=20)
+    clear, camouflaged = SyntheticShapes(domain="clear", length=20), SyntheticShapes(domain="camouflaged", length=20)
     for i in range(20):
         assert clear[i]["instances"].shape[0] >= 1 and clear[i]["instances"].sum((1, 2)).min() > 0
     assert np.mean([contrast(camouflaged[i]) for i in range(20)]) < np.mean([contrast(clear[i]) for i in range(20)])
@@ -49,13 +50,13 @@ def test_shapes_give_nonempty_instances_and_camouflage_lowers_contrast():
 
 def test_unknown_domain_and_split_are_named():
     with pytest.raises(DatasetLayoutError, match="mars"):
-        SyntheticStreets("mars")
+        SyntheticStreets(domain="mars")
     with pytest.raises(DatasetLayoutError, match="holdout"):
-        SyntheticShapes("clear", split="holdout")
+        SyntheticShapes(domain="clear", split="holdout")
 
 
 def test_strong_view_is_pixel_aligned_with_the_weak_view():
-    item = SyntheticStreets("real")[0]
+    item = SyntheticStreets(domain="real")[0]
     sample = SemanticTransform(resize=(32, 64), crop=(24, 24), train=True, strong_view=True, seed=0)(item)
     assert sample["img"].shape == sample["img_strong"].shape == (3, 24, 24)
     assert sample["mask"].shape == (24, 24) and sample["mask"].dtype == torch.long
@@ -65,5 +66,5 @@ def test_strong_view_is_pixel_aligned_with_the_weak_view():
 
 
 def test_unlabelled_stream_carries_no_mask():
-    sample = SemanticTransform(train=True, labelled=False)(SyntheticStreets("real")[0])
+    sample = SemanticTransform(train=True, labelled=False)(SyntheticStreets(domain="real")[0])
     assert "mask" not in sample

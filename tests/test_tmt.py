@@ -13,10 +13,10 @@ import yaml
 
 from omegaconf import OmegaConf
 
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
 from experiments.run import CONFIG_DIR
-from lightning_modules.base import upsample
-from lightning_modules.components.segformer import EfficientSelfAttention, build_segformer, load_mit_pretrained
+from lightning_modules.components.ops import upsample
+from lightning_modules.networks.segformer import EfficientSelfAttention, build_segformer, load_mit_pretrained
 from lightning_modules.components.self_training import (class_mix_masks, ema_momentum, pseudo_labels_with_quality,
                                                         strong_photometric)
 from lightning_modules.components.transferability import (initial_assignment, partition_descriptors,
@@ -217,7 +217,7 @@ def test_strong_photometric_keeps_shape_and_changes_images():
 
 def test_source_only_trains_a_segformer():
     cfg = compose_config("source_only", "synth2real", "unused", "arch=segformer")
-    assert cfg.model.builder == "lightning_modules.components.segformer.build_segformer"
+    assert cfg.model.builder == "lightning_modules.networks.segformer.build_segformer"
 
 
 def test_tmt_end_to_end_logs_maps_and_region_transferability(run_tiny):

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = 255
+from datamodules.constants import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
 
@@ -196,3 +197,14 @@ class GreyMapInstanceDataset(InstanceDataset):
 
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
         return instances_from_id_map(self.read_ids(item[1]))
+
+
+# Procedural datasets: every item is a pure function of (seed, domain, split, index), so any worker, rank or
+# rerun sees the same image; nothing is cached or written.
+PROCEDURAL_SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def procedural_item_rng(seed: int, domain: int, split: str, index: int) -> np.random.Generator:
+    if split not in PROCEDURAL_SPLITS:
+        raise DatasetLayoutError(f"unknown split '{split}' for a procedural dataset; expected one of {list(PROCEDURAL_SPLITS)}")
+    return np.random.default_rng([seed, domain, PROCEDURAL_SPLITS[split], index])

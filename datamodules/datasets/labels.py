@@ -1,14 +1,8 @@
 """Label tables: Cityscapes labelIds and SYNTHIA ids -> the 19 Cityscapes train ids.
 
 Sources: cityscapesScripts ``helpers/labels.py`` (labelId -> trainId), SYNTHIA-RAND-CITYSCAPES
-class list as used by the UDA literature (see ../shared/DATASETS.md).
+class list as used by the UDA literature (docs/datasets.md#the-19-cityscapes-train-ids; the names are datamodules.constants.CITYSCAPES_CLASSES).
 """
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-    "bicycle",
-)
-
 CITYSCAPES_LABELID_TO_TRAINID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,

@@ -1,0 +1,1 @@
+"""The papers' math: small functions, each computing one equation or step (written in one comment line)."""

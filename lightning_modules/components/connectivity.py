@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.mixture import GaussianMixture
 
-from datamodules.datasets.base import IGNORE_INDEX
+from datamodules.constants import IGNORE_INDEX
 
 
 @dataclass

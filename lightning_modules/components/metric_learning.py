@@ -12,23 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.components.distributed import all_reduce_sum
-from lightning_modules.components.self_training import class_sums
-
-
-class MetricHead(nn.Module):
-    """Metric network on encoder features and the class proxies; ``forward`` gives cosine similarities [B, C, h, w]."""
-
-    def __init__(self, in_channels: int, num_classes: int, hidden_dim: int, embedding_dim: int):
-        super().__init__()
-        self.embed = nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 1), nn.ReLU(inplace=True),
-                                   nn.Conv2d(hidden_dim, embedding_dim, 1))
-        self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
-        # Proxy-Anchor's official initialisation of the proxies.
-        nn.init.kaiming_normal_(self.proxies, mode="fan_out")
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return proxy_similarity(self.embed(features), self.proxies)
+from lightning_modules.components.ops import class_sums
+from lightning_modules.distributed import all_reduce_sum
 
 
 def proxy_similarity(embeddings: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:

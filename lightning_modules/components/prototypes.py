@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from datamodules.datasets.base import IGNORE_INDEX
-from lightning_modules.components.distributed import all_reduce_sum
+from datamodules.constants import IGNORE_INDEX
+from lightning_modules.distributed import all_reduce_sum
 
 
 def float32(device: torch.device):
@@ -117,13 +117,3 @@ def static_pseudo_labels(probabilities: torch.Tensor, thresholds: torch.Tensor) 
     confidence, label = probabilities.float().max(1)
     keep = confidence >= thresholds.to(confidence.dtype)[label]
     return torch.where(keep, label, torch.full_like(label, IGNORE_INDEX))
-
-
-def pixels(tensor: torch.Tensor) -> torch.Tensor:
-    """[B, D, H, W] -> [B*H*W, D]."""
-    return tensor.permute(0, 2, 3, 1).reshape(-1, tensor.shape[1])
-
-
-def labels_at(mask: torch.Tensor, size) -> torch.Tensor:
-    """Nearest-neighbour resize of a label map [B, H, W] to the feature grid, flattened to [B*h*w]."""
-    return F.interpolate(mask.unsqueeze(1).float(), size=tuple(size), mode="nearest").long().flatten()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def ema_momentum(step: int, alpha: float) -> float:
@@ -43,21 +43,6 @@ def class_mix_masks(labels: torch.Tensor, ignore_index: int = 255,
     chosen = present & (rank < (present.sum(1, keepdim=True) + 1) // 2)
     chosen = torch.cat([chosen, torch.zeros(batch, 1, dtype=torch.bool, device=labels.device)], 1)
     return chosen.gather(1, torch.where(valid, flat, num_classes)).reshape(labels.shape).float()
-
-
-def class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, the sum of ``values`` [B, ...] over the pixels of each class of ``labels`` and the pixel count:
-    two [B, C] tensors."""
-    flat_labels = labels.flatten(1)
-    sums = torch.zeros(labels.shape[0], num_classes, device=values.device).scatter_add_(1, flat_labels, values.flatten(1).float())
-    counts = torch.zeros_like(sums).scatter_add_(1, flat_labels, torch.ones_like(flat_labels, dtype=sums.dtype))
-    return sums, counts
-
-
-def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per image, the mean of ``values`` [B, H, W] over the pixels of each class of ``labels``: [B, C] (0 if absent)."""
-    sums, counts = class_sums(values, labels, num_classes)
-    return sums / counts.clamp(min=1)
 
 
 def mix(mask: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:

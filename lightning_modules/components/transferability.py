@@ -73,17 +73,6 @@ def partition_descriptors(features: torch.Tensor, images: torch.Tensor, structur
     return torch.cat([F.normalize(features.float(), dim=1), structure_weight * colour], 1)
 
 
-class RegionDomainDiscriminator(nn.Module):
-    """D(f(r)): probability that a region's pooled feature comes from the source domain."""
-
-    def __init__(self, channels: int, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
-
-    def forward(self, region_features: torch.Tensor) -> torch.Tensor:
-        return self.net(region_features).squeeze(-1)
-
-
 def region_domain_loss(domain_logits: torch.Tensor, is_source: torch.Tensor, region_mass: torch.Tensor):
     """Region-level domain classification, BCE(D(f(r)), d), each region weighted by its pixel mass."""
     target = is_source.float()[:, None].expand_as(domain_logits)

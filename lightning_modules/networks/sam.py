@@ -4,6 +4,7 @@
 same modules, loading official-format state dicts with errors that name the file. ``encode_prompts`` /
 ``decode_masks`` are the differentiable halves of ``Sam.forward`` (which runs under no_grad);
 ``decode_batch`` decodes every instance of every image of a batch in one mask-decoder call.
+``SharedEmbeddingPredictor`` serves SAM's everything mode and prompted masks from one image-encoder pass.
 """
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything import sam_model_registry
+from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from datamodules.prompted import SAM_PIXEL_MEAN, SAM_PIXEL_STD, masks_to_boxes
+from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from datamodules.prompts import masks_to_boxes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def build_tiny_sam(image_size: int, options: dict) -> Sam:
             transformer=TwoWayTransformer(depth=options["decoder_depth"], embedding_dim=dim,
                                           mlp_dim=options["decoder_mlp_dim"], num_heads=options["decoder_heads"]),
         ),
-        pixel_mean=SAM_PIXEL_MEAN.tolist(), pixel_std=SAM_PIXEL_STD.tolist(),
+        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
     )
 
 
@@ -124,12 +127,6 @@ def save_sam_checkpoint(sam: Sam, path: str | Path) -> None:
     torch.save(sam.state_dict(), path)
 
 
-def unpadded(tensor: torch.Tensor, target: dict) -> torch.Tensor:
-    """``tensor`` [..., S, S] cropped to the image's un-padded input size (the transform pads bottom-right)."""
-    height, width = target["input_size"]
-    return tensor[..., :height, :width]
-
-
 def poly_mask_logits(polys: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Rasterised polygons [N,S,S] -> mask-prompt logits [N,1,s,s] (see POLY_MASK_LOGIT)."""
     inside = F.interpolate(polys[:, None].float(), size=size, mode="area")
@@ -186,3 +183,22 @@ def predict_instances(sam: Sam, image_embeddings: torch.Tensor, targets: list, k
     [N_i,1]): one prompt-encoder call per image, one decoder call for the batch."""
     outputs = decode_batch(sam, image_embeddings, [encode_prompts(sam, target, kind, poly_as) for target in targets])
     return outputs if with_iou else [logits for logits, _ in outputs]
+
+
+class SharedEmbeddingPredictor(SamPredictor):
+    """SamPredictor that keeps one image embedding until ``release``: the everything-mode generator's own
+    set_image / reset_image around its point grid reuse it, so the image encoder runs once per image."""
+
+    def __init__(self, sam) -> None:
+        super().__init__(sam)
+        self.release()
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        if not self.is_image_set:
+            super().set_image(image, image_format)
+
+    def reset_image(self) -> None:
+        """Kept: the embedding also serves the box + point prompts of the things."""
+
+    def release(self) -> None:
+        super().reset_image()

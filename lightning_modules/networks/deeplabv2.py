@@ -57,18 +57,6 @@ class DeepLabV2(nn.Module):
         return self
 
 
-class ProjectionHead(nn.Module):
-    """Pixel-feature projection for contrastive learning: 1x1 conv, ReLU, 1x1 conv (applied to backbone features)."""
-
-    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(in_channels, hidden_channels, 1), nn.ReLU(inplace=True),
-                                    nn.Conv2d(hidden_channels, out_channels, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
-
-
 def build_backbone(name: str, pretrained: str | None, kwargs: dict) -> nn.Module:
     """A timm ResNet at output stride 8; ``pretrained`` is a local timm weight file (no downloads)."""
     if pretrained:

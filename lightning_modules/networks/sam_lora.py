@@ -1,13 +1,10 @@
-"""Named LoRA branches on SAM's image encoder, and the math of the SAM self-training methods.
+"""Named LoRA branches on SAM's image encoder.
 
 One frozen encoder (gamma, the pre-trained path) carries several named low-rank branches (alpha / beta for
 dual_lora_sam; student / teacher for WeSAM). A branch is chosen per forward with ``active_branch``; with
 none active the encoder is the untouched frozen SAM. Own ~60-line layer instead of peft: peft is not
 installed, the dual method needs a perturbation of the *frozen* path that peft has no hook for, and merging
 a branch back into a plain ``nn.Linear`` (the official checkpoint format) is two lines here.
-
-Losses (dual_lora_sam, Liu et al. ICML 2025; WeSAM, Zhang et al. CVPR 2024) live below as small functions,
-each with its equation in one comment line.
 """
 from __future__ import annotations
 
@@ -20,8 +17,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from lightning_modules.components.losses import dice_loss, iou_prediction_loss, sam_mask_loss
-from lightning_modules.components.sam import predict_instances, unpadded
+from lightning_modules.networks.sam import predict_instances
 
 # Output blocks of SAM's fused attention projection ``attn.qkv`` (Linear(dim, 3 dim)), and the output proj.
 QKV_TARGETS = ("q", "k", "v")
@@ -158,94 +154,3 @@ def segment(sam: Sam, branch: str | None, images: torch.Tensor, targets: list, k
     branch ``branch``: one decoder call per prompt kind."""
     embeddings = encode(sam, branch, images)
     return embeddings, {kind: predict_instances(sam, embeddings, targets, kind, poly_as, with_iou=True) for kind in kinds}
-
-
-def valid_region(logits: torch.Tensor, target: dict) -> torch.Tensor:
-    """Mask logits cropped to the image's un-padded input size, [N,h,w]."""
-    return unpadded(logits[:, 0], target)
-
-
-# ---- foreground representation and role assignment (dual_lora_sam, Sec. "Foreground Representations") ----
-
-def foreground_representations(features: torch.Tensor, mask_logits: torch.Tensor, threshold: float):
-    """Per instance, f = sum_ij F^ij 1(S^ij > T) / sum_ij 1(S^ij > T); returns (f [N,C], valid [N]).
-
-    features: one image's embedding [C,h,w]; mask_logits [N,1,H,W] (any H,W), scored as S = sigmoid,
-    resized to the embedding grid. An instance with no pixel above T is not valid (f = 0).
-    """
-    scores = F.interpolate(mask_logits.float(), size=features.shape[-2:], mode="bilinear", align_corners=False)
-    foreground = (scores[:, 0].sigmoid() > threshold).to(features.dtype)
-    count = foreground.flatten(1).sum(1)
-    summed = torch.einsum("nhw,chw->nc", foreground, features)
-    return summed / count.clamp(min=1)[:, None], count > 0
-
-
-def background_representations(features: torch.Tensor, mask_logits: torch.Tensor, threshold: float):
-    """The complement of ``foreground_representations``: mean of F over pixels with S < T (the triplet negative)."""
-    return foreground_representations(features, -mask_logits, 1 - threshold)
-
-
-def branch_similarity(f_branch: torch.Tensor, f_gamma: torch.Tensor) -> torch.Tensor:
-    """sim = f_branch . f_gamma / (||f_branch|| ||f_gamma||), per instance."""
-    return F.cosine_similarity(f_branch.float(), f_gamma.float(), dim=-1)
-
-
-def assign_roles(sim_alpha: torch.Tensor, sim_beta: torch.Tensor) -> tuple[str, str]:
-    """(T, S) = (alpha, beta) if sim_alpha > sim_beta else (beta, alpha)."""
-    return ("alpha", "beta") if bool(sim_alpha > sim_beta) else ("beta", "alpha")
-
-
-# ---- dual_lora_sam losses ----
-
-def direct_alignment_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, focal_weight: float,
-                          dice_weight: float) -> torch.Tensor:
-    """L_da = 20 Focal(M_S, 1(M_T > 0)) + Dice(M_S, 1(M_T > 0)): the student learns the teacher's masks."""
-    return sam_mask_loss(student_logits, (teacher_logits.detach() > 0).to(student_logits.dtype), focal_weight,
-                         dice_weight)
-
-
-def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over valid entries; 0 (still attached to the graph) when none is valid."""
-    return (values * valid).sum() / valid.sum().clamp(min=1)
-
-
-def reverse_distillation_loss(f_teacher: torch.Tensor, f_student: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """L_rd = mean_n cos(f_T, sg(f_S)): minimising it pushes the teacher's representation away from the student's."""
-    return masked_mean(F.cosine_similarity(f_teacher, f_student.detach(), dim=-1), valid)
-
-
-def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float,
-                 valid: torch.Tensor) -> torch.Tensor:
-    """L_tri = mean_n max(0, d(f_S, sg f_T) - d(f_S, sg b_T) + m), d = 1 - cos: student fg near teacher fg, far from bg."""
-    def distance(x, y):
-        return 1 - F.cosine_similarity(x, y, dim=-1)
-    return masked_mean(F.relu(distance(anchor, positive.detach()) - distance(anchor, negative.detach()) + margin), valid)
-
-
-# ---- WeSAM losses (official code: losses.py, adaptation.py) ----
-
-def self_training_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, iou_prediction: torch.Tensor,
-                       focal_weight: float, dice_weight: float, iou_weight: float) -> torch.Tensor:
-    """L_self = 20 Focal(M_s, 1(M_t > 0)) + Dice(M_s, 1(M_t > 0)) + MSE(IoU_pred, IoU(M_s, 1(M_t > 0)))."""
-    pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
-    return (sam_mask_loss(student_logits, pseudo, focal_weight, dice_weight)
-            + iou_weight * iou_prediction_loss(iou_prediction, student_logits, pseudo))
-
-
-def anchor_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, anchor_logits: torch.Tensor) -> torch.Tensor:
-    """L_anc = 0.5 Dice(M_s, 1(M_a > 0)) + 0.5 Dice(M_t, 1(M_a > 0)): both views stay near the frozen anchor."""
-    pseudo = (anchor_logits.detach() > 0).to(student_logits.dtype)
-    return 0.5 * dice_loss(student_logits, pseudo) + 0.5 * dice_loss(teacher_logits, pseudo)
-
-
-def instance_contrastive_loss(features: torch.Tensor, anchor_features: torch.Tensor, mask_logits: torch.Tensor,
-                              anchor_mask_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """L_con = -log( sum_i exp(s_ii / tau) / sum_ij exp(s_ij / tau) ), s_ij = cos(z_i, z^a_j) of mask-pooled embeddings."""
-    def pooled(embedding, logits):
-        weights = F.interpolate(logits.detach().float(), size=embedding.shape[-2:], mode="bilinear",
-                                align_corners=False)[:, 0].sigmoid()
-        normalised = F.normalize(embedding.float(), dim=0)  # per-pixel L2 over channels, as the official code
-        return torch.einsum("nhw,chw->nc", weights, normalised) / weights.flatten(1).sum(1).clamp(min=1e-6)[:, None]
-    z, z_anchor = pooled(features, mask_logits), pooled(anchor_features.detach(), anchor_mask_logits)
-    similarity = F.cosine_similarity(z[:, None], z_anchor[None], dim=-1) / temperature
-    return -(similarity.diagonal().logsumexp(0) - similarity.flatten().logsumexp(0))

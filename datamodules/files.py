@@ -1,0 +1,31 @@
+"""Files a run writes for later stages to read (pseudo-labels, caches): written whole or not at all."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp_path)`` then rename: a reader (or a resumed run) never sees a partial file."""
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def save_label_png(path: Path, labels: np.ndarray) -> None:
+    """A uint8 label map as a single-channel PNG."""
+    def write(temporary: Path) -> None:
+        if not cv2.imwrite(str(temporary), labels.astype(np.uint8)):
+            raise OSError(f"could not write {temporary}")
+    write_atomically(path, write)
+
+
+def save_npz(path: Path, **arrays) -> None:
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+    write_atomically(path, write)

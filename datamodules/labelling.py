@@ -1,0 +1,40 @@
+"""The target train split as an offline labelling stage reads it (seco's ``stage=pseudo_label``).
+
+Each item is one image at the task's working resolution, unaugmented: the uint8 image (for SAM), the normalised
+tensor (for the segmenter) and the ground-truth mask, read for measuring the labels only (all-ignore where the
+dataset has none). Labels written by the stage are named by ``index`` and stored at ``original_size``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.constants import IGNORE_INDEX
+from datamodules.datasets import build_from_spec
+from datamodules.transforms import geometric_transform, to_tensor
+
+
+class TargetTrainImages(Dataset):
+    def __init__(self, spec: dict):
+        self.dataset = build_from_spec(spec, "train")
+        self.geometry = geometric_transform(spec.get("resize"), None, train=False)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        mask = item.get("mask")
+        mask = np.full(item["image"].shape[:2], IGNORE_INDEX, np.int64) if mask is None else mask.astype(np.int64)
+        out = self.geometry(image=item["image"], mask=mask)
+        return {"index": index, "image": out["image"], "img": to_tensor(out["image"]),
+                "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])),
+                "original_size": torch.tensor(item["image"].shape[:2])}
+
+
+def collate_images(items: list) -> dict:
+    """Tensors stacked; the uint8 images for SAM stay a list of HWC arrays."""
+    return {"index": [item["index"] for item in items], "image": [item["image"] for item in items],
+            "img": torch.stack([item["img"] for item in items]), "mask": torch.stack([item["mask"] for item in items]),
+            "original_size": torch.stack([item["original_size"] for item in items])}
