@@ -1,4 +1,5 @@
 """Datamodules shared by every method; ``build_datamodule`` turns the composed config into one."""
+
 from __future__ import annotations
 
 from datamodules.prompted import build_prompted_datamodule
@@ -9,9 +10,17 @@ def build_datamodule(cfg: dict):
     """UDADataModule for semantic tasks, PromptedDataModule for the SAM tasks."""
     data, task, method = cfg["data"], cfg["task"], cfg["method"]
     if task["kind"] == "semantic":
-        return UDADataModule(source=data.get("source"), target=data["target"], val=data["val"],
-                             streams=method["streams"], labelled_domain=data["labelled_domain"],
-                             crop_size=data.get("crop_size"), strong_view=data["strong_view"],
-                             batch_size=data["batch_size"], num_workers=data["num_workers"], seed=cfg["seed"],
-                             pseudo_label_dir=data.get("pseudo_label_dir"))
+        return UDADataModule(
+            source=data.get("source"),
+            target=data["target"],
+            val=data["val"],
+            streams=method["streams"],
+            labelled_domain=data["labelled_domain"],
+            crop_size=data.get("crop_size"),
+            strong_view=data["strong_view"],
+            batch_size=data["batch_size"],
+            num_workers=data["num_workers"],
+            seed=cfg["seed"],
+            pseudo_label_dir=data.get("pseudo_label_dir"),
+        )
     return build_prompted_datamodule(cfg)

@@ -1,4 +1,5 @@
 """Files a run writes for later stages to read (pseudo-labels, caches): written whole or not at all."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,11 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 def save_label_png(path: Path, labels: np.ndarray) -> None:
     """A uint8 label map as a single-channel PNG."""
+
     def write(temporary: Path) -> None:
         if not cv2.imwrite(str(temporary), labels.astype(np.uint8)):
             raise OSError(f"could not write {temporary}")
+
     write_atomically(path, write)
 
 
@@ -28,4 +31,5 @@ def save_npz(path: Path, **arrays) -> None:
     def write(temporary: Path) -> None:
         with open(temporary, "wb") as handle:
             np.savez(handle, **arrays)
+
     write_atomically(path, write)

@@ -4,6 +4,7 @@ Each item is one image at the task's working resolution, unaugmented: the uint8 
 tensor (for the segmenter) and the ground-truth mask, read for measuring the labels only (all-ignore where the
 dataset has none). Labels written by the stage are named by ``index`` and stored at ``original_size``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,13 +29,21 @@ class TargetTrainImages(Dataset):
         mask = item.get("mask")
         mask = np.full(item["image"].shape[:2], IGNORE_INDEX, np.int64) if mask is None else mask.astype(np.int64)
         out = self.geometry(image=item["image"], mask=mask)
-        return {"index": index, "image": out["image"], "img": to_tensor(out["image"]),
-                "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])),
-                "original_size": torch.tensor(item["image"].shape[:2])}
+        return {
+            "index": index,
+            "image": out["image"],
+            "img": to_tensor(out["image"]),
+            "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])),
+            "original_size": torch.tensor(item["image"].shape[:2]),
+        }
 
 
 def collate_images(items: list) -> dict:
     """Tensors stacked; the uint8 images for SAM stay a list of HWC arrays."""
-    return {"index": [item["index"] for item in items], "image": [item["image"] for item in items],
-            "img": torch.stack([item["img"] for item in items]), "mask": torch.stack([item["mask"] for item in items]),
-            "original_size": torch.stack([item["original_size"] for item in items])}
+    return {
+        "index": [item["index"] for item in items],
+        "image": [item["image"] for item in items],
+        "img": torch.stack([item["img"] for item in items]),
+        "mask": torch.stack([item["mask"] for item in items]),
+        "original_size": torch.stack([item["original_size"] for item in items]),
+    }

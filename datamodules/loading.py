@@ -1,5 +1,6 @@
 """Loader pieces shared by the semantic and the SAM datamodules: per-worker augmentation seeds, the rank's
 share of a split, and one DataLoader recipe."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -52,8 +53,17 @@ def evaluation_indices(dataset: Dataset, datamodule: L.LightningDataModule) -> l
     return list(range(rank, len(dataset), world))
 
 
-def build_loader(dataset: Dataset, sampler, batch_size: int, num_workers: int, drop_last: bool,
-                 collate_fn: Callable | None = None) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                      collate_fn=collate_fn, worker_init_fn=seed_worker_transforms,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+def build_loader(
+    dataset: Dataset, sampler, batch_size: int, num_workers: int, drop_last: bool, collate_fn: Callable | None = None
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        collate_fn=collate_fn,
+        worker_init_fn=seed_worker_transforms,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -10,6 +10,7 @@ Items: ``{"img": float[3,S,S] (SAM-normalised, zero-padded), ("img_strong"), ("i
 "polys": float[N,S,S], "input_size": (h, w), "original_size": (H, W), "meta"}``.
 Batches: ``{"img": [B,3,S,S], ("img_strong"), "targets": [per-image dict without the images]}``.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -30,6 +31,8 @@ from datamodules.transforms import strong_photometric_transform
 
 SAM_PIXEL_MEAN_ARRAY = np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)
 SAM_PIXEL_STD_ARRAY = np.asarray(SAM_PIXEL_STD, dtype=np.float32)
+
+
 def weak_photometric_transform() -> A.Compose:
     """Mild colour jitter for supervised fine-tuning; geometry stays fixed so prompts stay exact."""
     return A.Compose([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5)])
@@ -76,6 +79,7 @@ def resize_masks(instances: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Index lookup instead of cv2.resize: cv2 caps the channel count (128 in OpenCV 5), COCO has ~150.
     """
+
     def source_indices(new: int, old: int) -> np.ndarray:
         return np.minimum(((np.arange(new) + 0.5) * old / new).astype(np.int64), old - 1)
 
@@ -91,8 +95,16 @@ class PromptedDataset(Dataset):
     the prompts, which WeSAM treats as weak supervision).
     """
 
-    def __init__(self, dataset: Dataset, image_size: int = 1024, train: bool = True, max_instances: int = 40,
-                 strong_view: bool = False, seed: int = 0, labelled: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        image_size: int = 1024,
+        train: bool = True,
+        max_instances: int = 40,
+        strong_view: bool = False,
+        seed: int = 0,
+        labelled: bool = True,
+    ):
         self.dataset, self.image_size, self.train = dataset, image_size, train
         self.max_instances, self.seed, self.labelled = max_instances, seed, labelled
         self.resizer = ResizeLongestSide(image_size)
@@ -109,8 +121,10 @@ class PromptedDataset(Dataset):
         """Drop instances lost in resizing; in training keep a random subset of at most max_instances."""
         instances = instances[instances.any((1, 2))]
         if len(instances) == 0:
-            raise DatasetLayoutError(f"{path} has no instance masks (after resizing to {self.image_size}); "
-                                     "every image of a SAM task needs at least one instance")
+            raise DatasetLayoutError(
+                f"{path} has no instance masks (after resizing to {self.image_size}); "
+                "every image of a SAM task needs at least one instance"
+            )
         if self.train and len(instances) > self.max_instances:
             instances = instances[np.sort(rng.choice(len(instances), self.max_instances, replace=False))]
         return instances
@@ -128,12 +142,17 @@ class PromptedDataset(Dataset):
         sample = {name: sam_normalise(view, size) for name, view in self.transform.views(image).items()}
         if self.labelled:
             sample["instances"] = torch.from_numpy(pad_to_square(instances, size)).float()
-        sample.update({
-            "boxes": torch.from_numpy(prompts["boxes"]), "points": torch.from_numpy(prompts["points"]),
-            "point_labels": torch.from_numpy(prompts["point_labels"]),
-            "polys": torch.from_numpy(pad_to_square(prompts["polys"], size)).float(),
-            "input_size": input_size, "original_size": original_size, "meta": item["meta"],
-        })
+        sample.update(
+            {
+                "boxes": torch.from_numpy(prompts["boxes"]),
+                "points": torch.from_numpy(prompts["points"]),
+                "point_labels": torch.from_numpy(prompts["point_labels"]),
+                "polys": torch.from_numpy(pad_to_square(prompts["polys"], size)).float(),
+                "input_size": input_size,
+                "original_size": original_size,
+                "meta": item["meta"],
+            }
+        )
         return sample
 
 
@@ -149,22 +168,50 @@ def collate_prompted(items: Sequence[dict]) -> dict:
 class PromptedDataModule(L.LightningDataModule):
     """One training stream (labelled or unlabelled-with-prompts) and the labelled val/test split."""
 
-    def __init__(self, train_dataset: Dataset, val_dataset: Dataset, image_size: int = 1024, batch_size: int = 2,
-                 num_workers: int = 2, max_instances: int = 40, strong_view: bool = False, seed: int = 0,
-                 train_labelled: bool = True):
+    def __init__(
+        self,
+        train_dataset: Dataset,
+        val_dataset: Dataset,
+        image_size: int = 1024,
+        batch_size: int = 2,
+        num_workers: int = 2,
+        max_instances: int = 40,
+        strong_view: bool = False,
+        seed: int = 0,
+        train_labelled: bool = True,
+    ):
         super().__init__()
-        self.train_set = PromptedDataset(train_dataset, image_size, train=True, max_instances=max_instances,
-                                         strong_view=strong_view, seed=seed, labelled=train_labelled)
+        self.train_set = PromptedDataset(
+            train_dataset,
+            image_size,
+            train=True,
+            max_instances=max_instances,
+            strong_view=strong_view,
+            seed=seed,
+            labelled=train_labelled,
+        )
         self.val_set = PromptedDataset(val_dataset, image_size, train=False, seed=seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
     def train_dataloader(self) -> DataLoader:
-        return build_loader(self.train_set, training_sampler(self.train_set, self, self.seed), self.batch_size,
-                            self.num_workers, drop_last=True, collate_fn=collate_prompted)
+        return build_loader(
+            self.train_set,
+            training_sampler(self.train_set, self, self.seed),
+            self.batch_size,
+            self.num_workers,
+            drop_last=True,
+            collate_fn=collate_prompted,
+        )
 
     def eval_loader(self) -> DataLoader:
-        return build_loader(self.val_set, evaluation_indices(self.val_set, self), self.batch_size, self.num_workers,
-                            drop_last=False, collate_fn=collate_prompted)
+        return build_loader(
+            self.val_set,
+            evaluation_indices(self.val_set, self),
+            self.batch_size,
+            self.num_workers,
+            drop_last=False,
+            collate_fn=collate_prompted,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader()
@@ -181,13 +228,22 @@ def build_prompted_datamodule(cfg: dict) -> PromptedDataModule:
         if labelled_domain not in ("source", "target"):
             raise ValueError(f"data.labelled_domain must be 'source' or 'target', got '{labelled_domain}'")
         if data.get(labelled_domain) is None:
-            raise ValueError("this task has no source dataset, so methods that need labelled source data cannot run on it")
+            raise ValueError(
+                "this task has no source dataset, so methods that need labelled source data cannot run on it"
+            )
         train_spec, labelled = data[labelled_domain], True
     elif streams == ["tgt"]:
         train_spec, labelled = data["target"], False
     else:
         raise ValueError(f"SAM tasks train on one stream, ['src'] or ['tgt']; got {streams}")
-    return PromptedDataModule(build_from_spec(train_spec, "train"), build_from_spec(data["val"], "val"),
-                              image_size=cfg["model"]["image_size"], batch_size=data["batch_size"],
-                              num_workers=data["num_workers"], max_instances=data["max_instances"],
-                              strong_view=data["strong_view"], seed=cfg["seed"], train_labelled=labelled)
+    return PromptedDataModule(
+        build_from_spec(train_spec, "train"),
+        build_from_spec(data["val"], "val"),
+        image_size=cfg["model"]["image_size"],
+        batch_size=data["batch_size"],
+        num_workers=data["num_workers"],
+        max_instances=data["max_instances"],
+        strong_view=data["strong_view"],
+        seed=cfg["seed"],
+        train_labelled=labelled,
+    )

@@ -3,6 +3,7 @@
 Per instance: its tight box, 5 positive + 5 negative points, and a coarse polygon (``cv2.approxPolyDP`` with
 epsilon = 0.05 x arc length), all derived on the *resized* masks so they live in SAM's input frame.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -40,12 +41,12 @@ def sample_points(regions: np.ndarray, rng: np.random.Generator, count: int) -> 
     flat = regions.reshape(n, -1)
     chosen = np.zeros((n, count), dtype=np.int64)
     for start in range(0, n, POINT_CHUNK):
-        inside = flat[start:start + POINT_CHUNK].astype(bool)
+        inside = flat[start : start + POINT_CHUNK].astype(bool)
         scores = np.where(inside, rng.random(inside.shape, dtype=np.float32), -1.0)
         top = np.argpartition(-scores, count - 1, axis=1)[:, :count]
         top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
         available = np.maximum(inside.sum(1), 1)
-        chosen[start:start + POINT_CHUNK] = np.take_along_axis(top, np.arange(count)[None] % available[:, None], 1)
+        chosen[start : start + POINT_CHUNK] = np.take_along_axis(top, np.arange(count)[None] % available[:, None], 1)
     valid = np.take_along_axis(flat, chosen, 1).astype(bool)
     points = np.stack([chosen % width, chosen // width], -1).astype(np.float32)
     return points, valid
@@ -64,15 +65,24 @@ def polygon_masks(instances: np.ndarray, poly_epsilon: float) -> np.ndarray:
     return polys
 
 
-def derive_prompts(instances: np.ndarray, rng: np.random.Generator, num_positive: int = 5,
-                   num_negative: int = 5, poly_epsilon: float = 0.05) -> dict:
+def derive_prompts(
+    instances: np.ndarray,
+    rng: np.random.Generator,
+    num_positive: int = 5,
+    num_negative: int = 5,
+    poly_epsilon: float = 0.05,
+) -> dict:
     """WeSAM's ground-truth prompts for every instance of one image (all in the masks' pixel frame)."""
     instances = instances.astype(np.uint8)
     positives, _ = sample_points(instances, rng, num_positive)
     negatives, negative_valid = sample_points(1 - instances, rng, num_negative)
     n = len(instances)
-    labels = np.concatenate([np.ones((n, num_positive), np.int64),
-                             np.where(negative_valid, 0, PADDING_POINT).astype(np.int64)], 1)
-    return {"boxes": masks_to_boxes(torch.from_numpy(instances)).numpy(),
-            "points": np.concatenate([positives, negatives], 1), "point_labels": labels,
-            "polys": polygon_masks(instances, poly_epsilon)}
+    labels = np.concatenate(
+        [np.ones((n, num_positive), np.int64), np.where(negative_valid, 0, PADDING_POINT).astype(np.int64)], 1
+    )
+    return {
+        "boxes": masks_to_boxes(torch.from_numpy(instances)).numpy(),
+        "points": np.concatenate([positives, negatives], 1),
+        "point_labels": labels,
+        "polys": polygon_masks(instances, poly_epsilon),
+    }

@@ -4,6 +4,7 @@ Geometry (resize, crop, flip) is applied once to image and mask; the weak view i
 strong view (for self-training methods) adds photometric noise to the *same* crop, so a teacher's
 prediction on the weak view is a pixel-aligned label for the strong view.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -13,7 +14,6 @@ import numpy as np
 import torch
 
 from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
-
 
 
 def geometric_transform(resize: Sequence[int] | None, crop: Sequence[int] | None, train: bool) -> A.Compose:
@@ -31,11 +31,13 @@ def geometric_transform(resize: Sequence[int] | None, crop: Sequence[int] | None
 
 def strong_photometric_transform() -> A.Compose:
     """DAFormer/mean-teacher style strong view: colour jitter, grey, blur (no geometry)."""
-    return A.Compose([
-        A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
-        A.ToGray(p=0.2),
-        A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.1, 2.0), p=0.5),
-    ])
+    return A.Compose(
+        [
+            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
+            A.ToGray(p=0.2),
+            A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.1, 2.0), p=0.5),
+        ]
+    )
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -48,8 +50,15 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class SemanticTransform:
     """Item dict -> tensors: ``img`` (weak view), optional ``img_strong``, and ``mask`` when labelled."""
 
-    def __init__(self, resize=None, crop=None, train: bool = True, strong_view: bool = False,
-                 labelled: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        resize=None,
+        crop=None,
+        train: bool = True,
+        strong_view: bool = False,
+        labelled: bool = True,
+        seed: int = 0,
+    ):
         self.geometry = geometric_transform(resize, crop, train)
         self.strong = strong_photometric_transform() if strong_view else None
         self.labelled = labelled

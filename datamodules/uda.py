@@ -6,6 +6,7 @@ train images without labels. A stream that is not asked for is never built, so a
 cannot touch source data. Batches follow the data contract of docs/data_contract.md#training-batch:
 ``{"src": {"img", "mask"}, "tgt": {"img", ("img_strong")}}`` in training, ``{"img", "mask"}`` in val/test.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -26,10 +27,20 @@ STREAMS = ("src", "tgt", "pl")
 class UDADataModule(L.LightningDataModule):
     """Datasets are described by specs ``{"name", "root", "split", "resize", "options"}``."""
 
-    def __init__(self, source: dict | None, target: dict, val: dict, streams: Sequence[str] = ("src",),
-                 labelled_domain: str = "source", crop_size: Sequence[int] | None = None,
-                 strong_view: bool = False, batch_size: int = 2, num_workers: int = 2, seed: int = 0,
-                 pseudo_label_dir: str | None = None):
+    def __init__(
+        self,
+        source: dict | None,
+        target: dict,
+        val: dict,
+        streams: Sequence[str] = ("src",),
+        labelled_domain: str = "source",
+        crop_size: Sequence[int] | None = None,
+        strong_view: bool = False,
+        batch_size: int = 2,
+        num_workers: int = 2,
+        seed: int = 0,
+        pseudo_label_dir: str | None = None,
+    ):
         super().__init__()
         unknown = set(streams) - set(STREAMS)
         if unknown:
@@ -37,7 +48,9 @@ class UDADataModule(L.LightningDataModule):
         if labelled_domain not in ("source", "target"):
             raise ValueError(f"data.labelled_domain must be 'source' or 'target', got '{labelled_domain}'")
         if "src" in streams and labelled_domain == "source" and source is None:
-            raise ValueError("this task has no source dataset, so methods that need labelled source data cannot run on it")
+            raise ValueError(
+                "this task has no source dataset, so methods that need labelled source data cannot run on it"
+            )
         self.specs = {"source": source, "target": target, "val": val}
         self.streams, self.labelled_domain = tuple(streams), labelled_domain
         self.crop_size, self.strong_view = crop_size, strong_view
@@ -46,42 +59,70 @@ class UDADataModule(L.LightningDataModule):
         self.train_sets: dict[str, Dataset] = {}
         self.val_set: Dataset | None = None
 
-    def build(self, spec: dict, split: str, train: bool, labelled: bool, strong_view: bool = False,
-              label_dir: str | None = None) -> Dataset:
+    def build(
+        self,
+        spec: dict,
+        split: str,
+        train: bool,
+        labelled: bool,
+        strong_view: bool = False,
+        label_dir: str | None = None,
+    ) -> Dataset:
         dataset = build_from_spec(spec, split)
         if label_dir is not None:
             dataset = PseudoLabelled(dataset, label_dir)
-        transform = SemanticTransform(resize=spec.get("resize"), crop=self.crop_size if train else None,
-                                      train=train, strong_view=strong_view, labelled=labelled, seed=self.seed)
+        transform = SemanticTransform(
+            resize=spec.get("resize"),
+            crop=self.crop_size if train else None,
+            train=train,
+            strong_view=strong_view,
+            labelled=labelled,
+            seed=self.seed,
+        )
         return TransformedDataset(dataset, transform)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is None:
-            self.val_set = self.build(self.specs["val"], self.specs["val"].get("split", "val"), train=False, labelled=True)
+            self.val_set = self.build(
+                self.specs["val"], self.specs["val"].get("split", "val"), train=False, labelled=True
+            )
         if stage in (None, "fit") and not self.train_sets:
             labelled_spec = self.specs[self.labelled_domain]
             if "src" in self.streams:
-                self.train_sets["src"] = self.build(labelled_spec, labelled_spec.get("split", "train"),
-                                                    train=True, labelled=True)
+                self.train_sets["src"] = self.build(
+                    labelled_spec, labelled_spec.get("split", "train"), train=True, labelled=True
+                )
             if "tgt" in self.streams:
-                self.train_sets["tgt"] = self.build(self.specs["target"], self.specs["target"].get("split", "train"),
-                                                    train=True, labelled=False, strong_view=self.strong_view)
+                self.train_sets["tgt"] = self.build(
+                    self.specs["target"],
+                    self.specs["target"].get("split", "train"),
+                    train=True,
+                    labelled=False,
+                    strong_view=self.strong_view,
+                )
             if "pl" in self.streams:
                 if not self.pseudo_label_dir:
-                    raise ValueError("the 'pl' stream needs data.pseudo_label_dir: the folder of pseudo-labels to "
-                                     "train on (for seco: method.label_dir of its stage=pseudo_label run)")
+                    raise ValueError(
+                        "the 'pl' stream needs data.pseudo_label_dir: the folder of pseudo-labels to "
+                        "train on (for seco: method.label_dir of its stage=pseudo_label run)"
+                    )
                 target = self.specs["target"]
-                self.train_sets["pl"] = self.build(target, target.get("split", "train"), train=True, labelled=True,
-                                                   label_dir=self.pseudo_label_dir)
+                self.train_sets["pl"] = self.build(
+                    target, target.get("split", "train"), train=True, labelled=True, label_dir=self.pseudo_label_dir
+                )
 
     def train_dataloader(self) -> dict[str, DataLoader]:
-        return {name: build_loader(dataset, training_sampler(dataset, self, self.seed), self.batch_size,
-                                   self.num_workers, drop_last=True)
-                for name, dataset in self.train_sets.items()}
+        return {
+            name: build_loader(
+                dataset, training_sampler(dataset, self, self.seed), self.batch_size, self.num_workers, drop_last=True
+            )
+            for name, dataset in self.train_sets.items()
+        }
 
     def eval_loader(self) -> DataLoader:
-        return build_loader(self.val_set, evaluation_indices(self.val_set, self), self.batch_size, self.num_workers,
-                            drop_last=False)
+        return build_loader(
+            self.val_set, evaluation_indices(self.val_set, self), self.batch_size, self.num_workers, drop_last=False
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self.eval_loader()

@@ -14,6 +14,7 @@ the same ``--adapt-steps`` more, so every adapted row of a network has the same 
 trained on target labels for the source model's budget. A finished run leaves ``benchmark.done`` in
 its directory and is reused, so an interrupted benchmark continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Stage:
     """A prerequisite run whose output file later rows refer to as ``{name}``."""
+
     name: str
     overrides: tuple[str, ...]
     product: str  # path of the produced file, relative to the stage's run directory
@@ -67,21 +69,33 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
     sam_from_scratch = ("method.train_prompt_encoder=true",)
     # The seeds' ablation tables (each method's full row is the last line of its table).
     bicl_switches = ("use_fc", "use_bc", "use_dynamic", "use_calibration")
-    bicl_ablation = {"L_base": (False, False, False, False), "+FC": (True, False, False, False),
-                     "+FC +BC": (True, True, False, False), "+y_D w/o cal.": (True, True, True, False)}
-    dual_lora_ablation = {"Direct": ("method.reverse_distillation=false", "method.triplet=false"),
-                          "+Reverse": ("method.triplet=false",)}
+    bicl_ablation = {
+        "L_base": (False, False, False, False),
+        "+FC": (True, False, False, False),
+        "+FC +BC": (True, True, False, False),
+        "+y_D w/o cal.": (True, True, True, False),
+    }
+    dual_lora_ablation = {
+        "Direct": ("method.reverse_distillation=false", "method.triplet=false"),
+        "+Reverse": ("method.triplet=false",),
+    }
     # seco's SAM on synth2real: the tiny class-agnostic SAM trained on "diverse" street regions (task
     # synth_regions), with a 16 x 16 point grid for everything mode (32 x 32 at paper size) to fit a CPU
     # budget. Its mask logits rarely pass +1, so SAM's stability test (offset 1.0, > 0.95) and IoU filter
     # (> 0.88), set for vit_h, keep no mask. These filters were chosen on the region SAM's own held-out
     # diverse scenes (no target image): there they keep ~40 masks per image covering 81% of it.
-    seco_sam = ("method.sam.variant=tiny", "method.sam.checkpoint={region_sam}",
-                "method.psa.everything_mode.points_per_side=16", "method.psa.everything_mode.pred_iou_thresh=0.3",
-                "method.psa.everything_mode.stability_score_thresh=0.8",
-                "method.psa.everything_mode.stability_score_offset=0.1")
+    seco_sam = (
+        "method.sam.variant=tiny",
+        "method.sam.checkpoint={region_sam}",
+        "method.psa.everything_mode.points_per_side=16",
+        "method.psa.everything_mode.pred_iou_thresh=0.3",
+        "method.psa.everything_mode.stability_score_thresh=0.8",
+        "method.psa.everything_mode.stability_score_offset=0.1",
+    )
     semantic = Protocol(
-        task="synth2real", headline="mIoU", columns=("mIoU",),
+        task="synth2real",
+        headline="mIoU",
+        columns=("mIoU",),
         stages=(
             Stage("source", ("+method=source_only", source), "checkpoints/last.ckpt"),
             Stage("source_segformer", ("+method=source_only", segformer, source), "checkpoints/last.ckpt"),
@@ -90,44 +104,102 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
         rows=(
             Row("source_only", single("+method=source_only", "+method.source_ckpt={source}", adapt), "source"),
             Row("bicl", single("+method=bicl", "method.source_ckpt={source}", adapt)),
-            *(Row(f"bicl {name}", single("+method=bicl", "method.source_ckpt={source}", adapt,
-                                         *(f"method.{k}={str(v).lower()}" for k, v in zip(bicl_switches, values))),
-                  ablation=True)
-              for name, values in bicl_ablation.items()),
+            *(
+                Row(
+                    f"bicl {name}",
+                    single(
+                        "+method=bicl",
+                        "method.source_ckpt={source}",
+                        adapt,
+                        *(f"method.{k}={str(v).lower()}" for k, v in zip(bicl_switches, values)),
+                    ),
+                    ablation=True,
+                )
+                for name, values in bicl_ablation.items()
+            ),
             Row("mt_metric", single("+method=mt_metric", "method.source_ckpt={source}", adapt)),
-            Row("mt_metric +MOCM", single("+method=mt_metric", "method.source_ckpt={source}", "method.mocm=true",
-                                          adapt), ablation=True),
-            Row("mt_metric (threshold ST)", single("+method=mt_metric", "method.source_ckpt={source}",
-                                                   "method.weighting=threshold", adapt)),
-            Row("mt_metric (unweighted)", single("+method=mt_metric", "method.source_ckpt={source}",
-                                                 "method.weighting=uniform", adapt)),
-            Row("seco", (("+method=seco", "stage=pseudo_label", "method.base_ckpt={source}", *seco_sam,
-                          "method.label_dir={row_dir}/pseudo_labels"),
-                         ("+method=seco", "method.base_ckpt={source}", "method.label_dir={row_dir}/pseudo_labels",
-                          adapt))),
+            Row(
+                "mt_metric +MOCM",
+                single("+method=mt_metric", "method.source_ckpt={source}", "method.mocm=true", adapt),
+                ablation=True,
+            ),
+            Row(
+                "mt_metric (threshold ST)",
+                single("+method=mt_metric", "method.source_ckpt={source}", "method.weighting=threshold", adapt),
+            ),
+            Row(
+                "mt_metric (unweighted)",
+                single("+method=mt_metric", "method.source_ckpt={source}", "method.weighting=uniform", adapt),
+            ),
+            Row(
+                "seco",
+                (
+                    (
+                        "+method=seco",
+                        "stage=pseudo_label",
+                        "method.base_ckpt={source}",
+                        *seco_sam,
+                        "method.label_dir={row_dir}/pseudo_labels",
+                    ),
+                    ("+method=seco", "method.base_ckpt={source}", "method.label_dir={row_dir}/pseudo_labels", adapt),
+                ),
+            ),
             Row("oracle", single("+method=oracle", source), "upper"),
-            Row("source_only", single("+method=source_only", segformer, "+method.source_ckpt={source_segformer}",
-                                      adapt), "source", "segformer"),
-            Row("tmt (guidance off)", single("+method=tmt", "method.source_ckpt={source_segformer}",
-                                             "method.transferability_guidance=false", adapt), network="segformer"),
+            Row(
+                "source_only",
+                single("+method=source_only", segformer, "+method.source_ckpt={source_segformer}", adapt),
+                "source",
+                "segformer",
+            ),
+            Row(
+                "tmt (guidance off)",
+                single(
+                    "+method=tmt",
+                    "method.source_ckpt={source_segformer}",
+                    "method.transferability_guidance=false",
+                    adapt,
+                ),
+                network="segformer",
+            ),
             Row("tmt", single("+method=tmt", "method.source_ckpt={source_segformer}", adapt), network="segformer"),
             Row("oracle", single("+method=oracle", segformer, source), "upper", "segformer"),
         ),
     )
     prompted = Protocol(
-        task="synth_shapes", headline="avg", columns=("box", "point", "poly", "avg"),
+        task="synth_shapes",
+        headline="avg",
+        columns=("box", "point", "poly", "avg"),
         stages=(Stage("sam_source", ("+method=sam_finetune", source, *sam_from_scratch), "sam.pth"),),
         rows=(
-            Row("source (unadapted)", single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}"),
-                "source", "sam"),
+            Row(
+                "source (unadapted)",
+                single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}"),
+                "source",
+                "sam",
+            ),
             Row("wesam", single("+method=wesam", "model.sam_checkpoint={sam_source}", adapt), network="sam"),
-            Row("dual_lora_sam", single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", adapt),
-                network="sam"),
-            *(Row(f"dual_lora_sam {name}", single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}",
-                                                  *switches, adapt), network="sam", ablation=True)
-              for name, switches in dual_lora_ablation.items()),
-            Row("target (sam_finetune)", single("+method=sam_finetune", "data.labelled_domain=target",
-                                                "model.sam_checkpoint={sam_source}", adapt), "upper", "sam"),
+            Row(
+                "dual_lora_sam",
+                single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", adapt),
+                network="sam",
+            ),
+            *(
+                Row(
+                    f"dual_lora_sam {name}",
+                    single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", *switches, adapt),
+                    network="sam",
+                    ablation=True,
+                )
+                for name, switches in dual_lora_ablation.items()
+            ),
+            Row(
+                "target (sam_finetune)",
+                single(
+                    "+method=sam_finetune", "data.labelled_domain=target", "model.sam_checkpoint={sam_source}", adapt
+                ),
+                "upper",
+                "sam",
+            ),
         ),
     )
     return {p.task: p for p in (semantic, prompted)}
@@ -149,8 +221,15 @@ def with_task(overrides: tuple[str, ...], task: str, products: dict[str, str]) -
 
 def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, products: dict[str, str]) -> Path:
     """One experiments.run command (skipped when its results.json exists); returns its run directory."""
-    command = [sys.executable, "-m", "experiments.run", *with_task(overrides, task, products), f"seed={seed}",
-               f"run_dir={run_dir}", *COMMON]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        *with_task(overrides, task, products),
+        f"seed={seed}",
+        f"run_dir={run_dir}",
+        *COMMON,
+    ]
     done = run_dir / "benchmark.done"
     if done.is_file():
         return run_dir
@@ -164,12 +243,16 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
     return run_dir
 
 
-def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | None,
-                 ablations: bool = False) -> list[dict]:
+def run_protocol(
+    protocol: Protocol, seed: int, out: Path, methods: set[str] | None, ablations: bool = False
+) -> list[dict]:
     """Stages, then rows, for one seed; each row's results (or its failure) as a dict."""
     base = out / protocol.task / f"seed{seed}"
-    selected = [r for r in protocol.rows if r.role == "method" and (ablations or not r.ablation)
-                and (methods is None or r.name.split(" ")[0] in methods)]
+    selected = [
+        r
+        for r in protocol.rows
+        if r.role == "method" and (ablations or not r.ablation) and (methods is None or r.name.split(" ")[0] in methods)
+    ]
     networks = {r.network for r in selected}
     rows = [r for r in protocol.rows if r in selected or r.role != "method" and r.network in networks]
     needed = {name for r in rows for command in r.commands for o in command for name in stage_refs(o)}
@@ -177,8 +260,9 @@ def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | N
     for stage in protocol.stages:
         if stage.name in needed:
             try:
-                products[stage.name] = str(run(stage.overrides, protocol.task, seed, base / f"_{stage.name}", {})
-                                           / stage.product)
+                products[stage.name] = str(
+                    run(stage.overrides, protocol.task, seed, base / f"_{stage.name}", {}) / stage.product
+                )
             except RuntimeError as error:
                 print(f"  stage {stage.name} failed: {error}", flush=True)
     results = []
@@ -190,7 +274,9 @@ def run_protocol(protocol: Protocol, seed: int, out: Path, methods: set[str] | N
             if missing:
                 raise RuntimeError(f"prerequisite stage {', '.join(sorted(missing))} failed")
             for index, command in enumerate(row.commands):
-                target = run_dir if index == len(row.commands) - 1 else run_dir.with_name(f"{run_dir.name}_stage{index}")
+                target = (
+                    run_dir if index == len(row.commands) - 1 else run_dir.with_name(f"{run_dir.name}_stage{index}")
+                )
                 run(command, protocol.task, seed, target, products)
             results.append({"row": row, "seed": seed, **json.loads((run_dir / "results.json").read_text())})
         except RuntimeError as error:
@@ -223,8 +309,13 @@ def summarise(protocol: Protocol, results: list[dict]) -> list[dict]:
 
     def values(network: str, role: str, read) -> dict[int, float]:
         """``read(result)`` of the finished rows of one role of a network, by seed."""
-        rows = [r for (n, _), group in groups.items() if n == network for r in group
-                if r["row"].role == role and "error" not in r]
+        rows = [
+            r
+            for (n, _), group in groups.items()
+            if n == network
+            for r in group
+            if r["row"].role == role and "error" not in r
+        ]
         return {r["seed"]: read(r) for r in rows}
 
     def headline(result: dict) -> float:
@@ -243,45 +334,73 @@ def summarise(protocol: Protocol, results: list[dict]) -> list[dict]:
         source = values(network, "source", headline)
         upper = values(network, "upper", headline)
         gains = [r["metrics"][protocol.headline] - source[r["seed"]] for r in ok if r["seed"] in source]
-        gaps = [(r["metrics"][protocol.headline] - source[s]) / (upper[s] - source[s])
-                for r in ok if (s := r["seed"]) in source and s in upper and upper[s] != source[s]]
+        gaps = [
+            (r["metrics"][protocol.headline] - source[s]) / (upper[s] - source[s])
+            for r in ok
+            if (s := r["seed"]) in source and s in upper and upper[s] != source[s]
+        ]
         line["gain"], line["gap_closed"] = gains, [100 * g for g in gaps]
         reference_time = values(network, "source" if network != "sam" else "upper", lambda r: r.get("step_time_s"))
-        line["step_ratio"] = [r["step_time_s"] / reference_time[r["seed"]] for r in ok
-                              if r.get("step_time_s") and reference_time.get(r["seed"])]
+        line["step_ratio"] = [
+            r["step_time_s"] / reference_time[r["seed"]]
+            for r in ok
+            if r.get("step_time_s") and reference_time.get(r["seed"])
+        ]
         line["step_ms"] = [1000 * r["step_time_s"] for r in ok if r.get("step_time_s")]
         line["peak_mb"] = [r["peak_memory_mb"] for r in ok if r.get("peak_memory_mb")]
-        line["status"] = ("✗ does not beat source-only" if line["role"] == "method" and gains
-                          and statistics.fmean(gains) <= 0 else "")
+        line["status"] = (
+            "✗ does not beat source-only" if line["role"] == "method" and gains and statistics.fmean(gains) <= 0 else ""
+        )
         lines.append(line)
     return lines
 
 
 def markdown(protocol: Protocol, lines: list[dict], throughput: dict | None) -> str:
-    header = ["network", "method", *protocol.columns, "gain", "gap closed %", "step ms", "step ratio", "peak MB", "note"]
+    header = [
+        "network",
+        "method",
+        *protocol.columns,
+        "gain",
+        "gap closed %",
+        "step ms",
+        "step ratio",
+        "peak MB",
+        "note",
+    ]
     out = [f"### {protocol.task}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for line in lines:
-        cells = [line["network"], line["method"], *(fmt(line.get(c, [])) for c in protocol.columns),
-                 "-" if line["role"] == "source" else fmt(line.get("gain", []), signed=True),
-                 "-" if line["role"] != "method" else fmt(line.get("gap_closed", [])),
-                 fmt(line.get("step_ms", [])), fmt(line.get("step_ratio", [])), fmt(line.get("peak_mb", [])),
-                 line.get("status", "")]
+        cells = [
+            line["network"],
+            line["method"],
+            *(fmt(line.get(c, [])) for c in protocol.columns),
+            "-" if line["role"] == "source" else fmt(line.get("gain", []), signed=True),
+            "-" if line["role"] != "method" else fmt(line.get("gap_closed", [])),
+            fmt(line.get("step_ms", [])),
+            fmt(line.get("step_ratio", [])),
+            fmt(line.get("peak_mb", [])),
+            line.get("status", ""),
+        ]
         out.append("| " + " | ".join(cells) + " |")
     if throughput:
-        out += ["", (f"Data loading: {throughput['images_per_s_per_worker']:.1f} images/s per worker "
-                     f"(batch {throughput['batch_size']}); the source-only step consumes "
-                     f"{throughput['model_images_per_s']:.1f} images/s, so {throughput['workers_needed']} "
-                     f"worker(s) keep it fed.")]
+        out += [
+            "",
+            (
+                f"Data loading: {throughput['images_per_s_per_worker']:.1f} images/s per worker "
+                f"(batch {throughput['batch_size']}); the source-only step consumes "
+                f"{throughput['model_images_per_s']:.1f} images/s, so {throughput['workers_needed']} "
+                f"worker(s) keep it fed."
+            ),
+        ]
     return "\n".join(out)
 
 
 def loader_throughput(task: str, batches: int = 10) -> dict:
     """Images/s of one loader worker (num_workers=0) on the task's labelled training stream."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from datamodules import build_datamodule
     from experiments.run import CONFIG_DIR
-    from omegaconf import OmegaConf
 
     method = "source_only" if task == "synth2real" else "sam_finetune"
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -306,16 +425,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=["synth2real", "synth_shapes"])
     parser.add_argument("--methods", nargs="+", help="only these methods (with the baselines of their networks)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; tables give mean ± std")
-    parser.add_argument("--first-seed", type=int, default=0,
-                        help="start at this seed (seeds FIRST..FIRST+N-1), e.g. one seed per machine sharing --out")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="start at this seed (seeds FIRST..FIRST+N-1), e.g. one seed per machine sharing --out",
+    )
     parser.add_argument("--ablations", action="store_true", help="also the ablation rows of the methods' papers")
     parser.add_argument("--source-steps", type=int, default=600)
     parser.add_argument("--adapt-steps", type=int, default=400)
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.first_seed < 0:
-        parser.error(f"expected --seeds >= 1 and --first-seed >= 0; "
-                     f"got --seeds {args.seeds}, --first-seed {args.first_seed}")
+        parser.error(
+            f"expected --seeds >= 1 and --first-seed >= 0; got --seeds {args.seeds}, --first-seed {args.first_seed}"
+        )
     available = protocols(args.source_steps, args.adapt_steps)
     unknown = set(args.tasks) - set(available)
     if unknown:
@@ -325,17 +449,26 @@ def main(argv: list[str] | None = None) -> None:
     for task in args.tasks:
         protocol = available[task]
         print(f"== {task}", flush=True)
-        results = [r for seed in range(args.first_seed, args.first_seed + args.seeds)
-                   for r in run_protocol(protocol, seed, args.out, set(args.methods) if args.methods else None,
-                                         args.ablations)]
+        results = [
+            r
+            for seed in range(args.first_seed, args.first_seed + args.seeds)
+            for r in run_protocol(protocol, seed, args.out, set(args.methods) if args.methods else None, args.ablations)
+        ]
         lines = summarise(protocol, results)
         throughput = loader_throughput(task)
-        reference = next((line for line in lines if line["role"] == ("source" if task == "synth2real" else "upper")
-                          and line.get("step_ms")), None)
+        reference = next(
+            (
+                line
+                for line in lines
+                if line["role"] == ("source" if task == "synth2real" else "upper") and line.get("step_ms")
+            ),
+            None,
+        )
         if reference:
             throughput["model_images_per_s"] = 1000 * throughput["batch_size"] / statistics.fmean(reference["step_ms"])
-            throughput["workers_needed"] = max(1, math.ceil(throughput["model_images_per_s"]
-                                                            / throughput["images_per_s_per_worker"]))
+            throughput["workers_needed"] = max(
+                1, math.ceil(throughput["model_images_per_s"] / throughput["images_per_s_per_worker"])
+            )
         else:
             throughput = None
         report = markdown(protocol, lines, throughput)

@@ -4,6 +4,7 @@ The step time is the median wall time of the optimisation steps after a warm-up 
 excluded: the clock starts when the batch is in hand); peak memory is the accelerator's peak
 allocation, or the process's peak resident set on CPU.
 """
+
 from __future__ import annotations
 
 import resource
@@ -45,7 +46,7 @@ class StepProfiler(Callback):
 
     def summary(self) -> dict:
         """``step_time_s`` (median after warm-up; all steps if the run was shorter) and ``peak_memory_mb``."""
-        timed = self.durations[self.warmup_steps:] or self.durations
+        timed = self.durations[self.warmup_steps :] or self.durations
         summary = {"peak_memory_mb": round(peak_memory_mb(), 1)}
         if timed:
             summary.update(step_time_s=statistics.median(timed), timed_steps=len(timed))

@@ -5,6 +5,7 @@ tasks get per-class IoU and the task's mIoU columns; SAM tasks get box / point /
 gain over the task's unadapted row (a ``train=false`` run, or the method named by ``--baseline``).
 Several seeds of one method are averaged, with the spread given as +- one standard deviation.
 """
+
 from __future__ import annotations
 
 import argparse

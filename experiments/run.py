@@ -4,6 +4,7 @@ Composes the Hydra config, refuses an incompatible method x task pair in one sen
 (unless ``train=false``) and evaluates on the target, writing into ``run_dir``: the resolved
 ``config.yaml``, ``checkpoints/{last,best}.ckpt``, CSV/W&B logs and ``results.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,16 +41,22 @@ def normalise_overrides(argv: list[str]) -> list[str]:
 def check_compatibility(cfg) -> None:
     method, task, data = cfg.method, cfg.task, cfg.data
     if method.task_kind != task.kind:
-        raise SystemExit(f"Method '{method.name}' works on {method.task_kind} tasks, but task '{task.name}' is a "
-                         f"{task.kind} task; pick a {method.task_kind} task.")
+        raise SystemExit(
+            f"Method '{method.name}' works on {method.task_kind} tasks, but task '{task.name}' is a "
+            f"{task.kind} task; pick a {method.task_kind} task."
+        )
     if "src" in method.streams and data.labelled_domain == "source" and data.get("source") is None:
-        raise SystemExit(f"Method '{method.name}' needs labelled source data, but task '{task.name}' has no source "
-                         f"dataset; use data.labelled_domain=target for a supervised target run.")
+        raise SystemExit(
+            f"Method '{method.name}' needs labelled source data, but task '{task.name}' has no source "
+            f"dataset; use data.labelled_domain=target for a supervised target run."
+        )
     required = method.get("requires_checkpoint")
     if required and not method.get(required):
-        raise SystemExit(f"Method '{method.name}' adapts a trained model: set method.{required}=PATH, e.g. the "
-                         f"checkpoints/last.ckpt of `python -m experiments.run +method={method.checkpoint_from} "
-                         f"+task={task.name}`.")
+        raise SystemExit(
+            f"Method '{method.name}' adapts a trained model: set method.{required}=PATH, e.g. the "
+            f"checkpoints/last.ckpt of `python -m experiments.run +method={method.checkpoint_from} "
+            f"+task={task.name}`."
+        )
 
 
 def build_loggers(cfg, run_dir: Path) -> list:
@@ -60,9 +67,16 @@ def build_loggers(cfg, run_dir: Path) -> list:
         mode = cfg.logger.wandb.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_api_key() else "offline")
         if mode == "offline":
             log.info("W&B runs offline (no API key found); sync later with `wandb sync %s/wandb`", run_dir)
-        loggers.append(WandbLogger(project=cfg.logger.wandb.project, entity=cfg.logger.wandb.entity,
-                                   save_dir=str(run_dir), mode=mode, tags=list(cfg.logger.wandb.tags),
-                                   name=f"{cfg.method.name}-{cfg.task.name}-s{cfg.seed}"))
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.wandb.project,
+                entity=cfg.logger.wandb.entity,
+                save_dir=str(run_dir),
+                mode=mode,
+                tags=list(cfg.logger.wandb.tags),
+                name=f"{cfg.method.name}-{cfg.task.name}-s{cfg.seed}",
+            )
+        )
     if cfg.logger.csv.enabled:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     return loggers
@@ -127,8 +141,10 @@ def run_stage(module, stage: str, trainer) -> dict:
     runner = getattr(module, f"run_{stage}", None)
     if runner is None:
         stages = sorted(name[4:] for name in dir(type(module)) if name.startswith("run_"))
-        raise SystemExit(f"Method '{module.hparams['method']['name']}' has no stage '{stage}'; available: "
-                         f"{', '.join(['train', *stages])}.")
+        raise SystemExit(
+            f"Method '{module.hparams['method']['name']}' has no stage '{stage}'; available: "
+            f"{', '.join(['train', *stages])}."
+        )
     return runner(trainer)
 
 
@@ -152,15 +168,26 @@ def execute(cfg) -> dict:
     module = apply_performance_options(build_module(resolved), cfg)
     # Two callbacks: Lightning writes save_last only when the monitored best improves, but resuming
     # (ckpt_path=last) and source checkpoints need the latest state at every validation.
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=cfg.task.monitor, mode="max",
-                           auto_insert_metric_name=False, enable_version_counter=False)
-    last = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
+    best = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor=cfg.task.monitor,
+        mode="max",
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    last = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
     profiler = StepProfiler()
-    trainer = hydra.utils.instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision),
-                                      logger=build_loggers(cfg, run_dir),
-                                      callbacks=[best, last, LearningRateMonitor("step"), profiler],
-                                      default_root_dir=str(run_dir), use_distributed_sampler=False)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        precision=resolve_precision(cfg.trainer.precision),
+        logger=build_loggers(cfg, run_dir),
+        callbacks=[best, last, LearningRateMonitor("step"), profiler],
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
+    )
     if cfg.stage != "train":
         return run_stage(module, cfg.stage, trainer)
     if cfg.train:

@@ -7,6 +7,7 @@ precision, and how well the mask logits rank object above background inside the 
 ``config.yaml`` and ``sam.pth``, e.g. the benchmark's ``_sam_source`` stage). It reads labels, so it
 analyses a benchmark's regime; no method trains on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,12 @@ def mask_quality(logits: torch.Tensor, instances: torch.Tensor) -> dict[str, lis
     predicted, truth = logits > 0, instances > 0.5
     overlap = (predicted & truth).flatten(1).sum(1).float()
     aucs = [box_auc(logit, t, b) for logit, t, b in zip(logits, truth, masks_to_boxes(truth))]
-    return {"iou": instance_iou(logits, instances).tolist(),
-            "recall": (overlap / truth.flatten(1).sum(1).clamp(min=1)).tolist(),
-            "precision": (overlap / predicted.flatten(1).sum(1).clamp(min=1)).tolist(),
-            "auc": [a for a in aucs if a is not None]}
+    return {
+        "iou": instance_iou(logits, instances).tolist(),
+        "recall": (overlap / truth.flatten(1).sum(1).clamp(min=1)).tolist(),
+        "precision": (overlap / predicted.flatten(1).sum(1).clamp(min=1)).tolist(),
+        "auc": [a for a in aucs if a is not None],
+    }
 
 
 @torch.no_grad()
@@ -55,8 +58,9 @@ def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[
     """Mean mask quality per prompt kind of RUN_DIR's SAM on ``images`` images of ``data.<stream>``."""
     for required in (run_dir / "config.yaml", run_dir / "sam.pth"):
         if not required.is_file():
-            raise SystemExit(f"{required} does not exist; expected a finished SAM run directory "
-                             "(its config.yaml and sam.pth)")
+            raise SystemExit(
+                f"{required} does not exist; expected a finished SAM run directory (its config.yaml and sam.pth)"
+            )
     if images < 1:
         raise SystemExit(f"--images {images}: expected at least 1")
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
@@ -65,15 +69,21 @@ def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[
         raise SystemExit(f"the run's task has no data.{stream}; expected one of source, target, val")
     sam = build_configured_sam(model, run_dir / "sam.pth").eval()
     # train=True gives the strong view too; its prompts are drawn from the dataset's seeded stream.
-    dataset = PromptedDataset(build_from_spec(data[stream], "train"), model["image_size"], train=True,
-                              strong_view=view == "strong", seed=cfg["seed"])
+    dataset = PromptedDataset(
+        build_from_spec(data[stream], "train"),
+        model["image_size"],
+        train=True,
+        strong_view=view == "strong",
+        seed=cfg["seed"],
+    )
     batch = collate_prompted([dataset[i] for i in range(min(images, len(dataset)))])
     embeddings = sam.image_encoder(batch["img_strong" if view == "strong" else "img"])
     table = {}
     for kind in cfg["task"]["prompt_kinds"]:
         totals: dict[str, list[float]] = {}
-        for logits, target in zip(predict_instances(sam, embeddings, batch["targets"], kind, model["poly_as"]),
-                                  batch["targets"]):
+        for logits, target in zip(
+            predict_instances(sam, embeddings, batch["targets"], kind, model["poly_as"]), batch["targets"]
+        ):
             quality = mask_quality(unpadded(logits[:, 0], target), unpadded(target["instances"], target))
             for name, values in quality.items():
                 totals.setdefault(name, []).extend(values)
@@ -94,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     for kind in PROMPT_KINDS:
         if kind in table:
             row = table[kind]
-            print(f"| {kind} | {100 * row['iou']:.1f} | {100 * row['recall']:.1f} | {100 * row['precision']:.1f} | "
-                  f"{row['auc']:.3f} |")
+            print(
+                f"| {kind} | {100 * row['iou']:.1f} | {100 * row['recall']:.1f} | {100 * row['precision']:.1f} | "
+                f"{row['auc']:.3f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 segmentation with SAM (IoU per prompt kind). Both evaluate the same way for every method; a method adds its
 ``training_step`` and, where it needs them, its own evaluation measurements.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,10 +44,17 @@ class EvaluationMixin:
         self.log_evaluation("test")
 
     def record_results(self, stage: str, metrics: dict, extra: dict) -> None:
-        self.last_results = {"method": self.method["name"], "task": self.hparams["task"]["name"],
-                             "kind": self.hparams["task"]["kind"], "seed": self.hparams["seed"],
-                             "trained": self.hparams.get("train", True), "global_step": self.global_step,
-                             "stage": stage, "metrics": metrics, **extra}
+        self.last_results = {
+            "method": self.method["name"],
+            "task": self.hparams["task"]["name"],
+            "kind": self.hparams["task"]["kind"],
+            "seed": self.hparams["seed"],
+            "trained": self.hparams.get("train", True),
+            "global_step": self.global_step,
+            "stage": stage,
+            "metrics": metrics,
+            **extra,
+        }
 
 
 class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):

@@ -6,6 +6,7 @@ vs rho_S) and backward contrast (source pixels vs rho_T). y_T takes the dynamic 
 matched to a calibrated source prototype rho_S + mu_T - mu_S above the threshold T) and falls back to the static
 CBST label y_F of a frozen labeler (the model at the start of the self-training round).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,16 @@ from datamodules.constants import IGNORE_INDEX
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.ops import labels_at, pixels
 from lightning_modules.components.prototypes import (
-    batch_prototypes, calibrated_source_prototypes, calibration, class_balanced_thresholds, confidence_histogram,
-    dynamic_pseudo_labels, ema_prototype_memory, hybrid_pseudo_labels, prototype_contrast_loss, static_pseudo_labels,
+    batch_prototypes,
+    calibrated_source_prototypes,
+    calibration,
+    class_balanced_thresholds,
+    confidence_histogram,
+    dynamic_pseudo_labels,
+    ema_prototype_memory,
+    hybrid_pseudo_labels,
+    prototype_contrast_loss,
+    static_pseudo_labels,
 )
 from lightning_modules.distributed import all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.heads import ProjectionHead
@@ -40,11 +49,13 @@ class BiCL(SemanticSegmentationModule):
         self.register_buffer("memory_target", torch.zeros(classes, dim))
         self.register_buffer("memory_source_seen", torch.zeros(classes, dtype=torch.bool))
         self.register_buffer("memory_target_seen", torch.zeros(classes, dtype=torch.bool))
-        self.register_buffer("static_confidence_histogram",
-                             torch.zeros(classes, self.method["confidence_bins"], dtype=torch.long))
+        self.register_buffer(
+            "static_confidence_histogram", torch.zeros(classes, self.method["confidence_bins"], dtype=torch.long)
+        )
         # Validation counts per pseudo-label kind: labelled pixels, correct pixels; plus valid pixels.
-        self.register_buffer("pseudo_label_counts", torch.zeros(len(PSEUDO_LABEL_KINDS), 2, dtype=torch.long),
-                             persistent=False)
+        self.register_buffer(
+            "pseudo_label_counts", torch.zeros(len(PSEUDO_LABEL_KINDS), 2, dtype=torch.long), persistent=False
+        )
         self.register_buffer("valid_pixel_count", torch.zeros((), dtype=torch.long), persistent=False)
 
     def embed(self, images: torch.Tensor):
@@ -76,9 +87,11 @@ class BiCL(SemanticSegmentationModule):
         """mu_S, mu_T <- EMA of the batch prototypes; averaged over ranks so every rank holds the same memory."""
         momentum = self.method["memory_momentum"]
         memory_source, self.memory_source_seen = ema_prototype_memory(
-            self.memory_source, self.memory_source_seen, source_prototypes, source_present, momentum)
+            self.memory_source, self.memory_source_seen, source_prototypes, source_present, momentum
+        )
         memory_target, self.memory_target_seen = ema_prototype_memory(
-            self.memory_target, self.memory_target_seen, target_prototypes, target_present, momentum)
+            self.memory_target, self.memory_target_seen, target_prototypes, target_present, momentum
+        )
         self.memory_source.copy_(all_reduce_mean(memory_source))
         self.memory_target.copy_(all_reduce_mean(memory_target))
 
@@ -103,7 +116,9 @@ class BiCL(SemanticSegmentationModule):
         source_prototypes, source_present = batch_prototypes(features_source, labels_source, self.num_classes)
         if self.method["use_dynamic"]:
             calibrated, available = self.calibrated_prototypes(source_prototypes.detach(), source_present)
-            dynamic = dynamic_pseudo_labels(features_target.detach(), calibrated, available, self.method["dynamic_label_threshold"])
+            dynamic = dynamic_pseudo_labels(
+                features_target.detach(), calibrated, available, self.method["dynamic_label_threshold"]
+            )
             labels_target = hybrid_pseudo_labels(dynamic, static)
         else:
             labels_target = static
@@ -111,27 +126,41 @@ class BiCL(SemanticSegmentationModule):
         # Step 2: L_base = CE on source labels + CE on target pseudo-labels.
         loss_source = self.supervised_loss(logits_source, source["mask"])
         target_mask = labels_target.view(target["img"].shape[0], *grid)
-        loss_target = (F.cross_entropy(logits_target.float(), target_mask, ignore_index=IGNORE_INDEX)
-                       if (target_mask != IGNORE_INDEX).any() else logits_target.sum() * 0.0)
+        loss_target = (
+            F.cross_entropy(logits_target.float(), target_mask, ignore_index=IGNORE_INDEX)
+            if (target_mask != IGNORE_INDEX).any()
+            else logits_target.sum() * 0.0
+        )
         loss = loss_source + self.method["target_loss_weight"] * loss_target
 
         # Step 3: target prototypes rho_T; forward (target -> rho_S) and backward (source -> rho_T) contrast.
         target_prototypes, target_present = batch_prototypes(features_target, labels_target, self.num_classes)
         temperature = self.method["contrast_temperature"]
         if self.method["use_fc"]:
-            loss_fc = prototype_contrast_loss(features_target, labels_target, source_prototypes, source_present, temperature)
+            loss_fc = prototype_contrast_loss(
+                features_target, labels_target, source_prototypes, source_present, temperature
+            )
             loss = loss + self.method["forward_contrast_weight"] * loss_fc
             self.log("train/loss_fc", loss_fc)
         if self.method["use_bc"]:
-            loss_bc = prototype_contrast_loss(features_source, labels_source, target_prototypes, target_present, temperature)
+            loss_bc = prototype_contrast_loss(
+                features_source, labels_source, target_prototypes, target_present, temperature
+            )
             loss = loss + self.method["backward_contrast_weight"] * loss_bc
             self.log("train/loss_bc", loss_bc)
 
         # Step 4: prototype memories mu_S, mu_T (EMA), used for the calibration xi of the next step.
         self.update_memories(source_prototypes, source_present, target_prototypes, target_present)
 
-        self.log_dict({"train/loss": loss, "train/loss_source": loss_source, "train/loss_target": loss_target,
-                       "train/target_label_density": (labels_target != IGNORE_INDEX).float().mean()}, prog_bar=False)
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/loss_source": loss_source,
+                "train/loss_target": loss_target,
+                "train/target_label_density": (labels_target != IGNORE_INDEX).float().mean(),
+            },
+            prog_bar=False,
+        )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -3,6 +3,7 @@
 Each is the identity in a single process, so methods call them unconditionally. The summed variant
 keeps autograd (``torch.distributed.nn``) so a loss may depend on prototypes pooled over all ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     dist.all_gather(lengths, torch.tensor([tensor.shape[0]], device=tensor.device))
     longest = int(max(length.item() for length in lengths))
     padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[:tensor.shape[0]] = tensor
+    padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
-    return torch.cat([part[:int(length.item())] for part, length in zip(gathered, lengths)])
+    return torch.cat([part[: int(length.item())] for part, length in zip(gathered, lengths)])

@@ -10,6 +10,7 @@ Per step (the paper's method box):
    teacher's foreground, far from its background); each switchable for the ablation table.
 6. The branch that was Teacher most often is the target model, saved merged as a plain SAM checkpoint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,14 @@ import torch
 
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
-    assign_roles, background_representations, branch_similarity, direct_alignment_loss, foreground_representations,
-    reverse_distillation_loss, triplet_loss, valid_region,
+    assign_roles,
+    background_representations,
+    branch_similarity,
+    direct_alignment_loss,
+    foreground_representations,
+    reverse_distillation_loss,
+    triplet_loss,
+    valid_region,
 )
 from lightning_modules.distributed import all_reduce_sum
 from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
@@ -37,8 +44,15 @@ class DualLoRASAM(PromptedSegmentationModule):
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # prompt encoder and mask decoder stay as SAM's; only LoRA trains
         lora = method["lora"]
-        inject_lora(self.sam, list(BRANCHES), lora["rank"], lora["alpha"], lora["targets"], lora.get("layers"),
-                    method["perturbation"])
+        inject_lora(
+            self.sam,
+            list(BRANCHES),
+            lora["rank"],
+            lora["alpha"],
+            lora["targets"],
+            lora.get("layers"),
+            method["perturbation"],
+        )
         # How often each branch was Teacher: the selection criterion (step 6), kept in checkpoints.
         self.register_buffer("teacher_counts", torch.zeros(len(BRANCHES)))
 
@@ -75,8 +89,12 @@ class DualLoRASAM(PromptedSegmentationModule):
         for b in BRANCHES:
             valid = valid & reps[b][2]
         # 4. role assignment on the batch (summed over ranks, so every rank assigns the same roles)
-        sums = all_reduce_sum(torch.stack([
-            (branch_similarity(reps[b][0].detach(), f_gamma) * valid).sum() for b in BRANCHES] + [valid.sum().float()]))
+        sums = all_reduce_sum(
+            torch.stack(
+                [(branch_similarity(reps[b][0].detach(), f_gamma) * valid).sum() for b in BRANCHES]
+                + [valid.sum().float()]
+            )
+        )
         sim_alpha, sim_beta = sums[0] / sums[2].clamp(min=1), sums[1] / sums[2].clamp(min=1)
         teacher, student = assign_roles(sim_alpha, sim_beta)
         self.teacher_counts[BRANCHES.index(teacher)] += 1
@@ -84,26 +102,45 @@ class DualLoRASAM(PromptedSegmentationModule):
         losses = {}
         if method["direct_alignment"]:
             _, student_masks = segment(self.sam, student, strong, targets, kinds, self.poly_as)
-            losses["direct"] = torch.stack([
-                direct_alignment_loss(valid_region(s_logits, target), valid_region(t_logits, target),
-                                      method["focal_weight"], method["dice_weight"])
-                for kind in kinds
-                for (s_logits, _), (t_logits, _), target in zip(student_masks[kind], masks[teacher][kind], targets)
-            ]).mean() * method["lambda_direct"]
+            losses["direct"] = (
+                torch.stack(
+                    [
+                        direct_alignment_loss(
+                            valid_region(s_logits, target),
+                            valid_region(t_logits, target),
+                            method["focal_weight"],
+                            method["dice_weight"],
+                        )
+                        for kind in kinds
+                        for (s_logits, _), (t_logits, _), target in zip(
+                            student_masks[kind], masks[teacher][kind], targets
+                        )
+                    ]
+                ).mean()
+                * method["lambda_direct"]
+            )
         (f_teacher, b_teacher, _), (f_student, _, _) = reps[teacher], reps[student]
         if method["reverse_distillation"]:
             losses["reverse"] = method["lambda_reverse"] * reverse_distillation_loss(f_teacher, f_student, valid)
         if method["triplet"]:
-            losses["triplet"] = method["lambda_triplet"] * triplet_loss(f_student, f_teacher, b_teacher, method["margin"],
-                                                                         valid)
+            losses["triplet"] = method["lambda_triplet"] * triplet_loss(
+                f_student, f_teacher, b_teacher, method["margin"], valid
+            )
         if not losses:
-            raise ValueError("method.direct_alignment, method.reverse_distillation and method.triplet are all false; "
-                             "enable at least one loss")
+            raise ValueError(
+                "method.direct_alignment, method.reverse_distillation and method.triplet are all false; "
+                "enable at least one loss"
+            )
         loss = sum(losses.values())
         self.log_dict({f"train/loss_{name}": value for name, value in losses.items()})
-        self.log_dict({"train/sim_alpha": sim_alpha, "train/sim_beta": sim_beta,
-                       "train/alpha_is_teacher": float(teacher == "alpha"),
-                       "train/alpha_teacher_rate": self.teacher_counts[0] / self.teacher_counts.sum()})
+        self.log_dict(
+            {
+                "train/sim_alpha": sim_alpha,
+                "train/sim_beta": sim_beta,
+                "train/alpha_is_teacher": float(teacher == "alpha"),
+                "train/alpha_teacher_rate": self.teacher_counts[0] / self.teacher_counts.sum(),
+            }
+        )
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

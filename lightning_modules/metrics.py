@@ -4,6 +4,7 @@ Semantic tasks are scored from one confusion matrix (summed over DDP ranks) as p
 of the task's class subsets (19 / 16 / 13). SAM tasks are scored per prompt kind as WeSAM does: per image the
 mean IoU over its instances, then the mean over images (docs/protocols.md).
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ Student and teacher start from the source model; the teacher is the EMA of the s
 ``method.weighting=threshold`` swaps step 2 for the confidence-threshold self-training baseline, and
 ``method.weighting=uniform`` for weight 1 on every pixel (the mean teacher without any weighting).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,9 +22,13 @@ import torch
 
 from datamodules.constants import IGNORE_INDEX
 from lightning_modules.base import SemanticSegmentationModule
-from lightning_modules.components.metric_learning import (class_normalised_weight, confidence_threshold_weight,
-                                                          proxy_anchor_loss, reliability_weight,
-                                                          weighted_cross_entropy)
+from lightning_modules.components.metric_learning import (
+    class_normalised_weight,
+    confidence_threshold_weight,
+    proxy_anchor_loss,
+    reliability_weight,
+    weighted_cross_entropy,
+)
 from lightning_modules.components.ops import class_means, labels_at, upsample
 from lightning_modules.components.self_training import class_mix_masks, mix
 from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
@@ -51,8 +56,9 @@ class MTMetric(SemanticSegmentationModule):
         self.teacher = self.frozen_copy(self.segmenter)
         self.metric_head = None
         if method["weighting"] == "metric":
-            self.metric_head = MetricHead(self.segmenter.feature_channels, self.num_classes,
-                                          method["hidden_dim"], method["embedding_dim"])
+            self.metric_head = MetricHead(
+                self.segmenter.feature_channels, self.num_classes, method["hidden_dim"], method["embedding_dim"]
+            )
         # [sum of weights, count] of correct and of incorrect teacher pseudo-labels on the target val set
         self.weight_by_correctness = torch.zeros(4)
         self.pixel_weight_summary: dict = {}
@@ -68,8 +74,9 @@ class MTMetric(SemanticSegmentationModule):
             if method["weighting"] == "uniform":
                 return TeacherTargets(pseudo_label, torch.ones_like(pseudo_label, dtype=probabilities.dtype))
             if method["weighting"] == "threshold":
-                return TeacherTargets(pseudo_label, confidence_threshold_weight(probabilities,
-                                                                                method["confidence_threshold"]))
+                return TeacherTargets(
+                    pseudo_label, confidence_threshold_weight(probabilities, method["confidence_threshold"])
+                )
             similarity = upsample(self.metric_head(features), images.shape[-2:])
             weight = reliability_weight(similarity, pseudo_label, method["reliability_scale"])
             if method["class_normalised"]:
@@ -86,14 +93,22 @@ class MTMetric(SemanticSegmentationModule):
         if self.metric_head is not None and method["mocm"]:
             images, pseudo_label, weight = self.metric_guided_class_mix(images, teacher)
         student_logits, student_features = self.segmenter(images)
-        losses = {"self_training": weighted_cross_entropy(upsample(student_logits, pseudo_label.shape[-2:]),
-                                                          pseudo_label, weight)}
+        losses = {
+            "self_training": weighted_cross_entropy(
+                upsample(student_logits, pseudo_label.shape[-2:]), pseudo_label, weight
+            )
+        }
         if self.metric_head is not None:
             # The metric network learns its embedding and proxies on the teacher's (slowly moving) features,
             # or on the student's, where the metric loss also trains the student's feature space.
-            features, labels = ((student_features, labels_at(pseudo_label, student_features.shape[-2:]))
-                                if method["metric_trains_student"] else (teacher.features, teacher.feature_labels))
-            losses["metric"] = proxy_anchor_loss(self.metric_head(features), labels, method["proxy_anchor_scale"], method["proxy_anchor_margin"])
+            features, labels = (
+                (student_features, labels_at(pseudo_label, student_features.shape[-2:]))
+                if method["metric_trains_student"]
+                else (teacher.features, teacher.feature_labels)
+            )
+            losses["metric"] = proxy_anchor_loss(
+                self.metric_head(features), labels, method["proxy_anchor_scale"], method["proxy_anchor_margin"]
+            )
         loss = sum(losses.values())
         self.log_dict({f"train/{name}_loss": value for name, value in losses.items()})
         self.log("train/pixel_weight", teacher.weight.mean(), sync_dist=True)
@@ -103,13 +118,18 @@ class MTMetric(SemanticSegmentationModule):
     def metric_guided_class_mix(self, images: torch.Tensor, teacher: TeacherTargets):
         """MOCM: each image receives half of the pseudo-classes of the previous image in the batch, drawn with
         probability proportional to their mean reliability; labels and weights are mixed alike."""
+
         def partner(tensor):
             return tensor.roll(1, 0)
+
         reliability = class_means(teacher.weight, teacher.pseudo_label, self.num_classes)
         mask = class_mix_masks(partner(teacher.pseudo_label), class_preference=partner(reliability))
         pasted = mask.bool()
-        return (mix(mask, partner(images), images), torch.where(pasted, partner(teacher.pseudo_label), teacher.pseudo_label),
-                torch.where(pasted, partner(teacher.weight), teacher.weight))
+        return (
+            mix(mask, partner(images), images),
+            torch.where(pasted, partner(teacher.pseudo_label), teacher.pseudo_label),
+            torch.where(pasted, partner(teacher.weight), teacher.weight),
+        )
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # 4. Mean teacher: theta_t <- m theta_t + (1 - m) theta_s.
@@ -132,34 +152,49 @@ class MTMetric(SemanticSegmentationModule):
         valid = batch["mask"] != IGNORE_INDEX
         correct = (teacher.pseudo_label == batch["mask"]) & valid
         incorrect = valid & ~correct
-        self.weight_by_correctness = self.weight_by_correctness.to(self.device) + torch.stack([
-            (teacher.weight * correct).sum(), correct.sum(), (teacher.weight * incorrect).sum(), incorrect.sum()]).float()
+        self.weight_by_correctness = (
+            self.weight_by_correctness.to(self.device)
+            + torch.stack(
+                [(teacher.weight * correct).sum(), correct.sum(), (teacher.weight * incorrect).sum(), incorrect.sum()]
+            ).float()
+        )
 
     def evaluation_step(self, batch: dict) -> None:
         super().evaluation_step(batch)
         self.accumulate_weight_by_correctness(batch)
 
     def log_evaluation(self, stage: str) -> None:
-        weight_correct, correct, weight_incorrect, incorrect = all_reduce_sum(self.weight_by_correctness.to(self.device))
+        weight_correct, correct, weight_incorrect, incorrect = all_reduce_sum(
+            self.weight_by_correctness.to(self.device)
+        )
         self.weight_by_correctness = torch.zeros(4)
-        self.pixel_weight_summary = {"weight_correct": (weight_correct / correct.clamp(min=1)).item(),
-                                     "weight_incorrect": (weight_incorrect / incorrect.clamp(min=1)).item(),
-                                     "pseudo_label_accuracy": (correct / (correct + incorrect).clamp(min=1)).item()}
+        self.pixel_weight_summary = {
+            "weight_correct": (weight_correct / correct.clamp(min=1)).item(),
+            "weight_incorrect": (weight_incorrect / incorrect.clamp(min=1)).item(),
+            "pseudo_label_accuracy": (correct / (correct + incorrect).clamp(min=1)).item(),
+        }
         self.log_dict({f"{stage}/{name}": value for name, value in self.pixel_weight_summary.items()})
         if self.trainer.is_global_zero:
             log.info("%s teacher pseudo-labels: %s", stage, self.pixel_weight_summary)
         super().log_evaluation(stage)
 
     def record_results(self, stage: str, metrics: dict, extra: dict) -> None:
-        super().record_results(stage, metrics, {**extra, "pixel_weight": self.pixel_weight_summary,
-                                                "ddp_replica_max_difference": self.replica_difference})
+        super().record_results(
+            stage,
+            metrics,
+            {**extra, "pixel_weight": self.pixel_weight_summary, "ddp_replica_max_difference": self.replica_difference},
+        )
 
 
 def parameter_fingerprint(module: torch.nn.Module) -> torch.Tensor:
     """Sum and position-weighted sum of each parameter and buffer: a few numbers that change with any weight."""
     tensors = [t.detach().double().flatten() for t in (*module.parameters(), *module.buffers())]
-    return torch.stack([torch.stack([t.sum(), (t * torch.linspace(1, 2, t.numel(), dtype=t.dtype, device=t.device)).sum()])
-                        for t in tensors]).flatten()
+    return torch.stack(
+        [
+            torch.stack([t.sum(), (t * torch.linspace(1, 2, t.numel(), dtype=t.dtype, device=t.device)).sum()])
+            for t in tensors
+        ]
+    ).flatten()
 
 
 def max_rank_difference(values: torch.Tensor) -> float:

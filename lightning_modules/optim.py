@@ -1,5 +1,6 @@
 """Optimiser and learning-rate schedule shared by every method: SGD or AdamW, head at a multiple of the base rate,
 linear warm-up then poly decay, stepped per iteration."""
+
 from __future__ import annotations
 
 import torch
@@ -7,10 +8,12 @@ import torch
 
 def poly_lr_lambda(max_steps: int, power: float, warmup_steps: int):
     """Linear warm-up, then DeepLab's poly decay (1 - t/T)^power."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         return max(0.0, 1 - step / max(1, max_steps)) ** power
+
     return factor
 
 
@@ -22,13 +25,16 @@ def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int):
     ]
     groups = [g for g in groups if g["params"]]
     if optim["name"] == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["momentum"],
-                                    weight_decay=optim["weight_decay"])
+        optimizer = torch.optim.SGD(
+            groups, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"]
+        )
     elif optim["name"] == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=optim["lr"], weight_decay=optim["weight_decay"],
-                                      betas=tuple(optim.get("betas", (0.9, 0.999))))
+        optimizer = torch.optim.AdamW(
+            groups, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim.get("betas", (0.9, 0.999)))
+        )
     else:
         raise ValueError(f"optim.name={optim['name']!r} is not supported; expected 'sgd' or 'adamw'")
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"]))
+        optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"])
+    )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -4,6 +4,7 @@ Each step encodes every image once and decodes all of its instances for each pro
 batched call; the loss is SAM's focal + dice mask loss against the instance masks plus the MSE of its
 IoU prediction.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,8 +39,10 @@ class SAMFinetune(PromptedSegmentationModule):
             predictions = predict_instances(self.sam, embeddings, batch["targets"], kind, self.poly_as, with_iou=True)
             for (logits, iou), target in zip(predictions, batch["targets"]):
                 logits, instances = unpadded(logits[:, 0], target), unpadded(target["instances"], target)
-                per_image.append(sam_mask_loss(logits, instances, method["focal_weight"], method["dice_weight"])
-                                 + method["iou_weight"] * iou_prediction_loss(iou[:, 0], logits, instances))
+                per_image.append(
+                    sam_mask_loss(logits, instances, method["focal_weight"], method["dice_weight"])
+                    + method["iou_weight"] * iou_prediction_loss(iou[:, 0], logits, instances)
+                )
             losses[kind] = torch.stack(per_image).mean()
         if method["train_multimask"]:
             losses["ambiguous_point"] = self.ambiguous_point_loss(embeddings, batch["targets"])
@@ -55,13 +58,17 @@ class SAMFinetune(PromptedSegmentationModule):
         method, per_image, prompts = self.method, [], []
         for target in targets:
             points = target["points"][:, :1].to(self.device)
-            prompts.append(self.sam.prompt_encoder(points=(points, torch.ones_like(points[..., 0], dtype=torch.int)),
-                                                   boxes=None, masks=None))
+            prompts.append(
+                self.sam.prompt_encoder(
+                    points=(points, torch.ones_like(points[..., 0], dtype=torch.int)), boxes=None, masks=None
+                )
+            )
         for (logits, iou), target in zip(decode_batch(self.sam, embeddings, prompts, multimask_output=True), targets):
             logits, instances = unpadded(logits, target), unpadded(target["instances"][:, None], target)
             mask_losses = sam_mask_loss_per_mask(logits, instances, method["focal_weight"], method["dice_weight"])
-            per_image.append(mask_losses.min(1).values.mean()
-                             + method["iou_weight"] * iou_prediction_loss(iou, logits, instances))
+            per_image.append(
+                mask_losses.min(1).values.mean() + method["iou_weight"] * iou_prediction_loss(iou, logits, instances)
+            )
         return torch.stack(per_image).mean()
 
     def on_fit_end(self) -> None:
@@ -72,5 +79,6 @@ class SAMFinetune(PromptedSegmentationModule):
 
     def configure_optimizers(self):
         prompt_and_mask = [*self.sam.prompt_encoder.parameters(), *self.sam.mask_decoder.parameters()]
-        return build_optimizer(self.sam.image_encoder.parameters(), prompt_and_mask, self.hparams["optim"],
-                               self.trainer.max_steps)
+        return build_optimizer(
+            self.sam.image_encoder.parameters(), prompt_and_mask, self.hparams["optim"], self.trainer.max_steps
+        )

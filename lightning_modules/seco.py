@@ -19,6 +19,7 @@ dataset has them (measurement only; the labels never use them).
 ``stage=train`` (default) self-trains the base model on the refined labels: cross-entropy on the target
 pseudo-labels, plus source cross-entropy when ``method.streams`` holds "src" (UDA; ``[pl]`` = source-free).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,9 +41,20 @@ from datamodules.files import save_label_png, save_npz
 from datamodules.labelling import TargetTrainImages, collate_images
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.connectivity import (
-    Components, component_losses, connected_components, correct_components, fit_noise_gmm, label_confusion,
-    paint_in_order, pixel_pseudo_labels, purest_points, relabel, semantic_alignment, spatial_purity,
-    unclipped_boxes)
+    Components,
+    component_losses,
+    connected_components,
+    correct_components,
+    fit_noise_gmm,
+    label_confusion,
+    paint_in_order,
+    pixel_pseudo_labels,
+    purest_points,
+    relabel,
+    semantic_alignment,
+    spatial_purity,
+    unclipped_boxes,
+)
 from lightning_modules.distributed import all_gather_cat, all_reduce_sum
 from lightning_modules.metrics import mean_iou, per_class_iou
 from lightning_modules.networks.sam import SharedEmbeddingPredictor, build_sam
@@ -85,8 +97,10 @@ class SeCo(SemanticSegmentationModule):
     # ----------------------------------------------------------------- stage=pseudo_label
     def run_pseudo_label(self, trainer) -> dict:
         if self.method["psa"]["everything_mode"].get("crop_n_layers", 0) != 0:
-            raise ValueError("method.psa.everything_mode.crop_n_layers must be 0: PSA encodes each image once and "
-                             "shares that embedding between everything-mode and the thing prompts")
+            raise ValueError(
+                "method.psa.everything_mode.crop_n_layers must be 0: PSA encodes each image once and "
+                "shares that embedding between everything-mode and the thing prompts"
+            )
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         trainer.predict(self, return_predictions=False)
         self.semantic_connectivity_correction()
@@ -96,10 +110,20 @@ class SeCo(SemanticSegmentationModule):
         images = TargetTrainImages(self.hparams["data"]["target"])
         rank, world = self.trainer.global_rank, self.trainer.world_size
         todo = [i for i in range(rank, len(images), world) if not self.cache_path(i).is_file()]
-        log.info("rank %d: PSA for %d of its %d target images (the rest are cached in %s)", rank, len(todo),
-                 len(range(rank, len(images), world)), self.cache_dir)
-        return DataLoader(images, batch_size=self.hparams["data"]["batch_size"], sampler=todo,
-                          num_workers=self.hparams["data"]["num_workers"], collate_fn=collate_images)
+        log.info(
+            "rank %d: PSA for %d of its %d target images (the rest are cached in %s)",
+            rank,
+            len(todo),
+            len(range(rank, len(images), world)),
+            self.cache_dir,
+        )
+        return DataLoader(
+            images,
+            batch_size=self.hparams["data"]["batch_size"],
+            sampler=todo,
+            num_workers=self.hparams["data"]["num_workers"],
+            collate_fn=collate_images,
+        )
 
     def on_predict_start(self) -> None:
         sam_cfg, psa = self.method["sam"], self.method["psa"]
@@ -127,11 +151,18 @@ class SeCo(SemanticSegmentationModule):
             components = connected_components(psa_labels)
             losses, prediction, confidence = component_losses(logits[i], components)
             truth = batch["mask"][i].numpy()
-            save_npz(self.cache_path(index), psa=psa_labels.astype(np.uint8), index=components.index.astype(np.int32),
-                     classes=components.classes, losses=losses.cpu().numpy(), prediction=prediction.cpu().numpy(),
-                     confidence=confidence.cpu().numpy(), original_size=batch["original_size"][i],
-                     confusion_pixel=label_confusion(pixel_labels[i], truth, self.num_classes),
-                     confusion_psa=label_confusion(psa_labels, truth, self.num_classes))
+            save_npz(
+                self.cache_path(index),
+                psa=psa_labels.astype(np.uint8),
+                index=components.index.astype(np.int32),
+                classes=components.classes,
+                losses=losses.cpu().numpy(),
+                prediction=prediction.cpu().numpy(),
+                confidence=confidence.cpu().numpy(),
+                original_size=batch["original_size"][i],
+                confusion_pixel=label_confusion(pixel_labels[i], truth, self.num_classes),
+                confusion_psa=label_confusion(psa_labels, truth, self.num_classes),
+            )
 
     def pixel_semantic_aggregation(self, image: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Stuff by semantic alignment of everything-mode masks, then things by box + point prompts."""
@@ -140,11 +171,12 @@ class SeCo(SemanticSegmentationModule):
         started = time.perf_counter()
         predictor.set_image(image)
         self.timing["encoder_seconds"] += time.perf_counter() - started
-        masks = np.stack([m["segmentation"] for m in everything.generate(image)] or
-                         [np.zeros(labels.shape, bool)])
-        aggregated = paint_in_order(masks, semantic_alignment(masks, labels, psa["stuff_classes"],
-                                                              psa["stuff_align_threshold"]),
-                                    np.full(labels.shape, IGNORE_INDEX, dtype=np.int64))
+        masks = np.stack([m["segmentation"] for m in everything.generate(image)] or [np.zeros(labels.shape, bool)])
+        aggregated = paint_in_order(
+            masks,
+            semantic_alignment(masks, labels, psa["stuff_classes"], psa["stuff_align_threshold"]),
+            np.full(labels.shape, IGNORE_INDEX, dtype=np.int64),
+        )
         things = connected_components(labels, psa["thing_classes"], psa["min_thing_pixels"])
         if len(things):
             aggregated = paint_in_order(self.prompt_things(things, labels), things.classes, aggregated)
@@ -163,7 +195,8 @@ class SeCo(SemanticSegmentationModule):
             point_coords=transform.apply_coords_torch(torch.from_numpy(points).to(device), (height, width)),
             point_labels=torch.ones(points.shape[:2], dtype=torch.int, device=device),
             boxes=transform.apply_boxes_torch(torch.from_numpy(boxes).to(device), (height, width)),
-            multimask_output=False)
+            multimask_output=False,
+        )
         return masks[:, 0].cpu().numpy()
 
     def semantic_connectivity_correction(self) -> None:
@@ -173,17 +206,23 @@ class SeCo(SemanticSegmentationModule):
         scc = self.method["scc"]
         rank, world = self.trainer.global_rank, self.trainer.world_size
         mine = list(range(rank, len(TargetTrainImages(self.hparams["data"]["target"])), world))
-        local_losses = np.concatenate([np.load(self.cache_path(index))["losses"] for index in mine] or
-                                      [np.zeros(0, np.float32)])
+        local_losses = np.concatenate(
+            [np.load(self.cache_path(index))["losses"] for index in mine] or [np.zeros(0, np.float32)]
+        )
         counts = all_gather_cat(torch.tensor([len(local_losses)], device=device)).cpu().numpy()
         all_losses = all_gather_cat(torch.from_numpy(local_losses).to(device)).cpu().numpy()
-        noisy_probability = fit_noise_gmm(all_losses, scc["gmm_max_iter"], scc["gmm_tol"], scc["gmm_reg_covar"],
-                                          seed=self.hparams["seed"])
-        log.info("rank %d: GMM split of %d components: %d noisy, digest %s", rank, len(all_losses),
-                 int((noisy_probability > scc["noise_threshold"]).sum()),
-                 hashlib.sha1(np.round(noisy_probability, 6).tobytes()).hexdigest()[:16])
+        noisy_probability = fit_noise_gmm(
+            all_losses, scc["gmm_max_iter"], scc["gmm_tol"], scc["gmm_reg_covar"], seed=self.hparams["seed"]
+        )
+        log.info(
+            "rank %d: GMM split of %d components: %d noisy, digest %s",
+            rank,
+            len(all_losses),
+            int((noisy_probability > scc["noise_threshold"]).sum()),
+            hashlib.sha1(np.round(noisy_probability, 6).tobytes()).hexdigest()[:16],
+        )
         start = int(counts[:rank].sum())
-        local_noisy = noisy_probability[start:start + len(local_losses)]
+        local_noisy = noisy_probability[start : start + len(local_losses)]
         confusions = {stage: np.zeros((self.num_classes, self.num_classes), np.int64) for stage in LABEL_STAGES}
         offset, written = 0, 0
         for index in mine:
@@ -191,9 +230,14 @@ class SeCo(SemanticSegmentationModule):
             count = len(cache["losses"])
             path = pseudo_label_path(self.label_dir, index)
             if not path.is_file():
-                corrected = correct_components(cache["classes"], local_noisy[offset:offset + count],
-                                               cache["prediction"], cache["confidence"],
-                                               scc["noise_threshold"], scc["correction_threshold"])
+                corrected = correct_components(
+                    cache["classes"],
+                    local_noisy[offset : offset + count],
+                    cache["prediction"],
+                    cache["confidence"],
+                    scc["noise_threshold"],
+                    scc["correction_threshold"],
+                )
                 labels = relabel(cache["index"], corrected)
                 height, width = (int(v) for v in cache["original_size"])
                 save_label_png(path, cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST))
@@ -210,8 +254,9 @@ class SeCo(SemanticSegmentationModule):
             confusions["scc"] += label_confusion(labels, truth, self.num_classes)
         self.report_pseudo_labels(confusions, all_losses, noisy_probability, written)
 
-    def report_pseudo_labels(self, confusions: dict, losses: np.ndarray, noisy_probability: np.ndarray,
-                             written: int) -> None:
+    def report_pseudo_labels(
+        self, confusions: dict, losses: np.ndarray, noisy_probability: np.ndarray, written: int
+    ) -> None:
         """Accuracy / mIoU / coverage of the labels before PSA, after PSA and after SCC (summed over ranks)."""
         device = self.trainer.strategy.root_device
         metrics = {}
@@ -221,24 +266,44 @@ class SeCo(SemanticSegmentationModule):
             subset = next(iter(self.eval_subsets.values()))
             miou = mean_iou(iou, subset)
             # No labelled pixel at a stage leaves its mIoU undefined: null in the JSON, not NaN.
-            metrics[stage] = {"pixel_accuracy": 100 * (total.diag().sum() / total.sum().clamp(min=1)).item(),
-                              "mIoU": None if math.isnan(miou) else 100 * miou, "labelled_pixels": int(total.sum())}
-        timing = all_reduce_sum(torch.tensor([self.timing["images"], self.timing["seconds"],
-                                              self.timing["encoder_seconds"]], dtype=torch.float64,
-                                             device=device)).cpu().tolist()
+            metrics[stage] = {
+                "pixel_accuracy": 100 * (total.diag().sum() / total.sum().clamp(min=1)).item(),
+                "mIoU": None if math.isnan(miou) else 100 * miou,
+                "labelled_pixels": int(total.sum()),
+            }
+        timing = (
+            all_reduce_sum(
+                torch.tensor(
+                    [self.timing["images"], self.timing["seconds"], self.timing["encoder_seconds"]],
+                    dtype=torch.float64,
+                    device=device,
+                )
+            )
+            .cpu()
+            .tolist()
+        )
         noise_threshold = self.method["scc"]["noise_threshold"]
         self.pseudo_label_results = {
-            "method": self.method["name"], "task": self.hparams["task"]["name"], "stage": "pseudo_label",
-            "label_dir": str(self.label_dir), "metrics": metrics,
+            "method": self.method["name"],
+            "task": self.hparams["task"]["name"],
+            "stage": "pseudo_label",
+            "label_dir": str(self.label_dir),
+            "metrics": metrics,
             "components": {"total": int(len(losses)), "noisy": int((noisy_probability > noise_threshold).sum())},
-            "psa_images": int(timing[0]), "psa_images_per_second": timing[0] / max(timing[1], 1e-9),
+            "psa_images": int(timing[0]),
+            "psa_images_per_second": timing[0] / max(timing[1], 1e-9),
             "psa_seconds_per_encoder_second": timing[1] / max(timing[2], 1e-9),
             "labels_written_by_rank0": written,
         }
         if self.trainer.is_global_zero:
             for stage in LABEL_STAGES:
-                log.info("pseudo-labels %-5s: pixel accuracy %.2f, mIoU %s, labelled pixels %d", stage,
-                         metrics[stage]["pixel_accuracy"], metrics[stage]["mIoU"], metrics[stage]["labelled_pixels"])
+                log.info(
+                    "pseudo-labels %-5s: pixel accuracy %.2f, mIoU %s, labelled pixels %d",
+                    stage,
+                    metrics[stage]["pixel_accuracy"],
+                    metrics[stage]["mIoU"],
+                    metrics[stage]["labelled_pixels"],
+                )
             run_dir = Path(self.hparams["run_dir"])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "pseudo_label_results.json").write_text(json.dumps(self.pseudo_label_results, indent=2))

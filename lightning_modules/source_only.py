@@ -2,6 +2,7 @@
 the target. With ``+method=oracle`` the same module is trained on labelled *target* images instead,
 which gives the upper bound every adaptation method is measured against.
 """
+
 from __future__ import annotations
 
 from lightning_modules.base import SemanticSegmentationModule

@@ -1,4 +1,5 @@
 """Teachers and labellers: the mode a network labels in, and the mean-teacher update."""
+
 from __future__ import annotations
 
 import torch

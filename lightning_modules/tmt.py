@@ -13,6 +13,7 @@ Per iteration (``training_step``):
   5. EMA update of the teacher.
 ``method.transferability_guidance=false`` skips 1, 2 and 4: the plain DAFormer-style base.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,12 +28,23 @@ from torchmetrics import MeanMetric
 from datamodules.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.ops import upsample
-from lightning_modules.components.self_training import (class_mix_masks, ema_momentum, mix,
-                                                        pseudo_labels_with_quality, strong_photometric)
-from lightning_modules.components.transferability import (partition_descriptors, region_correctness,
-                                                          region_domain_loss, region_means, region_partition,
-                                                          region_transferability, transferability_attention_bias,
-                                                          transferability_map)
+from lightning_modules.components.self_training import (
+    class_mix_masks,
+    ema_momentum,
+    mix,
+    pseudo_labels_with_quality,
+    strong_photometric,
+)
+from lightning_modules.components.transferability import (
+    partition_descriptors,
+    region_correctness,
+    region_domain_loss,
+    region_means,
+    region_partition,
+    region_transferability,
+    transferability_attention_bias,
+    transferability_map,
+)
 from lightning_modules.networks.heads import RegionDomainDiscriminator
 from lightning_modules.teachers import ema_update
 
@@ -46,8 +58,9 @@ class TMT(SemanticSegmentationModule):
         self.teacher = self.frozen_copy(self.segmenter)
         self.guided = self.method["transferability_guidance"]
         if self.guided:
-            self.discriminator = RegionDomainDiscriminator(cfg["model"]["decoder_embed_dim"],
-                                                           self.method["discriminator_hidden"])
+            self.discriminator = RegionDomainDiscriminator(
+                cfg["model"]["decoder_embed_dim"], self.method["discriminator_hidden"]
+            )
         self.transferability_correct = MeanMetric()
         self.transferability_incorrect = MeanMetric()
 
@@ -56,7 +69,9 @@ class TMT(SemanticSegmentationModule):
         """Regions of each image and their transferability: (assignment [B, R, N], region features, T(r), map)."""
         method = self.method
         descriptors = partition_descriptors(features.detach(), images, method["structure_weight"])
-        assignment = region_partition(descriptors, method["cell_size"], method["cluster_iterations"], method["assignment_sharpness"])
+        assignment = region_partition(
+            descriptors, method["cell_size"], method["cluster_iterations"], method["assignment_sharpness"]
+        )
         pooled = region_means(assignment, features.detach().flatten(2).float())
         domain_logits = self.discriminator(pooled)
         transferability = region_transferability(domain_logits.detach())
@@ -88,12 +103,14 @@ class TMT(SemanticSegmentationModule):
             with torch.no_grad():
                 _, source_teacher_features = self.teacher(source["img"])
             assignment, domain_logits, transferability, dense = self.estimate_transferability(
-                torch.cat([source_teacher_features, teacher_features]), torch.cat([source["img"], target["img"]]))
+                torch.cat([source_teacher_features, teacher_features]), torch.cat([source["img"], target["img"]])
+            )
             source_map, target_map = dense.split(batch_size)
             is_source = torch.arange(2 * batch_size, device=dense.device) < batch_size
             # 4. The region discriminator (its estimate is detached from the maps above).
             losses["domain"] = method["domain_loss_weight"] * region_domain_loss(
-                domain_logits, is_source, assignment.sum(-1))
+                domain_logits, is_source, assignment.sum(-1)
+            )
             self.log("train/transferability_source", transferability[:batch_size].mean())
             self.log("train/transferability_target", transferability[batch_size:].mean())
 
@@ -105,18 +122,25 @@ class TMT(SemanticSegmentationModule):
         target_logits = upsample(teacher_logits, target["img"].shape[-2:])
         pseudo, quality = pseudo_labels_with_quality(target_logits, method["pseudo_threshold"])
         mask = class_mix_masks(source["mask"])
-        mixed_images = strong_photometric(mix(mask, source["img"], target["img"]), method["color_jitter_p"],
-                                          method["color_jitter_strength"], method["blur_p"], method["blur_sigma"])
+        mixed_images = strong_photometric(
+            mix(mask, source["img"], target["img"]),
+            method["color_jitter_p"],
+            method["color_jitter_strength"],
+            method["blur_p"],
+            method["blur_sigma"],
+        )
         mixed_labels = torch.where(mask.bool(), source["mask"], pseudo)
         mixed_weight = torch.where(mask.bool(), torch.ones_like(mask), quality.expand_as(mask))
         mixed_map = None
         if self.guided:
-            feature_mask = F.interpolate(mask.unsqueeze(1), size=source_map.shape[-2:], mode="bilinear",
-                                         align_corners=False).squeeze(1)
+            feature_mask = F.interpolate(
+                mask.unsqueeze(1), size=source_map.shape[-2:], mode="bilinear", align_corners=False
+            ).squeeze(1)
             mixed_map = mix(feature_mask, source_map, target_map)
         mixed_logits, _ = self.student(mixed_images, mixed_map)
-        pixel_loss = F.cross_entropy(upsample(mixed_logits, mixed_labels.shape[-2:]), mixed_labels,
-                                     ignore_index=IGNORE_INDEX, reduction="none")
+        pixel_loss = F.cross_entropy(
+            upsample(mixed_logits, mixed_labels.shape[-2:]), mixed_labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
         losses["target"] = (pixel_loss * mixed_weight).mean()
 
         loss = sum(losses.values())
@@ -165,7 +189,10 @@ class TMT(SemanticSegmentationModule):
     def log_evaluation(self, stage: str) -> None:
         if self.guided:
             # MeanMetric syncs over ranks; NaN when no region of that kind was seen.
-            for name, metric in (("correct", self.transferability_correct), ("incorrect", self.transferability_incorrect)):
+            for name, metric in (
+                ("correct", self.transferability_correct),
+                ("incorrect", self.transferability_incorrect),
+            ):
                 value = metric.compute() if metric.update_count else torch.tensor(float("nan"))
                 self.log(f"{stage}/transferability_{name}_regions", value)
                 metric.reset()

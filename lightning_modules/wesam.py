@@ -8,6 +8,7 @@ Per step (official adaptation.py):
 4. Anchor loss: dice of both views' masks to the anchor's masks. Contrastive loss: mask-pooled instance
    embeddings of the trainable weak-view network vs the anchor's (same instance = positive).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,11 +16,21 @@ from pathlib import Path
 import torch
 
 from lightning_modules.base import PromptedSegmentationModule
-from lightning_modules.components.sam_adaptation import (anchor_loss, instance_contrastive_loss,
-                                                         self_training_loss, valid_region)
+from lightning_modules.components.sam_adaptation import (
+    anchor_loss,
+    instance_contrastive_loss,
+    self_training_loss,
+    valid_region,
+)
 from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
-from lightning_modules.networks.sam_lora import (branch_parameters, encode, inject_lora, lora_modules, merged_sam,
-                                                 segment)
+from lightning_modules.networks.sam_lora import (
+    branch_parameters,
+    encode,
+    inject_lora,
+    lora_modules,
+    merged_sam,
+    segment,
+)
 from lightning_modules.optim import build_optimizer
 from lightning_modules.teachers import ema_update
 
@@ -56,11 +67,14 @@ class WeSAM(PromptedSegmentationModule):
             anchor_embeddings, anchor_masks = segment(self.sam, None, weak, targets, kinds, self.poly_as)
         # 2. teacher on the weak view, student on the strong view
         with torch.set_grad_enabled(not self.ema_teacher):
-            teacher_embeddings, teacher_masks = segment(self.sam, self.teacher_branch, weak, targets, kinds, self.poly_as)
+            teacher_embeddings, teacher_masks = segment(
+                self.sam, self.teacher_branch, weak, targets, kinds, self.poly_as
+            )
         student_embeddings, student_masks = segment(self.sam, "student", strong, targets, kinds, self.poly_as)
         # With an EMA teacher the regularisers act on the student (the official code's commented alternative).
-        regularised_embeddings, regularised_masks = ((student_embeddings, student_masks) if self.ema_teacher
-                                                     else (teacher_embeddings, teacher_masks))
+        regularised_embeddings, regularised_masks = (
+            (student_embeddings, student_masks) if self.ema_teacher else (teacher_embeddings, teacher_masks)
+        )
         terms = {"self": [], "anchor": [], "contrastive": []}
         for kind in kinds:
             for index, target in enumerate(targets):
@@ -68,18 +82,39 @@ class WeSAM(PromptedSegmentationModule):
                 teacher_logits = teacher_masks[kind][index][0]
                 anchor_logits = anchor_masks[kind][index][0]
                 # 3. self-training
-                terms["self"].append(self_training_loss(
-                    valid_region(student_logits, target), valid_region(teacher_logits, target), student_iou[:, 0],
-                    method["focal_weight"], method["dice_weight"], method["iou_weight"]))
+                terms["self"].append(
+                    self_training_loss(
+                        valid_region(student_logits, target),
+                        valid_region(teacher_logits, target),
+                        student_iou[:, 0],
+                        method["focal_weight"],
+                        method["dice_weight"],
+                        method["iou_weight"],
+                    )
+                )
                 # 4. anchor and contrastive regularisation
-                terms["anchor"].append(anchor_loss(valid_region(student_logits, target),
-                                                   valid_region(regularised_masks[kind][index][0], target),
-                                                   valid_region(anchor_logits, target)))
-                terms["contrastive"].append(instance_contrastive_loss(
-                    regularised_embeddings[index], anchor_embeddings[index], regularised_masks[kind][index][0],
-                    anchor_logits, method["temperature"]))
+                terms["anchor"].append(
+                    anchor_loss(
+                        valid_region(student_logits, target),
+                        valid_region(regularised_masks[kind][index][0], target),
+                        valid_region(anchor_logits, target),
+                    )
+                )
+                terms["contrastive"].append(
+                    instance_contrastive_loss(
+                        regularised_embeddings[index],
+                        anchor_embeddings[index],
+                        regularised_masks[kind][index][0],
+                        anchor_logits,
+                        method["temperature"],
+                    )
+                )
         losses = {name: torch.stack(values).mean() for name, values in terms.items()}
-        loss = losses["self"] + method["anchor_weight"] * losses["anchor"] + method["contrastive_weight"] * losses["contrastive"]
+        loss = (
+            losses["self"]
+            + method["anchor_weight"] * losses["anchor"]
+            + method["contrastive_weight"] * losses["contrastive"]
+        )
         self.log_dict({f"train/loss_{name}": value for name, value in losses.items()})
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -96,4 +131,6 @@ class WeSAM(PromptedSegmentationModule):
             save_sam_checkpoint(merged_sam(self.sam, self.teacher_branch), Path(self.hparams["run_dir"]) / "sam.pth")
 
     def configure_optimizers(self):
-        return build_optimizer(branch_parameters(self.sam, "student"), [], self.hparams["optim"], self.trainer.max_steps)
+        return build_optimizer(
+            branch_parameters(self.sam, "student"), [], self.hparams["optim"], self.trainer.max_steps
+        )

@@ -1,4 +1,5 @@
 """Shared helpers: compose the real Hydra config in-process and run it with a tiny budget."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +11,15 @@ from experiments.run import CONFIG_DIR, execute
 
 TINY = {
     "semantic": [
-        "data.source.options.length=16", "data.target.options.length=16", "data.val.options.length=6",
+        "data.source.options.length=16",
+        "data.target.options.length=16",
+        "data.val.options.length=6",
         "data.batch_size=4",
     ],
     "prompted": [
-        "data.source.options.length=8", "data.target.options.length=8", "data.val.options.length=4",
+        "data.source.options.length=8",
+        "data.target.options.length=8",
+        "data.val.options.length=4",
         "data.batch_size=2",
     ],
 }
@@ -23,17 +28,30 @@ KIND = {"synth2real": "semantic", "synth_shapes": "prompted"}
 
 def compose_config(method: str, task: str, run_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[
-            f"+method={method}", f"+task={task}", f"run_dir={run_dir}", "logger=csv", "data.num_workers=0",
-            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-            "trainer.accelerator=cpu", *TINY[KIND[task]], *overrides,
-        ])
+        return compose(
+            "config",
+            overrides=[
+                f"+method={method}",
+                f"+task={task}",
+                f"run_dir={run_dir}",
+                "logger=csv",
+                "data.num_workers=0",
+                "trainer.max_steps=4",
+                "trainer.val_check_interval=2",
+                "trainer.enable_progress_bar=false",
+                "trainer.accelerator=cpu",
+                *TINY[KIND[task]],
+                *overrides,
+            ],
+        )
 
 
 @pytest.fixture
 def run_tiny(tmp_path):
     """Run a method on a procedural task with a tiny budget; returns (results, run_dir)."""
+
     def run(method: str, task: str, *overrides: str, name: str = "run"):
         run_dir = tmp_path / name
         return execute(compose_config(method, task, run_dir, *overrides)), run_dir
+
     return run

@@ -1,5 +1,6 @@
 """The benchmark's arithmetic on constructed results: gain, gap closed, step ratio, and the flag on a
 method that does not beat source-only; its protocols only name methods and tasks that exist."""
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -16,8 +17,13 @@ def test_gain_gap_ratio_and_flag():
     protocol = protocols(600, 400)["synth2real"]
     source, oracle = Row("source_only", (), "source"), Row("oracle", (), "upper")
     good, bad = Row("good", ()), Row("bad", ())
-    lines = {line["method"]: line for line in summarise(protocol, [
-        result(source, 40.0, 0.5), result(oracle, 80.0, 0.5), result(good, 50.0, 1.0), result(bad, 39.0, 2.0)])}
+    lines = {
+        line["method"]: line
+        for line in summarise(
+            protocol,
+            [result(source, 40.0, 0.5), result(oracle, 80.0, 0.5), result(good, 50.0, 1.0), result(bad, 39.0, 2.0)],
+        )
+    }
     assert lines["good"]["gain"] == [10.0] and lines["good"]["gap_closed"] == [25.0]
     assert lines["good"]["step_ratio"] == [2.0] and lines["good"]["status"] == ""
     assert lines["bad"]["status"] == "✗ does not beat source-only"
@@ -28,8 +34,15 @@ def test_gain_gap_ratio_and_flag():
 def test_seeds_give_mean_and_spread():
     protocol = protocols(600, 400)["synth2real"]
     source, method = Row("source_only", (), "source"), Row("m", ())
-    lines = summarise(protocol, [result(source, 40.0, 1.0, 0), result(source, 42.0, 1.0, 1),
-                                 result(method, 44.0, 1.0, 0), result(method, 50.0, 1.0, 1)])
+    lines = summarise(
+        protocol,
+        [
+            result(source, 40.0, 1.0, 0),
+            result(source, 42.0, 1.0, 1),
+            result(method, 44.0, 1.0, 0),
+            result(method, 50.0, 1.0, 1),
+        ],
+    )
     table = markdown(protocol, lines, None)
     assert "| deeplabv2 | m | 47.00 ± 4.24 | +6.00 ± 2.83 |" in table
 

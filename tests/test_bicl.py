@@ -1,5 +1,6 @@
 """BiCL: prototype and contrast math on constructed features, pseudo-label rules on constructed
 similarities, memories in checkpoints, ablation switches, a tiny run, bf16 and two-process DDP."""
+
 import csv
 import math
 import subprocess
@@ -10,12 +11,26 @@ import torch
 
 from datamodules.constants import IGNORE_INDEX as IGN
 from lightning_modules.components.prototypes import (
-    batch_prototypes, calibrated_source_prototypes, calibration, class_balanced_thresholds, confidence_histogram,
-    dynamic_pseudo_labels, ema_prototype_memory, hybrid_pseudo_labels, prototype_contrast_loss, static_pseudo_labels,
+    batch_prototypes,
+    calibrated_source_prototypes,
+    calibration,
+    class_balanced_thresholds,
+    confidence_histogram,
+    dynamic_pseudo_labels,
+    ema_prototype_memory,
+    hybrid_pseudo_labels,
+    prototype_contrast_loss,
+    static_pseudo_labels,
 )
 
-FAST = ["data.source.options.length=8", "data.target.options.length=8", "data.val.options.length=2",
-        "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+FAST = [
+    "data.source.options.length=8",
+    "data.target.options.length=8",
+    "data.val.options.length=2",
+    "data.batch_size=4",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+]
 
 
 def test_batch_prototypes_are_masked_means_and_mark_absent_classes():
@@ -85,11 +100,13 @@ def test_dynamic_labels_need_the_argmax_class_above_threshold():
     prototypes = torch.eye(3)
     available = torch.tensor([True, True, False])
     angle = math.radians(20)  # cos 20deg = 0.94 to prototype 0
-    features = torch.tensor([
-        [math.cos(angle), math.sin(angle), 0.0],  # argmax 0, similarity 0.94 > T
-        [0.6, 0.8, 0.0],                          # argmax 1, similarity 0.8 not > T
-        [0.0, 0.1, 1.0],                          # nearest is class 2, which has no prototype
-    ])
+    features = torch.tensor(
+        [
+            [math.cos(angle), math.sin(angle), 0.0],  # argmax 0, similarity 0.94 > T
+            [0.6, 0.8, 0.0],  # argmax 1, similarity 0.8 not > T
+            [0.0, 0.1, 1.0],  # nearest is class 2, which has no prototype
+        ]
+    )
     labels = dynamic_pseudo_labels(features, prototypes, available, threshold=0.8)
     assert labels.tolist() == [0, IGN, IGN]
     assert dynamic_pseudo_labels(features, prototypes, torch.ones(3, dtype=torch.bool), 0.8).tolist() == [0, IGN, 2]
@@ -136,8 +153,15 @@ def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny):
 
 
 def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny):
-    results, run_dir = run_tiny("bicl", "synth2real", *FAST, "trainer.precision=bf16-mixed", "method.use_fc=false",
-                                "method.use_bc=false", "method.use_dynamic=false")
+    results, run_dir = run_tiny(
+        "bicl",
+        "synth2real",
+        *FAST,
+        "trainer.precision=bf16-mixed",
+        "method.use_fc=false",
+        "method.use_bc=false",
+        "method.use_dynamic=false",
+    )
     assert results["metrics"]["mIoU"] >= 0
     metrics = read_metrics(run_dir)
     assert "train/loss_fc" not in metrics and "train/loss_bc" not in metrics
@@ -146,11 +170,30 @@ def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny):
 
 def test_two_process_ddp_ranks_hold_identical_memories(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "+method=bicl", "+task=synth2real", f"run_dir={tmp_path}",
-         "logger=csv", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-         "trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_workers=0",
-         "trainer.enable_progress_bar=false", "data.source.options.length=8", "data.target.options.length=8",
-         "data.val.options.length=4", "data.batch_size=2"], capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "+method=bicl",
+            "+task=synth2real",
+            f"run_dir={tmp_path}",
+            "logger=csv",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "data.num_workers=0",
+            "trainer.enable_progress_bar=false",
+            "data.source.options.length=8",
+            "data.target.options.length=8",
+            "data.val.options.length=4",
+            "data.batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert metrics["val/memory_rank_spread"] == 0.0

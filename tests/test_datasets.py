@@ -3,6 +3,7 @@
 The fixtures are 8x12 images, so the tests check the mapping values, instance masks, splits and error
 messages the real datasets would produce without needing any download.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,6 +59,7 @@ def raises_naming(path):
 
 # --- semantic datasets -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def cityscapes(tmp_path):
     for city, frame in [("aachen", "aachen_000000_000019"), ("bremen", "bremen_000001_000019")]:
@@ -111,7 +113,8 @@ def test_gta5_skips_known_missing_ids_with_one_warning(gta5, caplog):
         dataset = GTA5(gta5, "val")
     assert len(dataset) == 2
     assert [r.getMessage() for r in caplog.records if "GTA5" in r.getMessage()] == [
-        "GTA5: skipped 1 images whose ids are known to have no label"]
+        "GTA5: skipped 1 images whose ids are known to have no label"
+    ]
     for item in dataset:
         assert item["mask"][0].tolist() == [0] * 4 + [13] * 4 + [255] * 4
 
@@ -145,6 +148,7 @@ def test_synthia_reads_the_r_channel_of_16bit_labels(tmp_path):
 
 # --- instance datasets -------------------------------------------------------------------------------
 
+
 def box(x0, y0, x1, y1):
     return [[x0, y0, x1, y0, x1, y1, x0, y1]]
 
@@ -156,14 +160,33 @@ def coco(tmp_path):
         name = f"{image_id:012d}.jpg"
         write(tmp_path / "val2017" / name, image())
         images.append({"id": image_id, "file_name": name, "height": H, "width": W})
-        annotations.append({"id": 10 * image_id, "image_id": image_id, "category_id": 1, "area": 20.0,
-                            "bbox": [1, 1, 5, 4], "segmentation": box(1, 1, 6, 5), "iscrowd": int(image_id == 8)})
-    annotations.append({"id": 11, "image_id": 1, "category_id": 1, "area": 6.0, "bbox": [8, 5, 3, 2],
-                        "segmentation": box(8, 5, 11, 7), "iscrowd": 0})
+        annotations.append(
+            {
+                "id": 10 * image_id,
+                "image_id": image_id,
+                "category_id": 1,
+                "area": 20.0,
+                "bbox": [1, 1, 5, 4],
+                "segmentation": box(1, 1, 6, 5),
+                "iscrowd": int(image_id == 8),
+            }
+        )
+    annotations.append(
+        {
+            "id": 11,
+            "image_id": 1,
+            "category_id": 1,
+            "area": 6.0,
+            "bbox": [8, 5, 3, 2],
+            "segmentation": box(8, 5, 11, 7),
+            "iscrowd": 0,
+        }
+    )
     path = tmp_path / "annotations/instances_val2017.json"
     path.parent.mkdir()
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": [{"id": 1, "name": "thing"}]}))
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]})
+    )
     return tmp_path
 
 
@@ -264,6 +287,7 @@ def test_ocid_background_ids_depend_on_table_sequences(tmp_path):
 
 
 # --- registry ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["cityscapes", "gta5", "synthia", "coco", "voc", "camo", "cod10k", "kvasir", "ocid"])
 def test_missing_root_is_named(tmp_path, name):

@@ -1,4 +1,5 @@
 """dual_lora_sam and the wesam baseline: LoRA branches, role assignment, losses, merged checkpoints, runs."""
+
 import subprocess
 import sys
 import textwrap
@@ -9,13 +10,26 @@ import torch
 from omegaconf import OmegaConf
 from segment_anything import sam_model_registry
 
-from lightning_modules.networks.sam import build_configured_sam, build_sam, predict_instances, save_sam_checkpoint
 from lightning_modules.components.sam_adaptation import (
-    assign_roles, background_representations, branch_similarity, direct_alignment_loss, foreground_representations,
-    instance_contrastive_loss, reverse_distillation_loss, triplet_loss,
+    assign_roles,
+    background_representations,
+    branch_similarity,
+    direct_alignment_loss,
+    foreground_representations,
+    instance_contrastive_loss,
+    reverse_distillation_loss,
+    triplet_loss,
 )
-from lightning_modules.networks.sam_lora import (LoRALinear, active_branch, branch_parameters, encode, inject_lora,
-                                                 lora_modules, merged_sam)
+from lightning_modules.networks.sam import build_configured_sam, build_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.networks.sam_lora import (
+    LoRALinear,
+    active_branch,
+    branch_parameters,
+    encode,
+    inject_lora,
+    lora_modules,
+    merged_sam,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,8 +47,15 @@ def tiny_sam_with_branches(seed=0, **lora):
     torch.manual_seed(seed)
     sam = build_sam("tiny", image_size=64, tiny={"depth": 2, "global_attn_indexes": [1]})
     options = {"rank": 2, "alpha": 2, "targets": ["q", "v"], "layers": None, "perturbation": 0.0, **lora}
-    inject_lora(sam, ["alpha", "beta"], options.pop("rank"), options.pop("alpha"), options.pop("targets"),
-                options.pop("layers"), options.pop("perturbation"))
+    inject_lora(
+        sam,
+        ["alpha", "beta"],
+        options.pop("rank"),
+        options.pop("alpha"),
+        options.pop("targets"),
+        options.pop("layers"),
+        options.pop("perturbation"),
+    )
     return sam.eval()
 
 
@@ -48,9 +69,14 @@ def randomise_branch(sam, name, seed=1):
 def prompts(size=64):
     masks = torch.zeros(2, size, size)
     masks[0, 8:30, 10:40], masks[1, 35:60, 20:50] = 1, 1
-    return {"boxes": torch.tensor([[10., 8., 39., 29.], [20., 35., 49., 59.]]), "polys": masks,
-            "points": torch.tensor([[[20., 15.]], [[30., 45.]]]), "point_labels": torch.ones(2, 1, dtype=torch.long),
-            "instances": masks, "input_size": (size, size)}
+    return {
+        "boxes": torch.tensor([[10.0, 8.0, 39.0, 29.0], [20.0, 35.0, 49.0, 59.0]]),
+        "polys": masks,
+        "points": torch.tensor([[[20.0, 15.0]], [[30.0, 45.0]]]),
+        "point_labels": torch.ones(2, 1, dtype=torch.long),
+        "instances": masks,
+        "input_size": (size, size),
+    }
 
 
 def test_lora_injection_freezes_everything_but_the_branches():
@@ -69,6 +95,7 @@ def test_methods_train_only_lora(method, tmp_path):
 
     from experiments.run import build_module
     from tests.conftest import compose_config
+
     cfg = OmegaConf.to_container(compose_config(method, "synth_shapes", tmp_path), resolve=True)
     module = build_module(cfg)
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
@@ -206,6 +233,7 @@ def test_merged_vit_b_has_exactly_the_official_key_set():
 
 def read_metrics(run_dir: Path) -> list:
     import csv
+
     return list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
 
 
@@ -225,20 +253,32 @@ def test_dual_lora_sam_runs_logs_roles_and_writes_the_selected_branch(run_tiny):
     prefix = "sam.image_encoder.blocks.0.attn.qkv"
     scale = 1.0  # alpha / rank = 4 / 4
     expected_q = state[f"{prefix}.base.weight"][:64] + scale * (
-        state[f"{prefix}.branches.{selected}.up.q"] @ state[f"{prefix}.branches.{selected}.down.q"])
+        state[f"{prefix}.branches.{selected}.up.q"] @ state[f"{prefix}.branches.{selected}.down.q"]
+    )
     assert torch.allclose(qkv[:64], expected_q, atol=1e-6)
     run_model = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model, resolve=True)
     assert set(saved) == set(build_configured_sam(run_model).state_dict())
 
 
 def test_ablation_switches_and_bf16(run_tiny):
-    results, run_dir = run_tiny("dual_lora_sam", "synth_shapes", "method.reverse_distillation=false",
-                                "method.triplet=false", "trainer.precision=bf16-mixed",
-                                "trainer.log_every_n_steps=1")
+    results, run_dir = run_tiny(
+        "dual_lora_sam",
+        "synth_shapes",
+        "method.reverse_distillation=false",
+        "method.triplet=false",
+        "trainer.precision=bf16-mixed",
+        "trainer.log_every_n_steps=1",
+    )
     assert results["trained"] and "train/loss_reverse" not in read_metrics(run_dir)[0]
     with pytest.raises(ValueError, match="enable at least one loss"):
-        run_tiny("dual_lora_sam", "synth_shapes", "method.direct_alignment=false", "method.reverse_distillation=false",
-                 "method.triplet=false", name="none")
+        run_tiny(
+            "dual_lora_sam",
+            "synth_shapes",
+            "method.direct_alignment=false",
+            "method.reverse_distillation=false",
+            "method.triplet=false",
+            name="none",
+        )
 
 
 def test_wesam_runs_with_an_ema_teacher_and_the_student_alone_trains(run_tiny):
@@ -248,7 +288,7 @@ def test_wesam_runs_with_an_ema_teacher_and_the_student_alone_trains(run_tiny):
     student = state["sam.image_encoder.blocks.0.attn.qkv.branches.student.up.q"]
     teacher = state["sam.image_encoder.blocks.0.attn.qkv.branches.teacher.up.q"]
     assert student.abs().sum() > 0 and teacher.abs().sum() > 0  # teacher followed the student by EMA
-    assert (teacher.abs().sum() < student.abs().sum())  # m = 0.999 lags far behind
+    assert teacher.abs().sum() < student.abs().sum()  # m = 0.999 lags far behind
     assert {"train/loss_self", "train/loss_anchor", "train/loss_contrastive"} <= set(read_metrics(run_dir)[0])
     with pytest.raises(ValueError, match="method.teacher"):
         run_tiny("wesam", "synth_shapes", "method.teacher=frozen", name="bad")
@@ -280,8 +320,14 @@ trainer.fit(build_module(cfg), datamodule=build_datamodule(cfg))
 def test_two_process_ddp_keeps_both_branches_and_roles_identical(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path))))
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and rank0["teacher_counts"].sum() == 3

@@ -1,5 +1,6 @@
 """The repository's layout holds: every method composes with every task it fits (and is refused on the others in
 one sentence), its module and network resolve, and the layers import only downwards."""
+
 from __future__ import annotations
 
 import ast
@@ -53,7 +54,10 @@ def test_a_method_needing_a_checkpoint_is_refused_without_one():
 
 
 def test_source_only_takes_source_ckpt_without_a_plus():
-    assert compose_pair("source_only", "synth2real", "method.source_ckpt=/w/last.ckpt").method.source_ckpt == "/w/last.ckpt"
+    assert (
+        compose_pair("source_only", "synth2real", "method.source_ckpt=/w/last.ckpt").method.source_ckpt
+        == "/w/last.ckpt"
+    )
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -69,15 +73,18 @@ def imported_modules(path: Path) -> list[str]:
 
 def project_imports(folder: str) -> dict[str, list[str]]:
     packages = ("datamodules", "lightning_modules", "experiments")
-    return {str(path.relative_to(ROOT)): [m for m in imported_modules(path) if m.split(".")[0] in packages]
-            for path in sorted((ROOT / folder).rglob("*.py"))}
+    return {
+        str(path.relative_to(ROOT)): [m for m in imported_modules(path) if m.split(".")[0] in packages]
+        for path in sorted((ROOT / folder).rglob("*.py"))
+    }
 
 
 def test_components_hold_math_only():
     for path, modules in project_imports("lightning_modules/components").items():
         for module in modules:
-            assert module.startswith(("lightning_modules.components", "lightning_modules.distributed",
-                                      "datamodules.constants")), f"{path} imports {module}"
+            assert module.startswith(
+                ("lightning_modules.components", "lightning_modules.distributed", "datamodules.constants")
+            ), f"{path} imports {module}"
 
 
 def test_layers_import_downwards():
@@ -86,8 +93,9 @@ def test_layers_import_downwards():
     for path, modules in project_imports("lightning_modules").items():
         assert not any(m.startswith("experiments") for m in modules), f"{path} imports {modules}"
     for path, modules in project_imports("lightning_modules/networks").items():
-        assert not any(m.startswith("lightning_modules.") and m.split(".")[1] not in ("networks", "components")
-                       for m in modules), f"{path} imports {modules}"
+        assert not any(
+            m.startswith("lightning_modules.") and m.split(".")[1] not in ("networks", "components") for m in modules
+        ), f"{path} imports {modules}"
 
 
 def test_constants_import_nothing():

@@ -1,4 +1,5 @@
 """Evaluation math on constructed inputs, and its reduction across two DDP processes."""
+
 import math
 import os
 
@@ -25,6 +26,7 @@ def test_per_class_iou_from_constructed_confusion_matrix():
 
 def test_synthia_subsets_come_from_one_matrix():
     from datamodules.datasets.labels import SYNTHIA_13, SYNTHIA_16
+
     confusion = torch.diag(torch.arange(1, 20))
     confusion[3, 4] = 5  # wall predicted as fence lowers wall and fence, which mIoU13 drops
     iou = per_class_iou(confusion)
@@ -44,8 +46,8 @@ def test_instance_iou_thresholds_logits_at_zero():
     truth[0, :2] = 1
     truth[1, :, :1] = 1
     logits = torch.full((2, 4, 4), -1.0)
-    logits[0, :2] = 2.0          # exact
-    logits[1, :, :2] = 0.5       # twice the truth
+    logits[0, :2] = 2.0  # exact
+    logits[1, :, :2] = 0.5  # twice the truth
     assert instance_iou(logits, truth).tolist() == pytest.approx([1.0, 0.5])
 
 
@@ -53,7 +55,7 @@ def test_poly_schedule_warms_up_then_decays_to_zero():
     factor = poly_lr_lambda(max_steps=100, power=0.9, warmup_steps=10)
     assert factor(0) == pytest.approx(0.1)
     assert factor(9) == pytest.approx(1.0)
-    assert factor(50) == pytest.approx(0.5 ** 0.9)
+    assert factor(50) == pytest.approx(0.5**0.9)
     assert factor(100) == 0.0
 
 

@@ -1,5 +1,6 @@
 """mt_metric (STvM): reliability weighting and metric loss on constructed inputs, the EMA teacher, the
 source-free contract, and tiny end-to-end runs (fp32, bf16, two-process DDP)."""
+
 import json
 import math
 import subprocess
@@ -13,13 +14,18 @@ import datamodules
 import datamodules.uda
 import lightning_modules.mt_metric
 from experiments.run import check_compatibility, execute
-from lightning_modules.components.metric_learning import (class_normalised_weight, confidence_threshold_weight,
-                                                          proxy_anchor_loss, proxy_similarity, reliability_weight,
-                                                          weighted_cross_entropy)
+from lightning_modules.components.metric_learning import (
+    class_normalised_weight,
+    confidence_threshold_weight,
+    proxy_anchor_loss,
+    proxy_similarity,
+    reliability_weight,
+    weighted_cross_entropy,
+)
 from lightning_modules.components.ops import class_means
 from lightning_modules.components.self_training import class_mix_masks
-from lightning_modules.networks.heads import MetricHead
 from lightning_modules.mt_metric import MTMetric, TeacherTargets
+from lightning_modules.networks.heads import MetricHead
 from tests.conftest import compose_config
 
 
@@ -46,8 +52,11 @@ def test_reliability_weight_is_the_proxy_posterior_of_the_pseudo_class():
     expected = torch.tensor([1 / (1 + math.exp(-32)), 0.5, 1 / (1 + math.exp(32))])
     assert torch.allclose(weight[0, 0], expected, atol=1e-6)
     # Relative, not absolute: the same pixel weighs less when another proxy is as close.
-    crowded = reliability_weight(proxy_similarity(embeddings, torch.tensor([[1.0, 0.0], [1.0, 0.01]])),
-                                 torch.zeros(1, 1, 3, dtype=torch.long), scale=32.0)
+    crowded = reliability_weight(
+        proxy_similarity(embeddings, torch.tensor([[1.0, 0.0], [1.0, 0.01]])),
+        torch.zeros(1, 1, 3, dtype=torch.long),
+        scale=32.0,
+    )
     assert crowded[0, 0, 0] < 0.51 < weight[0, 0, 0]
 
 
@@ -57,7 +66,9 @@ def test_class_normalised_weight_ranks_pixels_within_their_class():
     normalised = class_normalised_weight(weight, pseudo_label, num_classes=3)
     assert torch.allclose(normalised, torch.tensor([[[2 / 3, 4 / 3, 9 / 8, 9 / 8, 6 / 8]]]))
     # Every pseudo-class now weighs 1 on average: a class with low reliabilities is not trained less as a whole.
-    assert torch.allclose(class_means(normalised.flatten(1), pseudo_label.flatten(1), 3), torch.tensor([[1.0, 0.0, 1.0]]))
+    assert torch.allclose(
+        class_means(normalised.flatten(1), pseudo_label.flatten(1), 3), torch.tensor([[1.0, 0.0, 1.0]])
+    )
 
 
 def test_proxy_anchor_loss_matches_its_formula_and_pulls_pixels_to_their_proxy():
@@ -96,8 +107,11 @@ def test_threshold_weight_and_weighted_loss_ignore_what_weighs_nothing():
 
 
 def test_running_without_a_source_checkpoint_says_how_to_make_one(tmp_path):
-    with pytest.raises(SystemExit, match=r"set method.source_ckpt=PATH.*python -m experiments.run "
-                                         r"\+method=source_only \+task=synth2real"):
+    with pytest.raises(
+        SystemExit,
+        match=r"set method.source_ckpt=PATH.*python -m experiments.run "
+        r"\+method=source_only \+task=synth2real",
+    ):
         check_compatibility(compose_config("mt_metric", "synth2real", tmp_path))
 
 
@@ -137,8 +151,9 @@ def test_adapts_from_target_images_only_and_reports_weight_by_correctness(run_ti
 
     monkeypatch.setattr(datamodules.uda, "build_from_spec", spy_build_from_spec)
     monkeypatch.setattr(datamodules, "build_datamodule", spy_build_datamodule)
-    results, run_dir = run_tiny("mt_metric", "synth2real", f"method.source_ckpt={source_ckpt}",
-                                "trainer.log_every_n_steps=1")
+    results, run_dir = run_tiny(
+        "mt_metric", "synth2real", f"method.source_ckpt={source_ckpt}", "trainer.log_every_n_steps=1"
+    )
 
     assert set(datamodules_built[0].train_sets) == {"tgt"}
     assert ("train", "real") in built_specs and all(domain == "real" for _, domain in built_specs)
@@ -146,28 +161,57 @@ def test_adapts_from_target_images_only_and_reports_weight_by_correctness(run_ti
     accuracy = weights["pseudo_label_accuracy"]
     assert 0 < accuracy < 1 and weights["weight_incorrect"] > 0 and weights["weight_correct"] > 0
     # Class-normalised weights average 1 over every batch, hence over the whole val set.
-    assert accuracy * weights["weight_correct"] + (1 - accuracy) * weights["weight_incorrect"] == pytest.approx(1, abs=1e-3)
+    assert accuracy * weights["weight_correct"] + (1 - accuracy) * weights["weight_incorrect"] == pytest.approx(
+        1, abs=1e-3
+    )
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert "metric_head.proxies" in state and any(k.startswith("teacher.") for k in state)
-    assert not torch.equal(state["teacher.classifier.branches.0.weight"], state["segmenter.classifier.branches.0.weight"])
+    assert not torch.equal(
+        state["teacher.classifier.branches.0.weight"], state["segmenter.classifier.branches.0.weight"]
+    )
     metrics = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert all(key in metrics for key in ("train/pixel_weight", "train/metric_loss", "val/weight_correct"))
 
 
 def test_bf16_mixed_precision_runs(run_tiny, source_ckpt):
-    results, _ = run_tiny("mt_metric", "synth2real", f"method.source_ckpt={source_ckpt}",
-                          "trainer.precision=bf16-mixed", "trainer.max_steps=2")
+    results, _ = run_tiny(
+        "mt_metric",
+        "synth2real",
+        f"method.source_ckpt={source_ckpt}",
+        "trainer.precision=bf16-mixed",
+        "trainer.max_steps=2",
+    )
     assert 0 <= results["metrics"]["mIoU"] <= 100 and results["global_step"] == 2
 
 
 @pytest.mark.parametrize("metric_trains_student", [False, True])
 def test_two_process_ddp_keeps_teacher_and_proxies_identical(tmp_path, source_ckpt, metric_trains_student):
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "+method=mt_metric", "+task=synth2real", f"run_dir={tmp_path}",
-         f"method.source_ckpt={source_ckpt}", f"method.metric_trains_student={metric_trains_student}", "logger=csv", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.strategy=ddp", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_workers=0",
-         "trainer.enable_progress_bar=false", "data.target.options.length=8", "data.val.options.length=5",
-         "data.batch_size=2"], capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "+method=mt_metric",
+            "+task=synth2real",
+            f"run_dir={tmp_path}",
+            f"method.source_ckpt={source_ckpt}",
+            f"method.metric_trains_student={metric_trains_student}",
+            "logger=csv",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "data.num_workers=0",
+            "trainer.enable_progress_bar=false",
+            "data.target.options.length=8",
+            "data.val.options.length=5",
+            "data.batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["global_step"] == 2
@@ -201,8 +245,9 @@ def test_metric_guided_class_mix_pastes_the_partner_with_its_labels_and_weights(
 
 
 def test_metric_loss_trains_the_student_feature_space_only_when_switched_on(source_ckpt, monkeypatch):
-    monkeypatch.setattr(lightning_modules.mt_metric, "weighted_cross_entropy",
-                        lambda logits, labels, weight: 0.0 * logits.sum())
+    monkeypatch.setattr(
+        lightning_modules.mt_metric, "weighted_cross_entropy", lambda logits, labels, weight: 0.0 * logits.sum()
+    )
     torch.manual_seed(0)
     images = torch.randn(2, 3, 32, 64)
     for trains_student in (False, True):

@@ -1,4 +1,5 @@
 """Ground-truth prompts and the SAM input geometry of datamodules.prompted."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +9,9 @@ import torchvision
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from datamodules.datasets.base import DatasetLayoutError
+from datamodules.datasets.synth_shapes import SyntheticShapes
 from datamodules.prompted import PromptedDataModule, PromptedDataset, build_prompted_datamodule, collate_prompted
 from datamodules.prompts import derive_prompts, masks_to_boxes
-from datamodules.datasets.synth_shapes import SyntheticShapes
 from lightning_modules.networks.sam import build_sam
 
 
@@ -60,7 +61,7 @@ def test_tiny_instance_repeats_pixels_and_full_instance_pads_negatives():
 
 def test_polygon_of_rectangle_and_disk():
     ys, xs = np.mgrid[:96, :96]
-    disk = ((xs - 48) ** 2 + (ys - 50) ** 2 < 30 ** 2).astype(np.uint8)
+    disk = ((xs - 48) ** 2 + (ys - 50) ** 2 < 30**2).astype(np.uint8)
     rectangle = np.zeros((96, 96), np.uint8)
     rectangle[10:60, 20:80] = 1
     polys = derive_prompts(np.stack([rectangle, disk]), np.random.default_rng(0))["polys"]
@@ -91,8 +92,9 @@ def test_non_square_image_is_padded_bottom_right():
     image = np.full((30, 60, 3), 200, np.uint8)
     instances = np.zeros((1, 30, 60), np.uint8)
     instances[0, 10:20, 0:60] = 1
-    item = PromptedDataset([{"image": image, "instances": instances, "meta": {"path": "x.png"}}],
-                           image_size=64, train=False)[0]
+    item = PromptedDataset(
+        [{"image": image, "instances": instances, "meta": {"path": "x.png"}}], image_size=64, train=False
+    )[0]
     assert item["input_size"] == (32, 64)
     assert (item["img"][:, 32:] == 0).all() and (item["img"][:, :32] != 0).all()
     assert item["instances"][0, :32].sum() > 0 and item["instances"][0, 32:].sum() == 0
@@ -100,8 +102,11 @@ def test_non_square_image_is_padded_bottom_right():
 
 
 def test_zero_instances_names_the_path():
-    item = {"image": np.zeros((8, 8, 3), np.uint8), "instances": np.zeros((0, 8, 8), np.uint8),
-            "meta": {"path": "empty/img_7.png"}}
+    item = {
+        "image": np.zeros((8, 8, 3), np.uint8),
+        "instances": np.zeros((0, 8, 8), np.uint8),
+        "meta": {"path": "empty/img_7.png"},
+    }
     with pytest.raises(DatasetLayoutError, match="empty/img_7.png"):
         PromptedDataset([item], image_size=16, train=False)[0]
 
@@ -109,7 +114,7 @@ def test_zero_instances_names_the_path():
 def test_training_keeps_a_random_subset_of_max_instances():
     instances = np.zeros((6, 16, 16), np.uint8)
     for i in range(6):
-        instances[i, i * 2:i * 2 + 2, :] = 1
+        instances[i, i * 2 : i * 2 + 2, :] = 1
     items = [{"image": np.zeros((16, 16, 3), np.uint8), "instances": instances, "meta": {"path": "p"}}]
     train_item = PromptedDataset(items, image_size=16, train=True, max_instances=3, strong_view=True)[0]
     assert train_item["instances"].shape == (3, 16, 16) and train_item["img_strong"].shape == (3, 16, 16)
@@ -128,8 +133,14 @@ def test_eval_prompts_identical_for_same_seed():
 
 def test_collate_and_datamodule_loaders():
     shapes = SyntheticShapes(split="train", domain="clear", length=5, size=32)
-    module = PromptedDataModule(shapes, SyntheticShapes(split="val", domain="clear", length=3, size=32), image_size=32,
-                                batch_size=2, num_workers=0, strong_view=True)
+    module = PromptedDataModule(
+        shapes,
+        SyntheticShapes(split="val", domain="clear", length=3, size=32),
+        image_size=32,
+        batch_size=2,
+        num_workers=0,
+        strong_view=True,
+    )
     batch = next(iter(module.train_dataloader()))
     assert batch["img"].shape == batch["img_strong"].shape == (2, 3, 32, 32)
     assert len(batch["targets"]) == 2 and "img" not in batch["targets"][0]
@@ -141,9 +152,21 @@ def test_collate_and_datamodule_loaders():
 
 def test_build_from_config_streams():
     spec = {"name": "synth_shapes", "split": "train", "options": {"domain": "clear", "length": 4, "size": 32}}
-    cfg = {"seed": 0, "model": {"image_size": 32}, "method": {"streams": ["tgt"]},
-           "data": {"source": None, "target": spec, "val": {**spec, "split": "val"}, "labelled_domain": "target",
-                    "batch_size": 2, "num_workers": 0, "max_instances": 40, "strong_view": False}}
+    cfg = {
+        "seed": 0,
+        "model": {"image_size": 32},
+        "method": {"streams": ["tgt"]},
+        "data": {
+            "source": None,
+            "target": spec,
+            "val": {**spec, "split": "val"},
+            "labelled_domain": "target",
+            "batch_size": 2,
+            "num_workers": 0,
+            "max_instances": 40,
+            "strong_view": False,
+        },
+    }
     module = build_prompted_datamodule(cfg)
     assert "instances" not in module.train_set[0] and "instances" in module.val_set[0]
     cfg["method"]["streams"] = ["src"]

@@ -1,4 +1,5 @@
 """experiments.report: paper-style tables from results.json files."""
+
 import json
 
 import pytest
@@ -13,10 +14,24 @@ def write(run_dir, **payload):
 
 def test_semantic_table_averages_seeds_and_gives_gain_over_source_only(tmp_path):
     for seed, (road, miou) in enumerate([(50.0, 40.0), (60.0, 44.0)]):
-        write(tmp_path / f"so{seed}", method="source_only", task="synth2real", kind="semantic", seed=seed,
-              metrics={"mIoU": miou}, per_class_iou={"road": road})
-    write(tmp_path / "oracle", method="oracle", task="synth2real", kind="semantic", seed=0,
-          metrics={"mIoU": 80.0}, per_class_iou={"road": 90.0})
+        write(
+            tmp_path / f"so{seed}",
+            method="source_only",
+            task="synth2real",
+            kind="semantic",
+            seed=seed,
+            metrics={"mIoU": miou},
+            per_class_iou={"road": road},
+        )
+    write(
+        tmp_path / "oracle",
+        method="oracle",
+        task="synth2real",
+        kind="semantic",
+        seed=0,
+        metrics={"mIoU": 80.0},
+        per_class_iou={"road": 90.0},
+    )
     table = report.main([str(tmp_path)])
     lines = table.splitlines()
     assert lines[0] == "### synth2real"
@@ -26,10 +41,24 @@ def test_semantic_table_averages_seeds_and_gives_gain_over_source_only(tmp_path)
 
 
 def test_prompted_table_gain_is_over_the_unadapted_row(tmp_path):
-    write(tmp_path / "unadapted", method="sam_finetune", task="camo", kind="prompted", seed=0, trained=False,
-          metrics={"box": 60.0, "point": 50.0, "poly": 40.0, "avg": 50.0})
-    write(tmp_path / "target", method="sam_finetune", task="camo", kind="prompted", seed=0, trained=True,
-          metrics={"box": 80.0, "point": 70.0, "poly": 60.0, "avg": 70.0})
+    write(
+        tmp_path / "unadapted",
+        method="sam_finetune",
+        task="camo",
+        kind="prompted",
+        seed=0,
+        trained=False,
+        metrics={"box": 60.0, "point": 50.0, "poly": 40.0, "avg": 50.0},
+    )
+    write(
+        tmp_path / "target",
+        method="sam_finetune",
+        task="camo",
+        kind="prompted",
+        seed=0,
+        trained=True,
+        metrics={"box": 80.0, "point": 70.0, "poly": 60.0, "avg": 70.0},
+    )
     lines = report.main([str(tmp_path)]).splitlines()
     assert "| method | box | point | poly | avg | gain |" in lines
     assert "| sam_finetune (unadapted) | 60.00 | 50.00 | 40.00 | 50.00 | - |" in lines

@@ -1,10 +1,10 @@
 """The entry point end to end on the procedural street task: training, evaluation, run directory,
 resume, determinism, bf16 and two-process DDP."""
+
 import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from experiments.run import check_choices, normalise_overrides
@@ -13,8 +13,17 @@ from experiments.run import check_choices, normalise_overrides
 def test_source_only_trains_and_writes_its_run_directory(run_tiny):
     results, run_dir = run_tiny("source_only", "synth2real")
     assert set(results["metrics"]) == {"mIoU"}
-    assert set(results["per_class_iou"]) == {"road", "sidewalk", "building", "pole", "traffic sign",
-                                             "vegetation", "sky", "person", "car"}
+    assert set(results["per_class_iou"]) == {
+        "road",
+        "sidewalk",
+        "building",
+        "pole",
+        "traffic sign",
+        "vegetation",
+        "sky",
+        "person",
+        "car",
+    }
     assert 0 <= results["metrics"]["mIoU"] <= 100
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -64,8 +73,9 @@ def test_missing_or_unknown_choice_is_one_sentence():
 
 
 def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "experiments.run", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_cli_refuses_missing_task_and_incompatible_pair():
@@ -82,10 +92,22 @@ def test_unknown_key_is_named():
 
 
 def test_two_process_ddp_run_agrees_with_itself(tmp_path):
-    result = cli("+method=source_only", "+task=synth2real", f"run_dir={tmp_path}", "logger=csv",
-                 "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=3",
-                 "trainer.val_check_interval=3", "data.num_workers=0", "trainer.enable_progress_bar=false",
-                 "data.source.options.length=16", "data.val.options.length=7", "data.batch_size=2")
+    result = cli(
+        "+method=source_only",
+        "+task=synth2real",
+        f"run_dir={tmp_path}",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "data.num_workers=0",
+        "trainer.enable_progress_bar=false",
+        "data.source.options.length=16",
+        "data.val.options.length=7",
+        "data.batch_size=2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["global_step"] == 3

@@ -1,4 +1,5 @@
 """Tiny SAM from segment-anything's modules: batched prompting, gradients, checkpoint round trip."""
+
 from __future__ import annotations
 
 import logging
@@ -6,10 +7,17 @@ import logging
 import pytest
 import torch
 
-from datamodules.prompted import PromptedDataset, collate_prompted
 from datamodules.datasets.synth_shapes import SyntheticShapes
-from lightning_modules.networks.sam import (PROMPT_KINDS, build_configured_sam, build_sam, decode_masks, encode_prompts,
-                                              predict_instances, save_sam_checkpoint)
+from datamodules.prompted import PromptedDataset, collate_prompted
+from lightning_modules.networks.sam import (
+    PROMPT_KINDS,
+    build_configured_sam,
+    build_sam,
+    decode_masks,
+    encode_prompts,
+    predict_instances,
+    save_sam_checkpoint,
+)
 
 SIZE = 64
 TINY = {"embed_dim": 32, "num_heads": 2, "prompt_embed_dim": 32, "decoder_mlp_dim": 64, "decoder_heads": 2}
@@ -68,8 +76,7 @@ def test_gradients_reach_the_mask_decoder(sam, batch):
     sam.zero_grad()
     logits = predict_instances(sam, sam.image_encoder(batch["img"]), batch["targets"], "poly")
     sum(o.sigmoid().mean() for o in logits).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0
-               for p in sam.mask_decoder.output_upscaling.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sam.mask_decoder.output_upscaling.parameters())
     assert sam.image_encoder.patch_embed.proj.weight.grad.abs().sum() > 0
 
 

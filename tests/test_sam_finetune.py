@@ -1,4 +1,5 @@
 """The SAM baseline end to end on the procedural shapes task."""
+
 import json
 
 import pytest
@@ -30,8 +31,9 @@ def test_unadapted_evaluation_loads_the_given_sam_checkpoint(run_tiny, tmp_path)
     checkpoint = tmp_path / "sam_tiny.pth"
     task_model = OmegaConf.to_container(compose_config("sam_finetune", "synth_shapes", tmp_path / "cfg").model)
     save_sam_checkpoint(build_configured_sam(task_model), checkpoint)
-    first, run_dir = run_tiny("sam_finetune", "synth_shapes", "train=false", f"model.sam_checkpoint={checkpoint}",
-                              name="a")
+    first, run_dir = run_tiny(
+        "sam_finetune", "synth_shapes", "train=false", f"model.sam_checkpoint={checkpoint}", name="a"
+    )
     second, _ = run_tiny("sam_finetune", "synth_shapes", "train=false", f"model.sam_checkpoint={checkpoint}", name="b")
     assert first["metrics"] == second["metrics"]
     assert json.loads((run_dir / "results.json").read_text())["trained"] is False
@@ -70,8 +72,10 @@ def test_per_mask_loss_ranks_masks_and_averages_to_the_mask_loss():
 
 @pytest.mark.parametrize("train_multimask", [True, False])
 def test_ambiguity_term_trains_the_multimask_outputs(tmp_path, train_multimask):
-    cfg = OmegaConf.to_container(compose_config("sam_finetune", "synth_shapes", tmp_path,
-                                                f"method.train_multimask={train_multimask}"), resolve=True)
+    cfg = OmegaConf.to_container(
+        compose_config("sam_finetune", "synth_shapes", tmp_path, f"method.train_multimask={train_multimask}"),
+        resolve=True,
+    )
     module = SAMFinetune(cfg)
     module.log = module.log_dict = lambda *args, **kwargs: None
     datamodule = build_datamodule(cfg)
@@ -79,6 +83,8 @@ def test_ambiguity_term_trains_the_multimask_outputs(tmp_path, train_multimask):
     module.training_step(next(iter(datamodule.train_dataloader())), 0).backward()
     # Masks 1-3 come from their own hypernetwork MLPs, which only the ambiguity term reaches (for the
     # instances where that mask is the best of the three).
-    reached = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
-               for mlp in module.sam.mask_decoder.output_hypernetworks_mlps[1:]]
+    reached = [
+        any(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
+        for mlp in module.sam.mask_decoder.output_hypernetworks_mlps[1:]
+    ]
     assert any(reached) == train_multimask

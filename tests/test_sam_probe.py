@@ -1,14 +1,15 @@
 """The SAM probe: mask quality values on constructed logits, and the command on a finished run."""
+
 import pytest
 import torch
 
-from experiments.sam_probe import box_auc, main, mask_quality
 from datamodules.prompts import masks_to_boxes
+from experiments.sam_probe import box_auc, main, mask_quality
 
 
 def square(size: int, top: int, left: int, side: int) -> torch.Tensor:
     mask = torch.zeros(size, size, dtype=torch.bool)
-    mask[top:top + side, left:left + side] = True
+    mask[top : top + side, left : left + side] = True
     return mask
 
 

@@ -1,5 +1,6 @@
 """Scale-out configuration: the SLURM launcher composes from the trainer's devices/nodes, precision
 ``auto`` resolves by hardware, channels_last converts the network."""
+
 import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
@@ -10,10 +11,20 @@ from tests.conftest import compose_config
 
 def test_slurm_launcher_takes_its_shape_from_the_trainer(tmp_path):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+method=source_only", "+task=gta2cs", f"run_dir={tmp_path}",
-                                           "hydra/launcher=slurm", "trainer.devices=4", "trainer.num_nodes=2",
-                                           "data.num_workers=6", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[
+                "+method=source_only",
+                "+task=gta2cs",
+                f"run_dir={tmp_path}",
+                "hydra/launcher=slurm",
+                "trainer.devices=4",
+                "trainer.num_nodes=2",
+                "data.num_workers=6",
+                "hydra.launcher.partition=gpu",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)

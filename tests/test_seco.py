@@ -1,5 +1,6 @@
 """seco: component extraction, Pixel Semantic Aggregation, GMM split and correction on constructed inputs;
 the resumable pseudo-label stage with a tiny SAM; self-training on its labels; the GMM split under DDP."""
+
 import json
 import os
 import re
@@ -12,10 +13,20 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.constants import IGNORE_INDEX
-from lightning_modules.networks.factory import build_network
 from lightning_modules.components.connectivity import (
-    component_losses, connected_components, correct_components, fit_noise_gmm, label_confusion, paint_in_order,
-    purest_points, relabel, semantic_alignment, spatial_purity, unclipped_boxes)
+    component_losses,
+    connected_components,
+    correct_components,
+    fit_noise_gmm,
+    label_confusion,
+    paint_in_order,
+    purest_points,
+    relabel,
+    semantic_alignment,
+    spatial_purity,
+    unclipped_boxes,
+)
+from lightning_modules.networks.factory import build_network
 from lightning_modules.networks.sam import build_sam, save_sam_checkpoint
 from tests.conftest import compose_config
 
@@ -25,10 +36,10 @@ TINY_PSA = ["method.sam.variant=tiny", "method.psa.everything_mode.points_per_si
 
 def two_squares_and_a_bar() -> np.ndarray:
     labels = np.full((8, 10), IGN, dtype=np.int64)
-    labels[0:2, 0:2] = 1          # component A (class 1), area 4
-    labels[5:8, 6:9] = 1          # component B (class 1), area 9
-    labels[3, 0:10] = 2           # component C (class 2), area 10
-    labels[7, 0] = 2              # component D (class 2), area 1
+    labels[0:2, 0:2] = 1  # component A (class 1), area 4
+    labels[5:8, 6:9] = 1  # component B (class 1), area 9
+    labels[3, 0:10] = 2  # component C (class 2), area 10
+    labels[7, 0] = 2  # component D (class 2), area 1
     return labels
 
 
@@ -47,9 +58,9 @@ def test_semantic_alignment_votes_share_of_labelled_pixels_and_later_masks_win()
     labels[:, :2] = 0
     labels[0, 2] = 8
     masks = np.zeros((3, 4, 4), dtype=bool)
-    masks[0] = True                                   # labelled: 8 road + 1 veg -> road (8/9)
-    masks[1, :, 2:] = True                            # labelled: 1 veg of 1 -> vegetation
-    masks[2, 3, 3] = True                             # no labelled pixel -> ignore
+    masks[0] = True  # labelled: 8 road + 1 veg -> road (8/9)
+    masks[1, :, 2:] = True  # labelled: 1 veg of 1 -> vegetation
+    masks[2, 3, 3] = True  # no labelled pixel -> ignore
     classes = semantic_alignment(masks, labels, stuff_classes=[0, 8], threshold=0.2)
     assert classes.tolist() == [0, 8, IGN]
     painted = paint_in_order(masks, classes, np.full((4, 4), IGN, dtype=np.int64))
@@ -90,9 +101,14 @@ def test_gmm_marks_the_high_loss_mode_noisy_and_correction_relabels_or_ignores()
     noisy = fit_noise_gmm(losses, max_iter=10, tol=1e-2, reg_covar=5e-4)
     assert (noisy[:60] < 0.5).all() and (noisy[60:] > 0.5).all()
     assert (fit_noise_gmm(np.ones(5), 10, 1e-2, 5e-4) == 0).all()
-    corrected = correct_components(classes=np.array([1, 1, 2]), noisy_probability=np.array([0.1, 0.9, 0.9]),
-                                   prediction=np.array([3, 4, 5]), confidence=np.array([0.99, 0.99, 0.5]),
-                                   noise_threshold=0.5, correction_threshold=0.95)
+    corrected = correct_components(
+        classes=np.array([1, 1, 2]),
+        noisy_probability=np.array([0.1, 0.9, 0.9]),
+        prediction=np.array([3, 4, 5]),
+        confidence=np.array([0.99, 0.99, 0.5]),
+        noise_threshold=0.5,
+        correction_threshold=0.95,
+    )
     assert corrected.tolist() == [1, 4, IGN]
     components = connected_components(two_squares_and_a_bar())
     relabelled = relabel(components.index, np.arange(len(components)))
@@ -106,13 +122,20 @@ def pseudo_label_run(tmp_path_factory):
     from experiments.run import execute
 
     root = tmp_path_factory.mktemp("seco")
-    cfg = compose_config("seco", "synth2real", root / "pl", "stage=pseudo_label", "data.target.options.length=6",
-                         *TINY_PSA)
+    cfg = compose_config(
+        "seco", "synth2real", root / "pl", "stage=pseudo_label", "data.target.options.length=6", *TINY_PSA
+    )
     segmenter = build_network(dict(cfg.model), 19)
     torch.save({"state_dict": {f"segmenter.{k}": v for k, v in segmenter.state_dict().items()}}, root / "base.ckpt")
     save_sam_checkpoint(build_sam("tiny"), root / "sam.pth")
-    overrides = ["stage=pseudo_label", "data.target.options.length=6", *TINY_PSA, f"method.base_ckpt={root / 'base.ckpt'}",
-                 f"method.sam.checkpoint={root / 'sam.pth'}", f"method.label_dir={root / 'labels'}"]
+    overrides = [
+        "stage=pseudo_label",
+        "data.target.options.length=6",
+        *TINY_PSA,
+        f"method.base_ckpt={root / 'base.ckpt'}",
+        f"method.sam.checkpoint={root / 'sam.pth'}",
+        f"method.label_dir={root / 'labels'}",
+    ]
     results = execute(compose_config("seco", "synth2real", root / "pl", *overrides))
     return root, overrides, results
 
@@ -131,9 +154,9 @@ def test_interrupted_pseudo_label_stage_resumes_without_rewriting_finished_files
     from experiments.run import execute
 
     root, overrides, _ = pseudo_label_run
-    (root / "labels" / "000002.png").unlink()                       # the interrupted image: no final label,
-    (root / "labels" / "psa" / "000002.npz").unlink()               # no PSA cache,
-    (root / "labels" / ".000002.tmp.png").write_bytes(b"partial")   # and a half-written temp file
+    (root / "labels" / "000002.png").unlink()  # the interrupted image: no final label,
+    (root / "labels" / "psa" / "000002.npz").unlink()  # no PSA cache,
+    (root / "labels" / ".000002.tmp.png").write_bytes(b"partial")  # and a half-written temp file
     finished = {p: p.stat().st_mtime_ns for p in (root / "labels").glob("0*.png")}
     results = execute(compose_config("seco", "synth2real", root / "pl2", *overrides))
     assert results["psa_images"] == 1 and results["labels_written_by_rank0"] == 1
@@ -143,12 +166,17 @@ def test_interrupted_pseudo_label_stage_resumes_without_rewriting_finished_files
 
 def test_self_training_on_the_written_labels_uda_and_source_free(pseudo_label_run, run_tiny):
     root, _, _ = pseudo_label_run
-    common = [f"method.base_ckpt={root / 'base.ckpt'}", f"method.label_dir={root / 'labels'}",
-              "data.target.options.length=6", "trainer.max_steps=2"]
+    common = [
+        f"method.base_ckpt={root / 'base.ckpt'}",
+        f"method.label_dir={root / 'labels'}",
+        "data.target.options.length=6",
+        "trainer.max_steps=2",
+    ]
     results, _ = run_tiny("seco", "synth2real", *common, name="uda")
     assert results["global_step"] == 2 and results["method"] == "seco"
-    results, _ = run_tiny("seco", "synth2real", *common, "method.streams=[pl]", "trainer.precision=bf16-mixed",
-                          name="sfda")
+    results, _ = run_tiny(
+        "seco", "synth2real", *common, "method.streams=[pl]", "trainer.precision=bf16-mixed", name="sfda"
+    )
     assert results["global_step"] == 2
 
 
@@ -156,8 +184,12 @@ def test_training_stage_without_label_dir_or_base_ckpt_is_refused(pseudo_label_r
     root, _, _ = pseudo_label_run
     with pytest.raises(ValueError, match="data.pseudo_label_dir"):
         run_tiny("seco", "synth2real", f"method.base_ckpt={root / 'base.ckpt'}", "trainer.max_steps=1")
-    result = subprocess.run([sys.executable, "-m", "experiments.run", "+method=seco", "+task=synth2real",
-                             "stage=pseudo_label"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "+method=seco", "+task=synth2real", "stage=pseudo_label"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "set method.base_ckpt=PATH" in result.stderr
 
 
@@ -165,15 +197,36 @@ def test_gmm_split_is_identical_on_both_ddp_ranks(pseudo_label_run, tmp_path):
     root, _, _ = pseudo_label_run
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "+method=seco", "+task=synth2real", "stage=pseudo_label",
-         f"run_dir={tmp_path / 'run'}", f"method.label_dir={tmp_path / 'labels'}", "logger=csv",
-         f"method.base_ckpt={root / 'base.ckpt'}", f"method.sam.checkpoint={root / 'sam.pth'}", *TINY_PSA,
-         "data.target.options.length=5", "data.num_workers=0", "data.batch_size=2", "trainer.accelerator=cpu",
-         "trainer.devices=2", "trainer.strategy=ddp", "trainer.enable_progress_bar=false"],
-        capture_output=True, text=True, timeout=600, env=env)
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "+method=seco",
+            "+task=synth2real",
+            "stage=pseudo_label",
+            f"run_dir={tmp_path / 'run'}",
+            f"method.label_dir={tmp_path / 'labels'}",
+            "logger=csv",
+            f"method.base_ckpt={root / 'base.ckpt'}",
+            f"method.sam.checkpoint={root / 'sam.pth'}",
+            *TINY_PSA,
+            "data.target.options.length=5",
+            "data.num_workers=0",
+            "data.batch_size=2",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.enable_progress_bar=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    splits = re.findall(r"rank (\d): GMM split of (\d+) components: (\d+) noisy, digest (\S+)",
-                        result.stdout + result.stderr)
+    splits = re.findall(
+        r"rank (\d): GMM split of (\d+) components: (\d+) noisy, digest (\S+)", result.stdout + result.stderr
+    )
     assert sorted(rank for rank, *_ in splits) == ["0", "1"]
     assert splits[0][1:] == splits[1][1:] and int(splits[0][1]) > 0
     assert len(list((tmp_path / "labels").glob("*.png"))) == 5

@@ -1,5 +1,6 @@
 """Pieces every method shares: the EMA teacher, cross-rank reductions, segmenter building and loading,
 and the refusal of a method that needs a trained checkpoint."""
+
 import importlib
 import os
 
@@ -10,9 +11,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from experiments.run import check_compatibility
+from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.factory import build_network, load_segmenter_weights
 from lightning_modules.teachers import ema_update, labelling_mode
-from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from tests.conftest import compose_config
 
 
@@ -39,8 +40,15 @@ def _ddp_reductions(rank, world, port, out):
     summed = all_reduce_sum(local.sum(0))
     summed.sum().backward()  # differentiable: each rank's gradient is the world size
     gathered = all_gather_cat(local)
-    out.put((rank, summed.tolist(), all_reduce_mean(torch.tensor([float(rank)])).tolist(), gathered.tolist(),
-             local.grad.tolist()))
+    out.put(
+        (
+            rank,
+            summed.tolist(),
+            all_reduce_mean(torch.tensor([float(rank)])).tolist(),
+            gathered.tolist(),
+            local.grad.tolist(),
+        )
+    )
     dist.destroy_process_group()
 
 
@@ -57,9 +65,14 @@ def test_reductions_across_two_processes():
 
 
 def test_segmenter_weights_round_trip_through_a_checkpoint(tmp_path):
-    model = {"builder": "lightning_modules.networks.deeplabv2.build_deeplabv2", "backbone": "resnet18",
-             "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8}, "aspp_dilations": [1],
-             "pretrained": None, "freeze_bn": False}
+    model = {
+        "builder": "lightning_modules.networks.deeplabv2.build_deeplabv2",
+        "backbone": "resnet18",
+        "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
+        "aspp_dilations": [1],
+        "pretrained": None,
+        "freeze_bn": False,
+    }
     torch.manual_seed(0)
     source = build_network(model, 3)
     path = tmp_path / "source.ckpt"
@@ -75,19 +88,29 @@ def test_segmenter_weights_round_trip_through_a_checkpoint(tmp_path):
 
 
 def test_method_that_needs_a_checkpoint_is_refused_in_one_sentence(tmp_path):
-    cfg = compose_config("source_only", "synth2real", tmp_path, "+method.requires_checkpoint=source_ckpt",
-                         "+method.source_ckpt=null", "+method.checkpoint_from=source_only")
+    cfg = compose_config(
+        "source_only",
+        "synth2real",
+        tmp_path,
+        "+method.requires_checkpoint=source_ckpt",
+        "+method.source_ckpt=null",
+        "+method.checkpoint_from=source_only",
+    )
     with pytest.raises(SystemExit, match=r"set method.source_ckpt=PATH.*\+method=source_only \+task=synth2real"):
         check_compatibility(cfg)
 
 
-@pytest.mark.parametrize("method, module_path, attribute", [
-    ("tmt", "lightning_modules.tmt.TMT", "teacher"),
-    ("mt_metric", "lightning_modules.mt_metric.MTMetric", "teacher"),
-    ("bicl", "lightning_modules.bicl.BiCL", "static_labeler"),
-])
-def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(run_tiny, monkeypatch, tmp_path, method,
-                                                                  module_path, attribute):
+@pytest.mark.parametrize(
+    "method, module_path, attribute",
+    [
+        ("tmt", "lightning_modules.tmt.TMT", "teacher"),
+        ("mt_metric", "lightning_modules.mt_metric.MTMetric", "teacher"),
+        ("bicl", "lightning_modules.bicl.BiCL", "static_labeler"),
+    ],
+)
+def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(
+    run_tiny, monkeypatch, tmp_path, method, module_path, attribute
+):
     # Lightning keeps the modes a module was built with and restores them after validation; a teacher must
     # label without dropout, normalising with the labelled batch's statistics (DAFormer's mean teacher).
     module_name, class_name = module_path.rsplit(".", 1)
@@ -98,8 +121,13 @@ def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(run_tiny, monk
     def recording_step(self, batch, batch_idx):
         layers = list(getattr(self, attribute).modules())
         batch_norms = [m for m in layers if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        modes.append((self.segmenter.training, any(m.training for m in layers if m not in batch_norms),
-                      bool(batch_norms) and all(m.training for m in batch_norms)))
+        modes.append(
+            (
+                self.segmenter.training,
+                any(m.training for m in layers if m not in batch_norms),
+                bool(batch_norms) and all(m.training for m in batch_norms),
+            )
+        )
         return original(self, batch, batch_idx)
 
     monkeypatch.setattr(cls, "training_step", recording_step)
@@ -112,17 +140,31 @@ def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(run_tiny, monk
 
 
 def test_labelling_mode_keeps_frozen_batch_norm_frozen():
-    frozen = build_network({"builder": "lightning_modules.networks.deeplabv2.build_deeplabv2", "backbone": "resnet18",
-                              "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
-                              "aspp_dilations": [1], "freeze_bn": True}, 3)
+    frozen = build_network(
+        {
+            "builder": "lightning_modules.networks.deeplabv2.build_deeplabv2",
+            "backbone": "resnet18",
+            "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
+            "aspp_dilations": [1],
+            "freeze_bn": True,
+        },
+        3,
+    )
     batch_norms = [m for m in labelling_mode(frozen).modules() if isinstance(m, nn.BatchNorm2d)]
     assert batch_norms and not any(m.training for m in batch_norms)
 
 
 def test_labelling_mode_normalises_with_the_batch_and_leaves_running_statistics_alone():
-    network = build_network({"builder": "lightning_modules.networks.deeplabv2.build_deeplabv2", "backbone": "resnet18",
-                               "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
-                               "aspp_dilations": [1], "freeze_bn": False}, 3)
+    network = build_network(
+        {
+            "builder": "lightning_modules.networks.deeplabv2.build_deeplabv2",
+            "backbone": "resnet18",
+            "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
+            "aspp_dilations": [1],
+            "freeze_bn": False,
+        },
+        3,
+    )
     before = {k: v.clone() for k, v in network.state_dict().items()}
     images = torch.randn(4, 3, 32, 32) * 5 + 3
     labelled = labelling_mode(network)(images)[0]

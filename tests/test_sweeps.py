@@ -1,5 +1,6 @@
 """Every W&B sweep file composes: parameter sets sampled as the agent would are valid Hydra overrides
 of the fixed +method/+task command, and the optimised metric is one the run logs."""
+
 from __future__ import annotations
 
 import itertools
@@ -69,4 +70,5 @@ def test_sweep_parameter_sets_compose(path: Path, tmp_path):
                 continue
             check_compatibility(cfg)
     assert sweep["metric"]["name"] == cfg.task.monitor, (
-        f"{path.name} optimises {sweep['metric']['name']} but the run logs {cfg.task.monitor} as its monitor")
+        f"{path.name} optimises {sweep['metric']['name']} but the run logs {cfg.task.monitor} as its monitor"
+    )

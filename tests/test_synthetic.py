@@ -1,4 +1,5 @@
 """The procedural tasks: deterministic from the seed, the intended label space, a real domain shift."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +43,7 @@ def test_shapes_give_nonempty_instances_and_camouflage_lowers_contrast():
     def contrast(item):
         inside = item["instances"].any(0)
         return np.abs(item["image"][inside].mean(0) - item["image"][~inside].mean(0)).sum()
+
     clear, camouflaged = SyntheticShapes(domain="clear", length=20), SyntheticShapes(domain="camouflaged", length=20)
     for i in range(20):
         assert clear[i]["instances"].shape[0] >= 1 and clear[i]["instances"].sum((1, 2)).min() > 0

@@ -1,5 +1,6 @@
 """TMT: SegFormer encoder and weight loading, ACTE region partition and transferability, the attention
 bias (shape, effect, ablation equivalence), DAFormer self-training pieces, and runs end to end."""
+
 import copy
 import json
 import re
@@ -10,19 +11,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from omegaconf import OmegaConf
 
 from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
 from experiments.run import CONFIG_DIR
 from lightning_modules.components.ops import upsample
+from lightning_modules.components.self_training import (
+    class_mix_masks,
+    ema_momentum,
+    pseudo_labels_with_quality,
+    strong_photometric,
+)
+from lightning_modules.components.transferability import (
+    initial_assignment,
+    partition_descriptors,
+    region_correctness,
+    region_partition,
+    region_transferability,
+    transferability_attention_bias,
+    transferability_map,
+)
 from lightning_modules.networks.segformer import EfficientSelfAttention, build_segformer, load_mit_pretrained
-from lightning_modules.components.self_training import (class_mix_masks, ema_momentum, pseudo_labels_with_quality,
-                                                        strong_photometric)
-from lightning_modules.components.transferability import (initial_assignment, partition_descriptors,
-                                                          region_correctness, region_partition,
-                                                          region_transferability, transferability_attention_bias,
-                                                          transferability_map)
 from lightning_modules.tmt import TMT
 from tests.conftest import compose_config
 
@@ -53,8 +62,9 @@ def test_region_partition_follows_constructed_boundaries():
     assert purity(assignment, classes.flatten())
     # The local window: a pixel never belongs to a cell two or more cells away.
     region = torch.arange(16)
-    far = (((region // 4)[:, None] - (ys.flatten() // 4)[None]).abs() >= 2) | \
-        (((region % 4)[:, None] - (xs.flatten() // 4)[None]).abs() >= 2)
+    far = (((region // 4)[:, None] - (ys.flatten() // 4)[None]).abs() >= 2) | (
+        ((region % 4)[:, None] - (xs.flatten() // 4)[None]).abs() >= 2
+    )
     assert assignment[0][far].max() == 0
 
 
@@ -211,7 +221,9 @@ def test_strong_photometric_keeps_shape_and_changes_images():
     images = torch.randn(4, 3, 32, 32)
     out = strong_photometric(images, 1.0, 0.2, 1.0, (0.15, 1.15))
     assert out.shape == images.shape and not torch.allclose(out, images)
-    valid = (torch.rand(4, 3, 32, 32) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    valid = (torch.rand(4, 3, 32, 32) - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[
+        :, None, None
+    ]
     assert torch.allclose(strong_photometric(valid, 0.0, 0.2, 0.0, (0.15, 1.15)), valid, atol=1e-5)
 
 
@@ -221,33 +233,59 @@ def test_source_only_trains_a_segformer():
 
 
 def test_tmt_end_to_end_logs_maps_and_region_transferability(run_tiny):
-    results, run_dir = run_tiny("tmt", "synth2real", "trainer.max_steps=2", "method.logged_maps=2",
-                               "trainer.log_every_n_steps=1")
+    results, run_dir = run_tiny(
+        "tmt", "synth2real", "trainer.max_steps=2", "method.logged_maps=2", "trainer.log_every_n_steps=1"
+    )
     assert 0 <= results["metrics"]["mIoU"] <= 100
-    assert sorted(p.name for p in (run_dir / "transferability_maps").glob("*.png")) == \
-        ["step000002_image0.png", "step000002_image1.png"]
+    assert sorted(p.name for p in (run_dir / "transferability_maps").glob("*.png")) == [
+        "step000002_image0.png",
+        "step000002_image1.png",
+    ]
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
-    for name in ("val/transferability_correct_regions", "val/transferability_incorrect_regions",
-                 "train/loss_domain", "train/pseudo_quality"):
+    for name in (
+        "val/transferability_correct_regions",
+        "val/transferability_incorrect_regions",
+        "train/loss_domain",
+        "train/pseudo_quality",
+    ):
         assert name in header
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert any(k.startswith("teacher.") for k in state) and any(k.startswith("discriminator.") for k in state)
 
 
 def test_tmt_bf16_mixed_run(run_tiny):
-    results, _ = run_tiny("tmt", "synth2real", "trainer.precision=bf16-mixed", "trainer.max_steps=2",
-                          "data.val.options.length=2")
+    results, _ = run_tiny(
+        "tmt", "synth2real", "trainer.precision=bf16-mixed", "trainer.max_steps=2", "data.val.options.length=2"
+    )
     assert results["metrics"]["mIoU"] >= 0
 
 
 def test_tmt_two_process_ddp_run(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "experiments.run", "+method=tmt", "+task=synth2real",
-                             f"run_dir={tmp_path}", "logger=csv", "trainer.accelerator=cpu", "trainer.devices=2",
-                             "trainer.strategy=ddp", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                             "data.num_workers=0", "trainer.enable_progress_bar=false",
-                             "data.source.options.length=8", "data.target.options.length=8",
-                             "data.val.options.length=5", "data.batch_size=2"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "+method=tmt",
+            "+task=synth2real",
+            f"run_dir={tmp_path}",
+            "logger=csv",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "data.num_workers=0",
+            "trainer.enable_progress_bar=false",
+            "data.source.options.length=8",
+            "data.target.options.length=8",
+            "data.val.options.length=5",
+            "data.batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["global_step"] == 2

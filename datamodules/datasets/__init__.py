@@ -5,6 +5,7 @@ procedural datasets (class attribute ``procedural = True``) draw their images an
 dataset needs one and states its official layout in ``layout``. Layouts, label tables and splits:
 docs/datasets.md.
 """
+
 from __future__ import annotations
 
 from datamodules.datasets.base import DatasetLayoutError, InstanceDataset, SemanticDataset
@@ -22,9 +23,18 @@ from datamodules.datasets.synthia import Synthia
 from datamodules.datasets.voc import PascalVOC
 
 DATASETS = {
-    "cityscapes": Cityscapes, "gta5": GTA5, "synthia": Synthia, "coco": COCO, "voc": PascalVOC, "camo": CAMO,
-    "cod10k": COD10K, "kvasir": KvasirSEG, "ocid": OCID,
-    "synth_streets": SyntheticStreets, "synth_shapes": SyntheticShapes, "synth_regions": SyntheticStreetRegions,
+    "cityscapes": Cityscapes,
+    "gta5": GTA5,
+    "synthia": Synthia,
+    "coco": COCO,
+    "voc": PascalVOC,
+    "camo": CAMO,
+    "cod10k": COD10K,
+    "kvasir": KvasirSEG,
+    "ocid": OCID,
+    "synth_streets": SyntheticStreets,
+    "synth_shapes": SyntheticShapes,
+    "synth_regions": SyntheticStreetRegions,
 }
 
 
@@ -33,14 +43,17 @@ def build_dataset(name: str, root, split: str, **options):
         raise ValueError(f"unknown dataset '{name}'; available: {', '.join(sorted(DATASETS))}")
     dataset = DATASETS[name]
     if root is None and not getattr(dataset, "procedural", False):
-        raise DatasetLayoutError(f"dataset '{name}' needs its 'root' key set to the dataset folder; "
-                                 f"expected layout: {dataset.layout}")
+        raise DatasetLayoutError(
+            f"dataset '{name}' needs its 'root' key set to the dataset folder; expected layout: {dataset.layout}"
+        )
     return dataset(root, split, **options)
 
 
 def build_from_spec(spec: dict, default_split: str):
     """A dataset from a task's spec ``{"name", "root", "split", "options"}`` (configs/task/*.yaml)."""
-    return build_dataset(spec["name"], spec.get("root"), spec.get("split", default_split), **(spec.get("options") or {}))
+    return build_dataset(
+        spec["name"], spec.get("root"), spec.get("split", default_split), **(spec.get("options") or {})
+    )
 
 
 __all__ = ["DATASETS", "DatasetLayoutError", "InstanceDataset", "SemanticDataset", "build_dataset", "build_from_spec"]

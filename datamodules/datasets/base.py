@@ -5,6 +5,7 @@ Semantic datasets return ``{"image": uint8[H,W,3] RGB, "mask": int64[H,W] train 
 "instances": uint8[N,H,W] (one binary mask per instance), "meta": {"path": str}}``.
 Prompts and tensors are made later (``datamodules/prompted.py``, ``datamodules/transforms.py``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -187,8 +188,12 @@ class GreyMapInstanceDataset(InstanceDataset):
     def __init__(self, pairs: list[tuple[Path, Path]]):
         kept = [pair for pair in pairs if self.read_ids(pair[1]).any()]
         if len(kept) < len(pairs):
-            log.warning("%s: dropped %d of %d images whose GT map is all zero (no object)",
-                        type(self).__name__, len(pairs) - len(kept), len(pairs))
+            log.warning(
+                "%s: dropped %d of %d images whose GT map is all zero (no object)",
+                type(self).__name__,
+                len(pairs) - len(kept),
+                len(pairs),
+            )
         super().__init__(kept)
 
     @staticmethod
@@ -206,5 +211,7 @@ PROCEDURAL_SPLITS = {"train": 0, "val": 1, "test": 2}
 
 def procedural_item_rng(seed: int, domain: int, split: str, index: int) -> np.random.Generator:
     if split not in PROCEDURAL_SPLITS:
-        raise DatasetLayoutError(f"unknown split '{split}' for a procedural dataset; expected one of {list(PROCEDURAL_SPLITS)}")
+        raise DatasetLayoutError(
+            f"unknown split '{split}' for a procedural dataset; expected one of {list(PROCEDURAL_SPLITS)}"
+        )
     return np.random.default_rng([seed, domain, PROCEDURAL_SPLITS[split], index])

@@ -1,10 +1,10 @@
 """CAMO camouflaged objects: its own Train/Test folders, grey GT maps as instances."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.datasets.base import (DatasetLayoutError, GreyMapInstanceDataset, find_files, require_dir,
-                                       require_pair)
+from datamodules.datasets.base import DatasetLayoutError, GreyMapInstanceDataset, find_files, require_dir, require_pair
 
 FOLDERS = {"train": "Train", "val": "Test", "test": "Test"}
 

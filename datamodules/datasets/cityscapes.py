@@ -1,4 +1,5 @@
 """Cityscapes fine annotations: labelIds mapped to the 19 train ids (255 = ignore)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,7 @@ IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
 class Cityscapes(SemanticDataset):
     """Fine-annotated frames of one split, sorted by city and frame."""
 
-    layout = ("ROOT/leftImg8bit/{split}/CITY/*_leftImg8bit.png with "
-              "ROOT/gtFine/{split}/CITY/*_gtFine_labelIds.png")
+    layout = "ROOT/leftImg8bit/{split}/CITY/*_leftImg8bit.png with ROOT/gtFine/{split}/CITY/*_gtFine_labelIds.png"
 
     def __init__(self, root, split: str = "train"):
         root = require_dir(Path(root), self.layout)

@@ -1,4 +1,5 @@
 """COCO val2017 instances (WeSAM's COCO task): pycocotools masks, 6:1 interleaved split."""
+
 from __future__ import annotations
 
 import logging
@@ -30,17 +31,22 @@ class COCO(InstanceDataset):
         try:
             self.api = CocoApi(str(annotations))
         except ValueError as error:  # json.JSONDecodeError
-            raise DatasetLayoutError(f"{annotations} is not a valid COCO json ({error}); expected layout: "
-                                     f"{self.layout}") from error
+            raise DatasetLayoutError(
+                f"{annotations} is not a valid COCO json ({error}); expected layout: {self.layout}"
+            ) from error
         self.max_instances = max_instances
         items, dropped = [], 0
         for image_id in sorted(self.api.getImgIds()):
             path = images / self.api.imgs[image_id]["file_name"]
             if not path.is_file():
-                raise DatasetLayoutError(f"{annotations} lists image {path}, which is missing; "
-                                         f"expected layout: {self.layout}")
-            anns = [a for a in self.api.loadAnns(self.api.getAnnIds(imgIds=image_id, iscrowd=False))
-                    if a.get("area", 0) > 0 and a.get("segmentation")]
+                raise DatasetLayoutError(
+                    f"{annotations} lists image {path}, which is missing; expected layout: {self.layout}"
+                )
+            anns = [
+                a
+                for a in self.api.loadAnns(self.api.getAnnIds(imgIds=image_id, iscrowd=False))
+                if a.get("area", 0) > 0 and a.get("segmentation")
+            ]
             if anns:
                 items.append((path, anns))
             else:
@@ -54,5 +60,5 @@ class COCO(InstanceDataset):
 
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
         """Masks in annotation order, empty rasterisations skipped, at most ``max_instances``."""
-        masks = [mask for mask in map(self.api.annToMask, item[1]) if mask.any()][:self.max_instances]
+        masks = [mask for mask in map(self.api.annToMask, item[1]) if mask.any()][: self.max_instances]
         return np.stack(masks) if masks else np.zeros((0, *size), dtype=np.uint8)

@@ -1,10 +1,10 @@
 """COD10K camouflaged objects: the Test folder split 4:1 (WeSAM), grey GT maps as instances."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.datasets.base import (GreyMapInstanceDataset, find_files, interleaved_split, require_dir,
-                                       require_pair)
+from datamodules.datasets.base import GreyMapInstanceDataset, find_files, interleaved_split, require_dir, require_pair
 
 
 class COD10K(GreyMapInstanceDataset):

@@ -1,4 +1,5 @@
 """GTA5: rendered frames labelled in Cityscapes labelIds; a source dataset, so every split uses all pairs."""
+
 from __future__ import annotations
 
 import logging
@@ -6,15 +7,22 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.datasets.base import (SemanticDataset, find_files, id_mapper, read_indexed_png, require_dir,
-                                       require_pair)
+from datamodules.datasets.base import (
+    SemanticDataset,
+    find_files,
+    id_mapper,
+    read_indexed_png,
+    require_dir,
+    require_pair,
+)
 from datamodules.datasets.labels import CITYSCAPES_LABELID_TO_TRAINID
 
 log = logging.getLogger(__name__)
 
 # The release quotes 24,966 frames but ships 24,941 pairs: these ids have no label.
-KNOWN_MISSING = frozenset([*range(2154, 2159), *range(4634, 4638), *range(7115, 7120), *range(9683, 9689),
-                           *range(12050, 12055)])
+KNOWN_MISSING = frozenset(
+    [*range(2154, 2159), *range(4634, 4638), *range(7115, 7120), *range(9683, 9689), *range(12050, 12055)]
+)
 
 
 class GTA5(SemanticDataset):

@@ -1,4 +1,5 @@
 """Kvasir-SEG polyps: binary JPEG masks, one instance per connected component, 5:1 split."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datamodules.datasets.base import (InstanceDataset, find_files, instances_from_id_map, interleaved_split,
-                                       read_label, require_dir, require_pair)
+from datamodules.datasets.base import (
+    InstanceDataset,
+    find_files,
+    instances_from_id_map,
+    interleaved_split,
+    read_label,
+    require_dir,
+    require_pair,
+)
 
 
 class KvasirSEG(InstanceDataset):

@@ -1,16 +1,49 @@
 """Label tables: Cityscapes labelIds and SYNTHIA ids -> the 19 Cityscapes train ids.
 
 Sources: cityscapesScripts ``helpers/labels.py`` (labelId -> trainId), SYNTHIA-RAND-CITYSCAPES
-class list as used by the UDA literature (docs/datasets.md#the-19-cityscapes-train-ids; the names are datamodules.constants.CITYSCAPES_CLASSES).
+class list as used by the UDA literature (docs/datasets.md#the-19-cityscapes-train-ids). The class names are
+``datamodules.constants.CITYSCAPES_CLASSES``.
 """
+
 CITYSCAPES_LABELID_TO_TRAINID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
 }
 
 SYNTHIA_ID_TO_TRAINID = {
-    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13, 19: 15,
-    12: 17, 11: 18,
+    3: 0,
+    4: 1,
+    2: 2,
+    21: 3,
+    5: 4,
+    7: 5,
+    15: 6,
+    9: 7,
+    6: 8,
+    1: 10,
+    10: 11,
+    17: 12,
+    8: 13,
+    19: 15,
+    12: 17,
+    11: 18,
 }
 
 ALL_19 = tuple(range(19))

@@ -1,12 +1,20 @@
 """OCID cluttered tabletop sequences: rgb/ frames with label/ instance-id maps, 6:1 split."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.datasets.base import (InstanceDataset, find_files, instances_from_id_map, interleaved_split,
-                                       read_id_map, require_dir, require_pair)
+from datamodules.datasets.base import (
+    InstanceDataset,
+    find_files,
+    instances_from_id_map,
+    interleaved_split,
+    read_id_map,
+    require_dir,
+    require_pair,
+)
 
 
 class OCID(InstanceDataset):

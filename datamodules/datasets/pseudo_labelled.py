@@ -3,6 +3,7 @@
 Wraps any semantic dataset spec; item ``index`` takes its image from the wrapped dataset and its mask from
 ``label_dir/{index:06d}.png`` (uint8 train ids, 255 = ignore, at the wrapped dataset's own resolution).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,9 +24,11 @@ class PseudoLabelled(Dataset):
         self.dataset, self.label_dir = dataset, Path(label_dir)
         missing = [i for i in range(len(dataset)) if not pseudo_label_path(label_dir, i).is_file()]
         if missing:
-            raise DatasetLayoutError(f"{len(missing)} of {len(dataset)} pseudo-labels are missing under {label_dir} "
-                                     f"(first: {pseudo_label_path(label_dir, missing[0])}); run the method's "
-                                     "stage=pseudo_label first and point the training run at its label_dir")
+            raise DatasetLayoutError(
+                f"{len(missing)} of {len(dataset)} pseudo-labels are missing under {label_dir} "
+                f"(first: {pseudo_label_path(label_dir, missing[0])}); run the method's "
+                "stage=pseudo_label first and point the training run at its label_dir"
+            )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -34,6 +37,8 @@ class PseudoLabelled(Dataset):
         item = self.dataset[index]
         mask = read_label(pseudo_label_path(self.label_dir, index)).astype(item["mask"].dtype)
         if mask.shape != item["mask"].shape:
-            raise DatasetLayoutError(f"{pseudo_label_path(self.label_dir, index)} is {mask.shape[0]}x{mask.shape[1]}, "
-                                     f"the image is {item['mask'].shape[0]}x{item['mask'].shape[1]}")
+            raise DatasetLayoutError(
+                f"{pseudo_label_path(self.label_dir, index)} is {mask.shape[0]}x{mask.shape[1]}, "
+                f"the image is {item['mask'].shape[0]}x{item['mask'].shape[1]}"
+            )
         return {**item, "mask": mask}

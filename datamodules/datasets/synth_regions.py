@@ -1,4 +1,5 @@
 """synth_regions: class-agnostic regions of procedural street scenes (a stand-in for SA-1B's region masks)."""
+
 from __future__ import annotations
 
 import cv2
@@ -32,8 +33,17 @@ class SyntheticStreetRegions(Dataset):
 
     procedural = True
 
-    def __init__(self, root=None, split: str = "train", *, domain: str = "synthetic", length: int = 400,
-                 size=(64, 128), seed: int = 0, min_area: int = 16):
+    def __init__(
+        self,
+        root=None,
+        split: str = "train",
+        *,
+        domain: str = "synthetic",
+        length: int = 400,
+        size=(64, 128),
+        seed: int = 0,
+        min_area: int = 16,
+    ):
         self.streets = SyntheticStreets(split=split, domain=domain, length=length, size=size, seed=seed)
         self.min_area = min_area
 
@@ -42,5 +52,8 @@ class SyntheticStreetRegions(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.streets[index]
-        return {"image": item["image"], "instances": class_regions(item["mask"], self.min_area),
-                "meta": {"path": item["meta"]["path"].replace("synth_streets", "synth_regions")}}
+        return {
+            "image": item["image"],
+            "instances": class_regions(item["mask"], self.min_area),
+            "meta": {"path": item["meta"]["path"].replace("synth_streets", "synth_regions")},
+        }

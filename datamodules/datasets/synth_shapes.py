@@ -4,6 +4,7 @@
 colour offset. Only the palette contrast shifts, as for SAM moving from natural images to camouflaged ones, so a
 model trained on clear objects keeps part of its skill on camouflaged ones.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -45,8 +46,9 @@ class SyntheticShapes(Dataset):
     domains = ("clear", "camouflaged")
     procedural = True
 
-    def __init__(self, root=None, split: str = "train", *, domain: str, length: int = 300, size: int = 128,
-                 seed: int = 0):
+    def __init__(
+        self, root=None, split: str = "train", *, domain: str, length: int = 300, size: int = 128, seed: int = 0
+    ):
         if domain not in self.domains:
             raise DatasetLayoutError(f"unknown synth_shapes domain '{domain}'; expected one of {self.domains}")
         self.domain, self.split, self.length, self.size, self.seed = domain, split, length, size, seed
@@ -75,5 +77,8 @@ class SyntheticShapes(Dataset):
         inside = masks.any(0)[..., None]
         image = np.where(inside, foreground, background) + rng.normal(0, 10.0, (*shape, 3))
         image = np.clip(image, 0, 255).astype(np.uint8)
-        return {"image": image, "instances": masks,
-                "meta": {"path": f"synth_shapes/{self.domain}/{self.split}/{index}"}}
+        return {
+            "image": image,
+            "instances": masks,
+            "meta": {"path": f"synth_shapes/{self.domain}/{self.split}/{index}"},
+        }

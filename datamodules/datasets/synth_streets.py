@@ -5,6 +5,7 @@ classes, adds texture, an illumination gradient and blur (a camera's look) over 
 The "diverse" domain draws a new palette and grain per image: neither source nor target, it stands in for the
 broad natural-image data SAM is trained on (seco's region SAM learns on it, see ``synth_regions``).
 """
+
 from __future__ import annotations
 
 import cv2
@@ -18,20 +19,40 @@ STREET_CLASSES = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON,
 
 # The synthetic domain renders Cityscapes' own colour table, one flat colour per class.
 SYNTHETIC_PALETTE = {
-    ROAD: (128, 64, 128), SIDEWALK: (244, 35, 232), BUILDING: (70, 70, 70), POLE: (153, 153, 153),
-    SIGN: (220, 220, 0), VEGETATION: (107, 142, 35), SKY: (70, 130, 180), PERSON: (220, 20, 60),
+    ROAD: (128, 64, 128),
+    SIDEWALK: (244, 35, 232),
+    BUILDING: (70, 70, 70),
+    POLE: (153, 153, 153),
+    SIGN: (220, 220, 0),
+    VEGETATION: (107, 142, 35),
+    SKY: (70, 130, 180),
+    PERSON: (220, 20, 60),
     CAR: (0, 0, 142),
 }
 # The real domain's colours: the same hues desaturated 55% towards grey with a warm cast, as a camera
 # sees paint under daylight.
 REAL_PALETTE = {
-    ROAD: (131, 92, 101), SIDEWALK: (218, 114, 183), BUILDING: (85, 75, 55), POLE: (168, 158, 138),
-    SIGN: (195, 185, 66), VEGETATION: (115, 121, 53), SKY: (116, 133, 136), PERSON: (169, 69, 67),
+    ROAD: (131, 92, 101),
+    SIDEWALK: (218, 114, 183),
+    BUILDING: (85, 75, 55),
+    POLE: (168, 158, 138),
+    SIGN: (195, 185, 66),
+    VEGETATION: (115, 121, 53),
+    SKY: (116, 133, 136),
+    PERSON: (169, 69, 67),
     CAR: (41, 31, 75),
 }
 # Per-class texture strength in the real domain (standard deviation of a grain field, 0-255 scale).
 REAL_TEXTURE = {
-    ROAD: 18, SIDEWALK: 22, BUILDING: 30, POLE: 10, SIGN: 10, VEGETATION: 35, SKY: 8, PERSON: 20, CAR: 15,
+    ROAD: 18,
+    SIDEWALK: 22,
+    BUILDING: 30,
+    POLE: 10,
+    SIGN: 10,
+    VEGETATION: 35,
+    SKY: 8,
+    PERSON: 20,
+    CAR: 15,
 }
 DOMAINS = ("synthetic", "real", "diverse")
 
@@ -87,8 +108,9 @@ def street_layout(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     return labels
 
 
-def paint(labels: np.ndarray, palette: dict, rng: np.random.Generator, texture: dict | None,
-          noise: float) -> np.ndarray:
+def paint(
+    labels: np.ndarray, palette: dict, rng: np.random.Generator, texture: dict | None, noise: float
+) -> np.ndarray:
     """Colour a train-id map: palette lookup, optional per-class grain, pixel noise."""
     table = np.zeros((256, 3), dtype=np.float32)
     for class_id, colour in palette.items():
@@ -115,8 +137,9 @@ class SyntheticStreets(Dataset):
 
     procedural = True
 
-    def __init__(self, root=None, split: str = "train", *, domain: str, length: int = 400, size=(64, 128),
-                 seed: int = 0):
+    def __init__(
+        self, root=None, split: str = "train", *, domain: str, length: int = 400, size=(64, 128), seed: int = 0
+    ):
         if domain not in DOMAINS:
             raise DatasetLayoutError(f"unknown synth_streets domain '{domain}'; expected one of {DOMAINS}")
         self.domain, self.split, self.length, self.size, self.seed = domain, split, length, tuple(size), seed
@@ -135,7 +158,8 @@ class SyntheticStreets(Dataset):
         else:
             palette = {c: tuple(rng.uniform(0, 255, size=3)) for c in STREET_CLASSES}
             grain = {c: float(rng.uniform(0, 40)) for c in STREET_CLASSES}
-            image = camera(paint(labels, palette, rng, texture=grain, noise=rng.uniform(2, 10)), rng,
-                           blur=rng.uniform(0.3, 1.2))
+            image = camera(
+                paint(labels, palette, rng, texture=grain, noise=rng.uniform(2, 10)), rng, blur=rng.uniform(0.3, 1.2)
+            )
         image = np.clip(image, 0, 255).astype(np.uint8)
         return {"image": image, "mask": labels, "meta": {"path": f"synth_streets/{self.domain}/{self.split}/{index}"}}

@@ -1,12 +1,20 @@
 """SYNTHIA-RAND-CITYSCAPES: 16-bit label PNGs whose R channel holds the SYNTHIA class id."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.datasets.base import (DatasetLayoutError, SemanticDataset, find_files, id_mapper, read_label,
-                                       require_dir, require_pair)
+from datamodules.datasets.base import (
+    DatasetLayoutError,
+    SemanticDataset,
+    find_files,
+    id_mapper,
+    read_label,
+    require_dir,
+    require_pair,
+)
 from datamodules.datasets.labels import SYNTHIA_ID_TO_TRAINID
 
 

@@ -1,12 +1,20 @@
 """Pascal VOC 2012 instance masks (SegmentationObject palette PNGs), WeSAM's 6:1 interleaved split."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from datamodules.datasets.base import (InstanceDataset, find_files, instances_from_id_map, interleaved_split,
-                                       read_indexed_png, require_dir, require_pair)
+from datamodules.datasets.base import (
+    InstanceDataset,
+    find_files,
+    instances_from_id_map,
+    interleaved_split,
+    read_indexed_png,
+    require_dir,
+    require_pair,
+)
 
 
 class PascalVOC(InstanceDataset):

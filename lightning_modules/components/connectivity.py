@@ -11,6 +11,7 @@ those losses, and relabels (confident) or ignores (otherwise) the noisy ones.
 Connected components come from OpenCV (one call per class present), everything per component is a
 scatter / bincount / lexsort over pixels: no Python loop runs over pixels or components.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from datamodules.constants import IGNORE_INDEX
 class Components:
     """Connected components of a label map: ``index`` int64[H,W] (0 = no component, k = component k-1),
     and per component its class, area and xyxy bounding box (inclusive max)."""
+
     index: np.ndarray
     classes: np.ndarray
     areas: np.ndarray
@@ -53,7 +55,8 @@ def connected_components(labels: np.ndarray, classes=None, min_area: int = 1) ->
     component_classes, stats = [], []
     for class_id in present:
         count, class_index, class_stats, _ = cv2.connectedComponentsWithStats(
-            (labels == class_id).astype(np.uint8), connectivity=8)
+            (labels == class_id).astype(np.uint8), connectivity=8
+        )
         keep = np.flatnonzero(class_stats[1:, cv2.CC_STAT_AREA] >= min_area) + 1
         renumber = np.zeros(count, dtype=np.int64)
         renumber[keep] = len(component_classes) + 1 + np.arange(len(keep))
@@ -62,9 +65,12 @@ def connected_components(labels: np.ndarray, classes=None, min_area: int = 1) ->
         stats.append(class_stats[keep])
     stats = np.concatenate(stats) if stats else np.zeros((0, 5), dtype=np.int64)
     x, y, w, h = (stats[:, i] for i in range(4))
-    return Components(index=index, classes=np.asarray(component_classes, dtype=np.int64),
-                      areas=stats[:, cv2.CC_STAT_AREA].astype(np.int64),
-                      boxes=np.stack([x, y, x + w - 1, y + h - 1], 1).astype(np.float32))
+    return Components(
+        index=index,
+        classes=np.asarray(component_classes, dtype=np.int64),
+        areas=stats[:, cv2.CC_STAT_AREA].astype(np.int64),
+        boxes=np.stack([x, y, x + w - 1, y + h - 1], 1).astype(np.float32),
+    )
 
 
 def spatial_purity(labels: np.ndarray, num_classes: int, radius: int) -> np.ndarray:
@@ -73,8 +79,9 @@ def spatial_purity(labels: np.ndarray, num_classes: int, radius: int) -> np.ndar
     Low purity entropy = a pixel deep inside one class: the official PSA picks its point prompts there.
     """
     one_hot = F.one_hot(torch.from_numpy(np.minimum(labels, num_classes)).long(), num_classes + 1)
-    counts = F.avg_pool2d(one_hot.permute(2, 0, 1)[None].float(), 2 * radius + 1, stride=1, padding=radius,
-                          count_include_pad=False)[0]
+    counts = F.avg_pool2d(
+        one_hot.permute(2, 0, 1)[None].float(), 2 * radius + 1, stride=1, padding=radius, count_include_pad=False
+    )[0]
     share = counts / counts.sum(0, keepdim=True).clamp(min=1e-12)
     return (-(share * torch.log(share + 1e-6)).sum(0)).numpy()
 
@@ -85,8 +92,15 @@ def unclipped_boxes(components: Components, unclip_ratio: float, height: int, wi
     x0, y0, x1, y1 = components.boxes.T
     w, h = x1 - x0 + 1, y1 - y0 + 1
     grow = unclip_ratio * w * h / (2 * (w + h))
-    return np.stack([np.clip(x0 - grow, 0, width - 1), np.clip(y0 - grow, 0, height - 1),
-                     np.clip(x1 + grow, 0, width - 1), np.clip(y1 + grow, 0, height - 1)], 1).astype(np.float32)
+    return np.stack(
+        [
+            np.clip(x0 - grow, 0, width - 1),
+            np.clip(y0 - grow, 0, height - 1),
+            np.clip(x1 + grow, 0, width - 1),
+            np.clip(y1 + grow, 0, height - 1),
+        ],
+        1,
+    ).astype(np.float32)
 
 
 def purest_points(components: Components, purity: np.ndarray, points_per_component: int) -> np.ndarray:
@@ -106,8 +120,11 @@ def purest_points(components: Components, purity: np.ndarray, points_per_compone
     chosen = np.zeros(len(components) * points_per_component, dtype=np.int64)
     chosen[key[first]] = pixels[first]
     width = components.index.shape[1]
-    return np.stack([chosen % width, chosen // width], -1).reshape(len(components), points_per_component, 2).astype(
-        np.float32)
+    return (
+        np.stack([chosen % width, chosen // width], -1)
+        .reshape(len(components), points_per_component, 2)
+        .astype(np.float32)
+    )
 
 
 def semantic_alignment(masks: np.ndarray, labels: np.ndarray, stuff_classes, threshold: float) -> np.ndarray:
@@ -122,7 +139,7 @@ def semantic_alignment(masks: np.ndarray, labels: np.ndarray, stuff_classes, thr
     lookup[stuff] = np.arange(len(stuff))
     slot = lookup[np.where(labels == IGNORE_INDEX, IGNORE_INDEX, labels)]
     labelled = (labels != IGNORE_INDEX).ravel()
-    one_hot = np.eye(len(stuff) + 1, dtype=np.float32)[slot.ravel()][:, :len(stuff)]
+    one_hot = np.eye(len(stuff) + 1, dtype=np.float32)[slot.ravel()][:, : len(stuff)]
     flat_masks = masks.reshape(len(masks), -1).astype(np.float32)
     share = (flat_masks @ one_hot) / np.maximum(flat_masks @ labelled.astype(np.float32), 1)[:, None]
     best = share.argmax(1)
@@ -166,8 +183,14 @@ def fit_noise_gmm(losses: np.ndarray, max_iter: int, tol: float, reg_covar: floa
     return gmm.predict_proba(normalised)[:, int(gmm.means_.argmax())]
 
 
-def correct_components(classes: np.ndarray, noisy_probability: np.ndarray, prediction: np.ndarray,
-                       confidence: np.ndarray, noise_threshold: float, correction_threshold: float) -> np.ndarray:
+def correct_components(
+    classes: np.ndarray,
+    noisy_probability: np.ndarray,
+    prediction: np.ndarray,
+    confidence: np.ndarray,
+    noise_threshold: float,
+    correction_threshold: float,
+) -> np.ndarray:
     """y'_k = y_k if w_k <= tau_ns; else argmax if its confidence > tau_cr; else ignore."""
     noisy = noisy_probability > noise_threshold
     corrected = np.where(confidence > correction_threshold, prediction, IGNORE_INDEX)
@@ -183,5 +206,7 @@ def relabel(component_index: np.ndarray, new_classes: np.ndarray) -> np.ndarray:
 def label_confusion(labels: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """Confusion [C,C] (true x label) over pixels where both the label and the truth are set."""
     valid = (labels != IGNORE_INDEX) & (truth != IGNORE_INDEX) & (truth < num_classes)
-    return np.bincount(truth[valid].astype(np.int64) * num_classes + labels[valid].astype(np.int64),
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(
+        truth[valid].astype(np.int64) * num_classes + labels[valid].astype(np.int64),
+        minlength=num_classes * num_classes,
+    ).reshape(num_classes, num_classes)

@@ -1,4 +1,5 @@
 """Loss functions shared by methods."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ def dice_loss(mask_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return dice_per_mask(mask_logits, targets).mean()
 
 
-def sam_mask_loss_per_mask(mask_logits: torch.Tensor, targets: torch.Tensor, focal_weight: float,
-                           dice_weight: float) -> torch.Tensor:
+def sam_mask_loss_per_mask(
+    mask_logits: torch.Tensor, targets: torch.Tensor, focal_weight: float, dice_weight: float
+) -> torch.Tensor:
     """SAM's mask loss, a linear combination of focal and dice loss (20:1 in the paper), per [..., H, W] mask."""
     targets = targets.expand_as(mask_logits)
     focal = sigmoid_focal_loss(mask_logits, targets, reduction="none").flatten(-2).mean(-1)

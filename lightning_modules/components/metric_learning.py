@@ -6,11 +6,11 @@ space. The metric loss is Proxy-Anchor (Kim et al., CVPR 2020), the standard pro
 exact form could not be read (see configs/method/mt_metric.yaml). A pixel's reliability is the posterior
 of its pseudo-class under the proxies, so a pixel close to its own proxy relative to the others weighs more.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from lightning_modules.components.ops import class_sums
 from lightning_modules.distributed import all_reduce_sum
@@ -45,8 +45,9 @@ def reliability_weight(similarity: torch.Tensor, pseudo_label: torch.Tensor, sca
     return posterior.gather(1, pseudo_label.unsqueeze(1)).squeeze(1)
 
 
-def class_normalised_weight(weight: torch.Tensor, pseudo_label: torch.Tensor, num_classes: int,
-                            across_ranks: bool = True) -> torch.Tensor:
+def class_normalised_weight(
+    weight: torch.Tensor, pseudo_label: torch.Tensor, num_classes: int, across_ranks: bool = True
+) -> torch.Tensor:
     """Each weight divided by the mean weight of its pseudo-class over the batch (of all ranks unless
     ``across_ranks`` is false), so the weights rank pixels within a class and no class as a whole is trained less."""
     # w~(x) = w(x) / mean{w(x') : ŷ(x') = ŷ(x)}

@@ -1,4 +1,5 @@
 """Tensor helpers every method uses: pixel flattening, label and logit resizing, padding crops, class sums."""
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,9 @@ def class_sums(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
     """Per image, the sum of ``values`` [B, ...] over the pixels of each class of ``labels`` and the pixel count:
     two [B, C] tensors."""
     flat_labels = labels.flatten(1)
-    sums = torch.zeros(labels.shape[0], num_classes, device=values.device).scatter_add_(1, flat_labels, values.flatten(1).float())
+    sums = torch.zeros(labels.shape[0], num_classes, device=values.device).scatter_add_(
+        1, flat_labels, values.flatten(1).float()
+    )
     counts = torch.zeros_like(sums).scatter_add_(1, flat_labels, torch.ones_like(flat_labels, dtype=sums.dtype))
     return sums, counts
 

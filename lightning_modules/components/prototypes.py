@@ -5,6 +5,7 @@ Pixels are flattened: features ``[N, D]`` (L2-normalised projections), labels ``
 ``IGNORE_INDEX`` for unlabelled pixels. Similarities and softmaxes run in float32 even under
 bf16 autocast: cosine similarities divided by tau = 0.1 lose their ranking in bf16.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ def batch_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
         return sums / counts.clamp(min=1).unsqueeze(1), present
 
 
-def prototype_contrast_loss(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
-                            present: torch.Tensor, tau: float) -> torch.Tensor:
+def prototype_contrast_loss(
+    features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor, tau: float
+) -> torch.Tensor:
     """L = -sum_c sum_p y(p,c) log softmax_c(s(f(p), rho(c)) / tau) (Eqs. 3-4), mean over labelled pixels.
 
     The softmax runs over the classes that have a prototype in the other domain's batch; a pixel
@@ -52,16 +54,18 @@ def prototype_contrast_loss(features: torch.Tensor, labels: torch.Tensor, protot
 
 
 @torch.no_grad()
-def ema_prototype_memory(memory: torch.Tensor, initialised: torch.Tensor, prototypes: torch.Tensor,
-                         present: torch.Tensor, momentum: float):
+def ema_prototype_memory(
+    memory: torch.Tensor, initialised: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor, momentum: float
+):
     """mu(c) <- lambda mu(c) + (1 - lambda) rho(c) for classes in the batch; a class seen first is copied."""
     prototypes = prototypes.detach().to(memory.dtype)
     updated = torch.where(initialised.unsqueeze(1), momentum * memory + (1 - momentum) * prototypes, prototypes)
     return torch.where(present.unsqueeze(1), updated, memory), initialised | present
 
 
-def calibration(memory_target: torch.Tensor, memory_source: torch.Tensor, target_seen: torch.Tensor,
-                source_seen: torch.Tensor) -> torch.Tensor:
+def calibration(
+    memory_target: torch.Tensor, memory_source: torch.Tensor, target_seen: torch.Tensor, source_seen: torch.Tensor
+) -> torch.Tensor:
     """xi(c) = mu_T(c) - mu_S(c); zero for a class not yet in both memories."""
     both = (target_seen & source_seen).unsqueeze(1)
     return torch.where(both, memory_target - memory_source, torch.zeros_like(memory_target))
@@ -73,8 +77,9 @@ def calibrated_source_prototypes(source_prototypes: torch.Tensor, xi: torch.Tens
 
 
 @torch.no_grad()
-def dynamic_pseudo_labels(features: torch.Tensor, prototypes: torch.Tensor, available: torch.Tensor,
-                          threshold: float) -> torch.Tensor:
+def dynamic_pseudo_labels(
+    features: torch.Tensor, prototypes: torch.Tensor, available: torch.Tensor, threshold: float
+) -> torch.Tensor:
     """y_D(p) = c' = argmax_c s(f_T(p), rho_{S->T}(c)) where that similarity > T, else ignore."""
     with float32(features.device):
         similarity = F.normalize(features.float(), dim=1) @ F.normalize(prototypes.float(), dim=1).t()

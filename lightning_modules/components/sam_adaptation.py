@@ -1,5 +1,6 @@
 """The math of the SAM self-training methods: dual_lora_sam (Liu et al., ICML 2025) and WeSAM (Zhang et al.,
 CVPR 2024), each loss a small function with its equation in one comment line."""
+
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,7 @@ def valid_region(logits: torch.Tensor, target: dict) -> torch.Tensor:
 
 
 # ---- foreground representation and role assignment (dual_lora_sam, Sec. "Foreground Representations") ----
+
 
 def foreground_representations(features: torch.Tensor, mask_logits: torch.Tensor, threshold: float):
     """Per instance, f = sum_ij F^ij 1(S^ij > T) / sum_ij 1(S^ij > T); returns (f [N,C], valid [N]).
@@ -46,11 +48,14 @@ def assign_roles(sim_alpha: torch.Tensor, sim_beta: torch.Tensor) -> tuple[str, 
 
 # ---- dual_lora_sam losses ----
 
-def direct_alignment_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, focal_weight: float,
-                          dice_weight: float) -> torch.Tensor:
+
+def direct_alignment_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, focal_weight: float, dice_weight: float
+) -> torch.Tensor:
     """L_da = 20 Focal(M_S, 1(M_T > 0)) + Dice(M_S, 1(M_T > 0)): the student learns the teacher's masks."""
-    return sam_mask_loss(student_logits, (teacher_logits.detach() > 0).to(student_logits.dtype), focal_weight,
-                         dice_weight)
+    return sam_mask_loss(
+        student_logits, (teacher_logits.detach() > 0).to(student_logits.dtype), focal_weight, dice_weight
+    )
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -63,38 +68,67 @@ def reverse_distillation_loss(f_teacher: torch.Tensor, f_student: torch.Tensor, 
     return masked_mean(F.cosine_similarity(f_teacher, f_student.detach(), dim=-1), valid)
 
 
-def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float,
-                 valid: torch.Tensor) -> torch.Tensor:
-    """L_tri = mean_n max(0, d(f_S, sg f_T) - d(f_S, sg b_T) + m), d = 1 - cos: student fg near teacher fg, far from bg."""
+def triplet_loss(
+    anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float, valid: torch.Tensor
+) -> torch.Tensor:
+    """L_tri = mean_n max(0, d(f_S, sg f_T) - d(f_S, sg b_T) + m), d = 1 - cos.
+
+    The student's foreground moves near the teacher's foreground and away from the teacher's background.
+    """
+
     def distance(x, y):
         return 1 - F.cosine_similarity(x, y, dim=-1)
-    return masked_mean(F.relu(distance(anchor, positive.detach()) - distance(anchor, negative.detach()) + margin), valid)
+
+    return masked_mean(
+        F.relu(distance(anchor, positive.detach()) - distance(anchor, negative.detach()) + margin), valid
+    )
 
 
 # ---- WeSAM losses (official code: losses.py, adaptation.py) ----
 
-def self_training_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, iou_prediction: torch.Tensor,
-                       focal_weight: float, dice_weight: float, iou_weight: float) -> torch.Tensor:
+
+def self_training_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    iou_prediction: torch.Tensor,
+    focal_weight: float,
+    dice_weight: float,
+    iou_weight: float,
+) -> torch.Tensor:
     """L_self = 20 Focal(M_s, 1(M_t > 0)) + Dice(M_s, 1(M_t > 0)) + MSE(IoU_pred, IoU(M_s, 1(M_t > 0)))."""
     pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
-    return (sam_mask_loss(student_logits, pseudo, focal_weight, dice_weight)
-            + iou_weight * iou_prediction_loss(iou_prediction, student_logits, pseudo))
+    return sam_mask_loss(student_logits, pseudo, focal_weight, dice_weight) + iou_weight * iou_prediction_loss(
+        iou_prediction, student_logits, pseudo
+    )
 
 
-def anchor_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, anchor_logits: torch.Tensor) -> torch.Tensor:
+def anchor_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, anchor_logits: torch.Tensor
+) -> torch.Tensor:
     """L_anc = 0.5 Dice(M_s, 1(M_a > 0)) + 0.5 Dice(M_t, 1(M_a > 0)): both views stay near the frozen anchor."""
     pseudo = (anchor_logits.detach() > 0).to(student_logits.dtype)
     return 0.5 * dice_loss(student_logits, pseudo) + 0.5 * dice_loss(teacher_logits, pseudo)
 
 
-def instance_contrastive_loss(features: torch.Tensor, anchor_features: torch.Tensor, mask_logits: torch.Tensor,
-                              anchor_mask_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """L_con = -log( sum_i exp(s_ii / tau) / sum_ij exp(s_ij / tau) ), s_ij = cos(z_i, z^a_j) of mask-pooled embeddings."""
+def instance_contrastive_loss(
+    features: torch.Tensor,
+    anchor_features: torch.Tensor,
+    mask_logits: torch.Tensor,
+    anchor_mask_logits: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """L_con = -log( sum_i exp(s_ii / tau) / sum_ij exp(s_ij / tau) ), s_ij = cos(z_i, z^a_j).
+
+    z_i and z^a_j are the mask-pooled embeddings of instance i (trainable) and j (anchor).
+    """
+
     def pooled(embedding, logits):
-        weights = F.interpolate(logits.detach().float(), size=embedding.shape[-2:], mode="bilinear",
-                                align_corners=False)[:, 0].sigmoid()
+        weights = F.interpolate(
+            logits.detach().float(), size=embedding.shape[-2:], mode="bilinear", align_corners=False
+        )[:, 0].sigmoid()
         normalised = F.normalize(embedding.float(), dim=0)  # per-pixel L2 over channels, as the official code
         return torch.einsum("nhw,chw->nc", weights, normalised) / weights.flatten(1).sum(1).clamp(min=1e-6)[:, None]
+
     z, z_anchor = pooled(features, mask_logits), pooled(anchor_features.detach(), anchor_mask_logits)
     similarity = F.cosine_similarity(z[:, None], z_anchor[None], dim=-1) / temperature
     return -(similarity.diagonal().logsumexp(0) - similarity.flatten().logsumexp(0))

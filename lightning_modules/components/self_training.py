@@ -2,6 +2,7 @@
 reusable by any mean-teacher method: EMA momentum schedule, confidence-weighted pseudo-labels,
 ClassMix masks and the batched photometric augmentation applied to mixed images.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,14 +17,15 @@ def ema_momentum(step: int, alpha: float) -> float:
 
 
 def pseudo_labels_with_quality(teacher_logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """y_T = argmax p; q_T = |{p : max_c p_c > tau}| / |P| over the batch (DAFormer Eq. 5), the weight of every pixel."""
+    """y_T = argmax p; q_T = |{p : max_c p_c > tau}| / |P| over the batch (DAFormer Eq. 5), every pixel's weight."""
     confidence, labels = teacher_logits.float().softmax(1).max(1)
     quality = (confidence > threshold).float().mean()
     return labels, quality
 
 
-def class_mix_masks(labels: torch.Tensor, ignore_index: int = 255,
-                    class_preference: torch.Tensor | None = None) -> torch.Tensor:
+def class_mix_masks(
+    labels: torch.Tensor, ignore_index: int = 255, class_preference: torch.Tensor | None = None
+) -> torch.Tensor:
     """ClassMix (DACS): per image, half of the classes present in ``labels`` (rounded up), chosen at random;
     returns the [B, H, W] float mask of their pixels. ``class_preference`` [B, >= C] (positive) draws the
     classes with probability proportional to it instead of uniformly (Gumbel top-k)."""
@@ -54,12 +56,13 @@ def mix(mask: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torc
 def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
     """[B, size] normalised 1-D Gaussian kernels, one sigma per image."""
     offsets = torch.arange(size, device=sigma.device, dtype=torch.float32) - (size - 1) / 2
-    kernels = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernels = torch.exp(-(offsets[None] ** 2) / (2 * sigma[:, None] ** 2))
     return kernels / kernels.sum(1, keepdim=True)
 
 
-def strong_photometric(images: torch.Tensor, jitter_p: float, jitter_strength: float, blur_p: float,
-                       blur_sigma: tuple[float, float]) -> torch.Tensor:
+def strong_photometric(
+    images: torch.Tensor, jitter_p: float, jitter_strength: float, blur_p: float, blur_sigma: tuple[float, float]
+) -> torch.Tensor:
     """DACS/DAFormer strong transform on normalised images: colour jitter (brightness, contrast, saturation
     by up to +-strength) with probability ``jitter_p`` and Gaussian blur with probability ``blur_p``,
     drawn independently per image."""
@@ -74,11 +77,11 @@ def strong_photometric(images: torch.Tensor, jitter_p: float, jitter_strength: f
         return torch.where(apply, drawn, torch.ones_like(drawn))
 
     rgb = (rgb * factor()).clamp(0, 1)
-    grey = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+    grey = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
     contrast = factor()
     rgb = (grey.mean((2, 3), keepdim=True) * (1 - contrast) + rgb * contrast).clamp(0, 1)
     saturation = factor()
-    grey = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+    grey = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
     rgb = (grey * (1 - saturation) + rgb * saturation).clamp(0, 1)
 
     # Kernel size from the image size as DACS does (about 10% of the side, odd).
@@ -86,10 +89,12 @@ def strong_photometric(images: torch.Tensor, jitter_p: float, jitter_strength: f
     sigma = torch.empty(batch, device=images.device).uniform_(*blur_sigma)
     kernels = gaussian_kernels(sigma, size).repeat_interleave(channels, 0)  # [B*C, size]
     flat = rgb.reshape(1, batch * channels, height, width)
-    blurred = F.conv2d(F.pad(flat, (size // 2, size // 2, 0, 0), mode="reflect"),
-                       kernels[:, None, None, :], groups=batch * channels)
-    blurred = F.conv2d(F.pad(blurred, (0, 0, size // 2, size // 2), mode="reflect"),
-                       kernels[:, None, :, None], groups=batch * channels).reshape_as(rgb)
+    blurred = F.conv2d(
+        F.pad(flat, (size // 2, size // 2, 0, 0), mode="reflect"), kernels[:, None, None, :], groups=batch * channels
+    )
+    blurred = F.conv2d(
+        F.pad(blurred, (0, 0, size // 2, size // 2), mode="reflect"), kernels[:, None, :, None], groups=batch * channels
+    ).reshape_as(rgb)
     apply_blur = torch.rand(batch, 1, 1, 1, device=images.device) < blur_p
     rgb = torch.where(apply_blur, blurred, rgb)
     return (rgb - mean) / std

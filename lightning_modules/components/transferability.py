@@ -12,13 +12,13 @@ Each function computes one equation of the paper (or, where the public text coul
 implementation's reading of it; see configs/method/tmt.yaml) and is vectorised over batch, regions and
 pixels (one matmul with a neighbourhood mask, no loop over regions or heads).
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def cell_grid(height: int, width: int, cell_size: int) -> tuple[int, int]:
@@ -38,8 +38,9 @@ def neighbourhood_mask(height: int, width: int, cell_size: int, device=None) -> 
 def initial_assignment(height: int, width: int, cell_size: int, device=None) -> torch.Tensor:
     """[R, N] hard assignment of each pixel to its own c x c cell (ACTE's initial clustering centres)."""
     cells_y, cells_x = cell_grid(height, width, cell_size)
-    own = (torch.arange(height, device=device).repeat_interleave(width) // cell_size) * cells_x + \
-        torch.arange(width, device=device).repeat(height) // cell_size
+    own = (torch.arange(height, device=device).repeat_interleave(width) // cell_size) * cells_x + torch.arange(
+        width, device=device
+    ).repeat(height) // cell_size
     return F.one_hot(own, cells_y * cells_x).T.float()
 
 

@@ -1,6 +1,7 @@
 """DeepLabV2 (Chen et al., TPAMI 2018) as used by the UDA literature: a dilated ResNet (output stride
 8) from timm and the ASPP classifier, whose parallel dilated 3x3 convolutions are summed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,7 @@ class ASPPClassifier(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = (6, 12, 18, 24)):
         super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in dilations
-        )
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in dilations)
         for branch in self.branches:
             nn.init.normal_(branch.weight, std=0.01)
             nn.init.zeros_(branch.bias)
@@ -33,8 +32,15 @@ class ASPPClassifier(nn.Module):
 class DeepLabV2(nn.Module):
     """``forward`` returns class logits at 1/8 resolution and the backbone features they come from."""
 
-    def __init__(self, num_classes: int, backbone: str = "resnet101", aspp_dilations: Sequence[int] = (6, 12, 18, 24),
-                 pretrained: str | None = None, freeze_bn: bool = False, backbone_kwargs: dict | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet101",
+        aspp_dilations: Sequence[int] = (6, 12, 18, 24),
+        pretrained: str | None = None,
+        freeze_bn: bool = False,
+        backbone_kwargs: dict | None = None,
+    ):
         super().__init__()
         self.backbone = build_backbone(backbone, pretrained, backbone_kwargs or {})
         self.feature_channels = self.backbone.feature_info.channels()[-1]
@@ -61,18 +67,31 @@ def build_backbone(name: str, pretrained: str | None, kwargs: dict) -> nn.Module
     """A timm ResNet at output stride 8; ``pretrained`` is a local timm weight file (no downloads)."""
     if pretrained:
         if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"model.pretrained={pretrained} does not exist; expected a timm "
-                                    f"{name} weight file (.pth or .safetensors), e.g. ImageNet weights")
+            raise FileNotFoundError(
+                f"model.pretrained={pretrained} does not exist; expected a timm "
+                f"{name} weight file (.pth or .safetensors), e.g. ImageNet weights"
+            )
         log.info("loading ImageNet weights for %s from %s", name, pretrained)
     else:
         log.warning("model.pretrained is not set: the %s backbone starts from random init", name)
-    return timm.create_model(name, features_only=True, output_stride=8, out_indices=(-1,),
-                             pretrained=bool(pretrained), pretrained_cfg_overlay={"file": pretrained} if pretrained else None,
-                             **kwargs)
+    return timm.create_model(
+        name,
+        features_only=True,
+        output_stride=8,
+        out_indices=(-1,),
+        pretrained=bool(pretrained),
+        pretrained_cfg_overlay={"file": pretrained} if pretrained else None,
+        **kwargs,
+    )
 
 
 def build_deeplabv2(model: dict, num_classes: int) -> DeepLabV2:
     """DeepLabV2 from the ``model`` config node (configs/network/deeplabv2_*.yaml)."""
-    return DeepLabV2(num_classes, backbone=model["backbone"], aspp_dilations=model["aspp_dilations"],
-                     pretrained=model.get("pretrained"), freeze_bn=model["freeze_bn"],
-                     backbone_kwargs=model.get("backbone_kwargs"))
+    return DeepLabV2(
+        num_classes,
+        backbone=model["backbone"],
+        aspp_dilations=model["aspp_dilations"],
+        pretrained=model.get("pretrained"),
+        freeze_bn=model["freeze_bn"],
+        backbone_kwargs=model.get("backbone_kwargs"),
+    )

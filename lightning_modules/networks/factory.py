@@ -1,4 +1,5 @@
 """Building a configured segmentation network and starting it from another run's weights."""
+
 from __future__ import annotations
 
 import logging
@@ -17,10 +18,12 @@ def load_state_from_checkpoint(path: str, prefix: str = "") -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=False)
     state = state.get("state_dict", state)
-    selected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    selected = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not selected:
-        raise KeyError(f"checkpoint {path} holds no weights under '{prefix}'; keys start with "
-                       f"{sorted({k.split('.')[0] for k in state})}")
+        raise KeyError(
+            f"checkpoint {path} holds no weights under '{prefix}'; keys start with "
+            f"{sorted({k.split('.')[0] for k in state})}"
+        )
     return selected
 
 

@@ -1,5 +1,6 @@
 """The small heads methods add to a segmenter: BiCL's contrast projection, mt_metric's metric network with its
 class proxies, TMT's region domain discriminator."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,11 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_channels: int, hidden_channels: int, out_channels: int):
         super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(in_channels, hidden_channels, 1), nn.ReLU(inplace=True),
-                                    nn.Conv2d(hidden_channels, out_channels, 1))
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_channels, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_channels, out_channels, 1),
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
@@ -25,8 +29,9 @@ class MetricHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, hidden_dim: int, embedding_dim: int):
         super().__init__()
-        self.embed = nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 1), nn.ReLU(inplace=True),
-                                   nn.Conv2d(hidden_dim, embedding_dim, 1))
+        self.embed = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, embedding_dim, 1)
+        )
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_dim))
         # Proxy-Anchor's official initialisation of the proxies.
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")

@@ -6,6 +6,7 @@ same modules, loading official-format state dicts with errors that name the file
 ``decode_batch`` decodes every instance of every image of a batch in one mask-decoder call.
 ``SharedEmbeddingPredictor`` serves SAM's everything mode and prompted masks from one image-encoder pass.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,16 @@ OFFICIAL_VARIANTS = ("vit_b", "vit_l", "vit_h")
 VARIANTS = (*OFFICIAL_VARIANTS, "tiny")
 OFFICIAL_IMAGE_SIZE = 1024  # fixed by segment_anything's _build_sam
 TINY_DEFAULTS = {
-    "image_size": 128, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "window_size": 4,
-    "global_attn_indexes": (1,), "prompt_embed_dim": 64, "decoder_depth": 2, "decoder_mlp_dim": 256,
+    "image_size": 128,
+    "patch_size": 16,
+    "embed_dim": 64,
+    "depth": 2,
+    "num_heads": 2,
+    "window_size": 4,
+    "global_attn_indexes": (1,),
+    "prompt_embed_dim": 64,
+    "decoder_depth": 2,
+    "decoder_mlp_dim": 256,
     "decoder_heads": 4,
 }
 PROMPT_KINDS = ("box", "point", "poly")
@@ -46,19 +55,39 @@ def build_tiny_sam(image_size: int, options: dict) -> Sam:
     embedding_size = image_size // options["patch_size"]
     return Sam(
         image_encoder=ImageEncoderViT(
-            img_size=image_size, patch_size=options["patch_size"], embed_dim=options["embed_dim"],
-            depth=options["depth"], num_heads=options["num_heads"], mlp_ratio=4, out_chans=dim, qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
-            window_size=options["window_size"], global_attn_indexes=tuple(options["global_attn_indexes"]),
+            img_size=image_size,
+            patch_size=options["patch_size"],
+            embed_dim=options["embed_dim"],
+            depth=options["depth"],
+            num_heads=options["num_heads"],
+            mlp_ratio=4,
+            out_chans=dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=options["window_size"],
+            global_attn_indexes=tuple(options["global_attn_indexes"]),
         ),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(embedding_size, embedding_size),
-                                     input_image_size=(image_size, image_size), mask_in_chans=16),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
         mask_decoder=MaskDecoder(
-            num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dim,
-            transformer=TwoWayTransformer(depth=options["decoder_depth"], embedding_dim=dim,
-                                          mlp_dim=options["decoder_mlp_dim"], num_heads=options["decoder_heads"]),
+            num_multimask_outputs=3,
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=dim,
+            transformer=TwoWayTransformer(
+                depth=options["decoder_depth"],
+                embedding_dim=dim,
+                mlp_dim=options["decoder_mlp_dim"],
+                num_heads=options["decoder_heads"],
+            ),
         ),
-        pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD),
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
     )
 
 
@@ -77,22 +106,30 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
     """Load an official-format state dict, failing once with the file and the first keys that do not fit."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"SAM checkpoint {path} does not exist; expected an official SAM state dict .pth "
-                                "(e.g. sam_vit_b_01ec64.pth) or one written by save_sam_checkpoint")
+        raise FileNotFoundError(
+            f"SAM checkpoint {path} does not exist; expected an official SAM state dict .pth "
+            "(e.g. sam_vit_b_01ec64.pth) or one written by save_sam_checkpoint"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     expected = sam.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k}: {tuple(v.shape)} in file vs {tuple(expected[k].shape)} in model"
-                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    problems += [
+        f"{k}: {tuple(v.shape)} in file vs {tuple(expected[k].shape)} in model"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if problems:
-        raise ValueError(f"SAM checkpoint {path} does not fit this SAM variant ({len(problems)} mismatching keys, "
-                         f"first: {'; '.join(problems[:5])})")
+        raise ValueError(
+            f"SAM checkpoint {path} does not fit this SAM variant ({len(problems)} mismatching keys, "
+            f"first: {'; '.join(problems[:5])})"
+        )
     sam.load_state_dict(state)
 
 
-def build_sam(variant: str, checkpoint: str | Path | None = None, image_size: int | None = None,
-              tiny: dict | None = None) -> Sam:
+def build_sam(
+    variant: str, checkpoint: str | Path | None = None, image_size: int | None = None, tiny: dict | None = None
+) -> Sam:
     """SAM ``variant`` (vit_b / vit_l / vit_h / tiny), from ``checkpoint`` or, with none, random init.
 
     ``image_size`` None means the variant's own size: 1024 for the official ones (the registry fixes
@@ -146,25 +183,32 @@ def encode_prompts(sam: Sam, target: dict, kind: str, poly_as: str = "mask") -> 
         if poly_as == "box":
             return encoder(points=None, boxes=masks_to_boxes(polys > 0.5), masks=None)
         return encoder(points=None, boxes=None, masks=poly_mask_logits(polys, encoder.mask_input_size))
-    raise ValueError(f"unknown prompt kind '{kind}' / poly_as '{poly_as}'; expected kind in {PROMPT_KINDS} "
-                     f"and poly_as in {POLY_AS}")
+    raise ValueError(
+        f"unknown prompt kind '{kind}' / poly_as '{poly_as}'; expected kind in {PROMPT_KINDS} and poly_as in {POLY_AS}"
+    )
 
 
-def decode_masks(sam: Sam, image_embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-                 multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_masks(
+    sam: Sam, image_embedding: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask logits [N,M,S,S] at the padded input resolution (not cropped) and IoU predictions [N,M].
 
     Upsampled like Sam.postprocess_masks' first step; callers crop to ``input_size`` themselves.
     """
-    low_res, iou = sam.mask_decoder(image_embeddings=image_embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
-                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                    multimask_output=multimask_output)
+    low_res, iou = sam.mask_decoder(
+        image_embeddings=image_embedding,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+    )
     size = sam.image_encoder.img_size
     return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False), iou
 
 
-def decode_batch(sam: Sam, image_embeddings: torch.Tensor, prompts: list,
-                 multimask_output: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def decode_batch(
+    sam: Sam, image_embeddings: torch.Tensor, prompts: list, multimask_output: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(mask logits [N_i,M,S,S], IoU predictions [N_i,M]) per image from its (sparse, dense) prompts, all the
     batch's instances in one decoder call."""
     counts = [len(sparse) for sparse, _ in prompts]
@@ -172,13 +216,15 @@ def decode_batch(sam: Sam, image_embeddings: torch.Tensor, prompts: list,
     # SAM's decoder adds each mask's dense prompt to the one image embedding it is given; adding every
     # instance's own image embedding here instead lets one call serve instances of different images.
     instance_embeddings = image_embeddings.repeat_interleave(torch.tensor(counts, device=dense.device), dim=0)
-    logits, iou = decode_masks(sam, torch.zeros_like(image_embeddings[:1]), sparse, dense + instance_embeddings,
-                               multimask_output)
+    logits, iou = decode_masks(
+        sam, torch.zeros_like(image_embeddings[:1]), sparse, dense + instance_embeddings, multimask_output
+    )
     return list(zip(logits.split(counts), iou.split(counts)))
 
 
-def predict_instances(sam: Sam, image_embeddings: torch.Tensor, targets: list, kind: str,
-                      poly_as: str = "mask", with_iou: bool = False) -> list:
+def predict_instances(
+    sam: Sam, image_embeddings: torch.Tensor, targets: list, kind: str, poly_as: str = "mask", with_iou: bool = False
+) -> list:
     """Single-mask logits [N_i,1,S,S] per image (with ``with_iou``, pairs of logits and IoU predictions
     [N_i,1]): one prompt-encoder call per image, one decoder call for the batch."""
     outputs = decode_batch(sam, image_embeddings, [encode_prompts(sam, target, kind, poly_as) for target in targets])

@@ -6,6 +6,7 @@ none active the encoder is the untouched frozen SAM. Own ~60-line layer instead 
 installed, the dual method needs a perturbation of the *frozen* path that peft has no hook for, and merging
 a branch back into a plain ``nn.Linear`` (the official checkpoint format) is two lines here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,14 +51,23 @@ class LoRALinear(nn.Module):
     path's output under dropout (``perturbation``), so the two branches see different views of gamma.
     """
 
-    def __init__(self, base: nn.Linear, blocks: tuple, targets: tuple, branches: list, rank: int, alpha: float,
-                 perturbation: float):
+    def __init__(
+        self,
+        base: nn.Linear,
+        blocks: tuple,
+        targets: tuple,
+        branches: list,
+        rank: int,
+        alpha: float,
+        perturbation: float,
+    ):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.blocks, self.targets, self.perturbation = blocks, targets, perturbation
         block_size = base.out_features // len(blocks)
-        self.branches = nn.ModuleDict({name: LowRankUpdate(base.in_features, block_size, targets, rank, alpha / rank)
-                                       for name in branches})
+        self.branches = nn.ModuleDict(
+            {name: LowRankUpdate(base.in_features, block_size, targets, rank, alpha / rank) for name in branches}
+        )
         self.active: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +77,12 @@ class LoRALinear(nn.Module):
         if self.training and self.perturbation > 0:
             frozen = F.dropout(frozen, self.perturbation)
         branch = self.branches[self.active]
-        delta = [branch.delta(b, x) if b in self.targets else x.new_zeros(*x.shape[:-1], frozen.shape[-1] // len(self.blocks))
-                 for b in self.blocks]
+        delta = [
+            branch.delta(b, x)
+            if b in self.targets
+            else x.new_zeros(*x.shape[:-1], frozen.shape[-1] // len(self.blocks))
+            for b in self.blocks
+        ]
         return frozen + torch.cat(delta, -1)
 
     def merged(self, name: str) -> nn.Linear:
@@ -78,12 +92,21 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             for index, block in enumerate(self.blocks):
                 if block in self.targets:
-                    linear.weight[index * size:(index + 1) * size] += self.branches[name].weight(block).to(linear.weight)
+                    linear.weight[index * size : (index + 1) * size] += (
+                        self.branches[name].weight(block).to(linear.weight)
+                    )
         return linear
 
 
-def inject_lora(sam: Sam, branches: list, rank: int, alpha: float, targets: list, layers: list | None = None,
-                perturbation: float = 0.0) -> list:
+def inject_lora(
+    sam: Sam,
+    branches: list,
+    rank: int,
+    alpha: float,
+    targets: list,
+    layers: list | None = None,
+    perturbation: float = 0.0,
+) -> list:
     """Wrap the attention projections of the chosen encoder blocks; freezes the whole encoder (gamma).
 
     ``targets`` from {q, k, v} (blocks of attn.qkv) and proj (attn.proj); ``layers`` None means every block.
@@ -153,4 +176,6 @@ def segment(sam: Sam, branch: str | None, images: torch.Tensor, targets: list, k
     """(embeddings, {kind: [(mask logits [N,1,S,S], IoU predictions [N,1]) per image]}) of ``images`` through
     branch ``branch``: one decoder call per prompt kind."""
     embeddings = encode(sam, branch, images)
-    return embeddings, {kind: predict_instances(sam, embeddings, targets, kind, poly_as, with_iou=True) for kind in kinds}
+    return embeddings, {
+        kind: predict_instances(sam, embeddings, targets, kind, poly_as, with_iou=True) for kind in kinds
+    }

@@ -8,6 +8,7 @@ dwconv.dwconv,fc2}``, ``norm{i}``; so the official ``mit_b5.pth`` loads as is, a
 mmseg's ``mit2mmseg`` renaming. Every self-attention accepts an additive bias on its logits, one value
 per key token, which is how TMT's transferability map enters the encoder.
 """
+
 from __future__ import annotations
 
 import logging
@@ -129,8 +130,16 @@ class MiTBlock(nn.Module):
 class MixTransformer(nn.Module):
     """MiT encoder: four stages at strides 4/8/16/32, returns the four feature maps."""
 
-    def __init__(self, embed_dims: Sequence[int], num_heads: Sequence[int], depths: Sequence[int],
-                 sr_ratios: Sequence[int], mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, in_channels: int = 3):
+    def __init__(
+        self,
+        embed_dims: Sequence[int],
+        num_heads: Sequence[int],
+        depths: Sequence[int],
+        sr_ratios: Sequence[int],
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        in_channels: int = 3,
+    ):
         super().__init__()
         self.embed_dims = list(embed_dims)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -138,13 +147,17 @@ class MixTransformer(nn.Module):
         for i, (dim, heads, depth, sr) in enumerate(zip(embed_dims, num_heads, depths, sr_ratios), start=1):
             source = in_channels if i == 1 else embed_dims[i - 2]
             setattr(self, f"patch_embed{i}", OverlapPatchEmbed(source, dim, 7 if i == 1 else 3, 4 if i == 1 else 2))
-            setattr(self, f"block{i}", nn.ModuleList(
-                MiTBlock(dim, heads, mlp_ratio, sr, rates[start + j]) for j in range(depth)))
+            setattr(
+                self,
+                f"block{i}",
+                nn.ModuleList(MiTBlock(dim, heads, mlp_ratio, sr, rates[start + j]) for j in range(depth)),
+            )
             setattr(self, f"norm{i}", nn.LayerNorm(dim, eps=1e-6))
             start += depth
 
-    def forward(self, images: torch.Tensor, key_bias: torch.Tensor | None = None,
-                guided_stages: Sequence[int] = (0, 1, 2, 3)) -> list[torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, key_bias: torch.Tensor | None = None, guided_stages: Sequence[int] = (0, 1, 2, 3)
+    ) -> list[torch.Tensor]:
         features, x = [], images
         for i in range(len(self.embed_dims)):
             x, height, width = getattr(self, f"patch_embed{i + 1}")(x)
@@ -159,9 +172,18 @@ class MixTransformer(nn.Module):
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 1, dilation: int = 1, groups: int = 1):
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel, padding=dilation * (kernel // 2), dilation=dilation,
-                  groups=groups, bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel,
+            padding=dilation * (kernel // 2),
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        ),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
 
 
 class SeparableASPP(nn.Module):
@@ -170,9 +192,13 @@ class SeparableASPP(nn.Module):
     def __init__(self, in_channels: int, channels: int, dilations: Sequence[int]):
         super().__init__()
         self.branches = nn.ModuleList(
-            conv_bn_relu(in_channels, channels) if d == 1 else nn.Sequential(
-                conv_bn_relu(in_channels, in_channels, 3, d, groups=in_channels), conv_bn_relu(in_channels, channels))
-            for d in dilations)
+            conv_bn_relu(in_channels, channels)
+            if d == 1
+            else nn.Sequential(
+                conv_bn_relu(in_channels, in_channels, 3, d, groups=in_channels), conv_bn_relu(in_channels, channels)
+            )
+            for d in dilations
+        )
         self.bottleneck = conv_bn_relu(len(dilations) * channels, channels, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,8 +208,14 @@ class SeparableASPP(nn.Module):
 class DAFormerHead(nn.Module):
     """Per-level linear embedding, upsampling to stride 4, concatenation, ASPP fusion, classifier."""
 
-    def __init__(self, in_channels: Sequence[int], embed_dim: int, dilations: Sequence[int], num_classes: int,
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        embed_dim: int,
+        dilations: Sequence[int],
+        num_classes: int,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.embed = nn.ModuleList(nn.Conv2d(c, embed_dim, 1) for c in in_channels)
         self.fuse = SeparableASPP(len(in_channels) * embed_dim, embed_dim, dilations)
@@ -192,8 +224,10 @@ class DAFormerHead(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         size = features[0].shape[-2:]
-        embedded = [F.interpolate(embed(f), size=size, mode="bilinear", align_corners=False)
-                    for embed, f in zip(self.embed, features)]
+        embedded = [
+            F.interpolate(embed(f), size=size, mode="bilinear", align_corners=False)
+            for embed, f in zip(self.embed, features)
+        ]
         fused = self.fuse(torch.cat(embedded, 1))
         return self.classifier(self.dropout(fused)), fused
 
@@ -210,8 +244,9 @@ class SegFormer(nn.Module):
         self.backbone = backbone
         self.decode_head = head
 
-    def forward(self, images: torch.Tensor, key_bias: torch.Tensor | None = None,
-                guided_stages: Sequence[int] = (0, 1, 2, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, key_bias: torch.Tensor | None = None, guided_stages: Sequence[int] = (0, 1, 2, 3)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decode_head(self.backbone(images, key_bias, guided_stages))
 
 
@@ -260,8 +295,10 @@ def load_mit_pretrained(backbone: MixTransformer, path: str) -> None:
     classification ``head.*`` is dropped. Every encoder parameter must be found.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"model.pretrained={path} does not exist; expected an MiT ImageNet weight file "
-                                f"(official mit_b5.pth or an mmseg-converted MiT checkpoint)")
+        raise FileNotFoundError(
+            f"model.pretrained={path} does not exist; expected an MiT ImageNet weight file "
+            f"(official mit_b5.pth or an mmseg-converted MiT checkpoint)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=False)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
@@ -271,19 +308,28 @@ def load_mit_pretrained(backbone: MixTransformer, path: str) -> None:
         state = mmseg_to_official_mit(state)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise KeyError(f"model.pretrained={path} does not match the MiT encoder: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
+        raise KeyError(
+            f"model.pretrained={path} does not match the MiT encoder: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     log.info("loaded MiT ImageNet weights from %s", path)
 
 
 def build_segformer(model: dict, num_classes: int) -> SegFormer:
     """SegFormer from the ``model`` config node (configs/network/segformer_*.yaml)."""
-    backbone = MixTransformer(model["embed_dims"], model["num_heads"], model["depths"], model["sr_ratios"],
-                              model["mlp_ratio"], model["drop_path_rate"])
+    backbone = MixTransformer(
+        model["embed_dims"],
+        model["num_heads"],
+        model["depths"],
+        model["sr_ratios"],
+        model["mlp_ratio"],
+        model["drop_path_rate"],
+    )
     if model.get("pretrained"):
         load_mit_pretrained(backbone, model["pretrained"])
     else:
         log.warning("model.pretrained is not set: the MiT encoder starts from random init")
-    head = DAFormerHead(model["embed_dims"], model["decoder_embed_dim"], model["aspp_dilations"], num_classes,
-                        model["decoder_dropout"])
+    head = DAFormerHead(
+        model["embed_dims"], model["decoder_embed_dim"], model["aspp_dilations"], num_classes, model["decoder_dropout"]
+    )
     return SegFormer(backbone, head)
