@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -25,6 +27,19 @@ def save_label_png(path: Path, labels: np.ndarray) -> None:
             raise OSError(f"could not write {temporary}")
 
     write_atomically(path, write)
+
+
+def save_json(path: Path, value) -> None:
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(value, indent=2, sort_keys=True)))
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: what identifies a checkpoint whatever its name or location."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_npz(path: Path, **arrays) -> None:

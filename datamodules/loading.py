@@ -3,11 +3,16 @@ share of a split, and one DataLoader recipe."""
 
 from __future__ import annotations
 
+import ctypes
+import signal
+import sys
 from typing import Callable
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class TransformedDataset(Dataset):
@@ -21,6 +26,18 @@ class TransformedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.transform(self.dataset[index])
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent dies: a killed run's loader workers would otherwise live on
+    (holding their memory) until they next poll for it. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def init_worker(worker_id: int) -> None:
+    die_with_parent()
+    seed_worker_transforms(worker_id)
 
 
 def seed_worker_transforms(worker_id: int) -> None:
@@ -63,7 +80,7 @@ def build_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         collate_fn=collate_fn,
-        worker_init_fn=seed_worker_transforms,
+        worker_init_fn=init_worker,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )

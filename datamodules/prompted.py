@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from datamodules.datasets import build_from_spec
 from datamodules.datasets.base import DatasetLayoutError
+from datamodules.errors import ConfigError
 from datamodules.loading import build_loader, evaluation_indices, training_sampler
 from datamodules.prompts import derive_prompts
 from datamodules.transforms import strong_photometric_transform
@@ -226,16 +227,16 @@ def build_prompted_datamodule(cfg: dict) -> PromptedDataModule:
     if streams == ["src"]:
         labelled_domain = data["labelled_domain"]
         if labelled_domain not in ("source", "target"):
-            raise ValueError(f"data.labelled_domain must be 'source' or 'target', got '{labelled_domain}'")
+            raise ConfigError(f"data.labelled_domain must be 'source' or 'target', got '{labelled_domain}'")
         if data.get(labelled_domain) is None:
-            raise ValueError(
+            raise ConfigError(
                 "this task has no source dataset, so methods that need labelled source data cannot run on it"
             )
         train_spec, labelled = data[labelled_domain], True
     elif streams == ["tgt"]:
         train_spec, labelled = data["target"], False
     else:
-        raise ValueError(f"SAM tasks train on one stream, ['src'] or ['tgt']; got {streams}")
+        raise ConfigError(f"SAM tasks train on one stream, ['src'] or ['tgt']; got {streams}")
     return PromptedDataModule(
         build_from_spec(train_spec, "train"),
         build_from_spec(data["val"], "val"),

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.datasets import build_from_spec
 from datamodules.datasets.pseudo_labelled import PseudoLabelled
+from datamodules.errors import ConfigError
 from datamodules.loading import TransformedDataset, build_loader, evaluation_indices, training_sampler
 from datamodules.transforms import SemanticTransform
 
@@ -44,11 +45,11 @@ class UDADataModule(L.LightningDataModule):
         super().__init__()
         unknown = set(streams) - set(STREAMS)
         if unknown:
-            raise ValueError(f"unknown training streams {sorted(unknown)}; expected a subset of {STREAMS}")
+            raise ConfigError(f"unknown training streams {sorted(unknown)}; expected a subset of {STREAMS}")
         if labelled_domain not in ("source", "target"):
-            raise ValueError(f"data.labelled_domain must be 'source' or 'target', got '{labelled_domain}'")
+            raise ConfigError(f"data.labelled_domain must be 'source' or 'target', got '{labelled_domain}'")
         if "src" in streams and labelled_domain == "source" and source is None:
-            raise ValueError(
+            raise ConfigError(
                 "this task has no source dataset, so methods that need labelled source data cannot run on it"
             )
         self.specs = {"source": source, "target": target, "val": val}
@@ -102,7 +103,7 @@ class UDADataModule(L.LightningDataModule):
                 )
             if "pl" in self.streams:
                 if not self.pseudo_label_dir:
-                    raise ValueError(
+                    raise ConfigError(
                         "the 'pl' stream needs data.pseudo_label_dir: the folder of pseudo-labels to "
                         "train on (for seco: method.label_dir of its stage=pseudo_label run)"
                     )

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import statistics
 import string
 import subprocess
@@ -102,7 +103,7 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
             Stage("region_sam", ("+method=sam_finetune", "+task=synth_regions", *sam_from_scratch), "sam.pth"),
         ),
         rows=(
-            Row("source_only", single("+method=source_only", "+method.source_ckpt={source}", adapt), "source"),
+            Row("source_only", single("+method=source_only", "method.source_ckpt={source}", adapt), "source"),
             Row("bicl", single("+method=bicl", "method.source_ckpt={source}", adapt)),
             *(
                 Row(
@@ -147,7 +148,7 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
             Row("oracle", single("+method=oracle", source), "upper"),
             Row(
                 "source_only",
-                single("+method=source_only", segformer, "+method.source_ckpt={source_segformer}", adapt),
+                single("+method=source_only", segformer, "method.source_ckpt={source_segformer}", adapt),
                 "source",
                 "segformer",
             ),
@@ -233,6 +234,10 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
     done = run_dir / "benchmark.done"
     if done.is_file():
         return run_dir
+    if run_dir.exists():
+        # An interrupted row: a run refuses a folder that already holds a run, so it starts again from scratch.
+        print(f"  (removing the unfinished {run_dir})", flush=True)
+        shutil.rmtree(run_dir)
     print("  $", " ".join(command[1:]), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "stdout.log", "w") as log_file:
@@ -399,7 +404,7 @@ def loader_throughput(task: str, batches: int = 10) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from datamodules import build_datamodule
+    from datamodules.build import build_datamodule
     from experiments.run import CONFIG_DIR
 
     method = "source_only" if task == "synth2real" else "sam_finetune"

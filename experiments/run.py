@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
+
+from datamodules.errors import CheckpointError, ConfigError, DatasetLayoutError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("experiments.run")
@@ -34,8 +38,17 @@ def check_choices(argv: list[str]) -> str | None:
 
 
 def normalise_overrides(argv: list[str]) -> list[str]:
-    """``+model=tiny`` is accepted as ``model=tiny``: the model size is a choice the task already made."""
-    return [a[1:] if a.startswith("+model=") else a for a in argv]
+    """``+model=tiny`` is accepted as ``model=tiny`` (the model size is a choice the task already made), and
+    ``run_dir=X`` becomes Hydra's output directory, so ``.hydra/`` and ``run.log`` land in X too."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    normalised = []
+    for argument in argv:
+        if argument.startswith("+model="):
+            argument = argument[1:]
+        elif argument.startswith("run_dir="):
+            argument = f"hydra.{'sweep' if multirun else 'run'}.dir={argument.split('=', 1)[1]}"
+        normalised.append(argument)
+    return normalised
 
 
 def check_compatibility(cfg) -> None:
@@ -59,8 +72,10 @@ def check_compatibility(cfg) -> None:
         )
 
 
-def build_loggers(cfg, run_dir: Path) -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+def build_loggers(cfg, run_dir: Path, resume_step: int | None) -> list:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from experiments.run_dir import ResumingCSVLogger, wandb_run_id
 
     loggers = []
     if cfg.logger.wandb.enabled:
@@ -75,10 +90,12 @@ def build_loggers(cfg, run_dir: Path) -> list:
                 mode=mode,
                 tags=list(cfg.logger.wandb.tags),
                 name=f"{cfg.method.name}-{cfg.task.name}-s{cfg.seed}",
+                id=wandb_run_id(run_dir, resuming=resume_step is not None),
+                resume="allow",
             )
         )
     if cfg.logger.csv.enabled:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        loggers.append(ResumingCSVLogger(save_dir=str(run_dir), name="csv", version="", resume_step=resume_step))
     return loggers
 
 
@@ -154,15 +171,22 @@ def execute(cfg) -> dict:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from omegaconf import OmegaConf
 
-    from datamodules import build_datamodule
+    from datamodules.build import build_datamodule
+    from experiments.checkpointing import VerifiedCheckpointIO
     from experiments.profiling import StepProfiler
+    from experiments.run_dir import checkpoint_step, is_launching_process, resume_checkpoint
 
     check_compatibility(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    # Evaluation metrics are reduced across ranks before they are logged, so Lightning's advice to sync them
+    # again (one warning per metric and evaluation under DDP) does not apply.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
     run_dir = Path(cfg.run_dir)
+    ckpt_path = resume_checkpoint(run_dir, cfg.ckpt_path, cfg.stage, cfg.train)
+    L.seed_everything(cfg.seed, workers=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    if is_launching_process():
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
 
     datamodule = build_datamodule(resolved)
     module = apply_performance_options(build_module(resolved), cfg)
@@ -183,26 +207,97 @@ def execute(cfg) -> dict:
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
-        logger=build_loggers(cfg, run_dir),
+        logger=build_loggers(cfg, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None),
         callbacks=[best, last, LearningRateMonitor("step"), profiler],
+        plugins=[VerifiedCheckpointIO()],
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
     )
     if cfg.stage != "train":
         return run_stage(module, cfg.stage, trainer)
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # The final state, also when max_steps ends between validations (no callback saved it then).
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    elif cfg.ckpt_path:
-        raise SystemExit("train=false evaluates the starting weights; drop ckpt_path or use train=true to resume.")
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = {**module.last_results, **profiler.summary()}
     if trainer.is_global_zero:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_results(run_dir / "results.json", results)
         print(f"\n{cfg.method.name} on {cfg.task.name} (target {cfg.data.val.split}):\n{results_table(results)}")
         print(f"run directory: {run_dir}")
     return results
+
+
+def write_results(path: Path, results: dict) -> None:
+    """results.json as strict JSON (an absent class's NaN IoU becomes null), written whole or not at all."""
+    from datamodules.files import write_atomically
+
+    def strict(value):
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    text = json.dumps(strict(results), indent=2, allow_nan=False)
+    write_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+def check_types(cfg) -> None:
+    """Every value given on the command line has the type of the default it replaces (a number stays a number, a
+    list a list), so ``trainer.max_steps=abc`` is named here rather than failing deep inside Lightning."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    groups = {path.name for path in CONFIG_DIR.iterdir() if path.is_dir()}
+    choices = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") in groups]
+    defaults = OmegaConf.to_container(compose("config", overrides=choices), resolve=False)
+    given = OmegaConf.to_container(cfg, resolve=False)
+    for key, value, default in paired_leaves(given, defaults):
+        if not compatible(value, default):
+            raise ConfigError(f"{key}={value!r} must be {type(default).__name__} like its default {default!r}")
+
+
+def paired_leaves(given: dict, defaults: dict, prefix: str = ""):
+    for key, value in given.items():
+        if key not in defaults or key == "hydra":
+            continue
+        default = defaults[key]
+        if isinstance(value, dict) and isinstance(default, dict):
+            yield from paired_leaves(value, default, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value, default
+
+
+def compatible(value, default) -> bool:
+    if default is None or value is None or isinstance(default, str) or isinstance(value, str) and "${" in value:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+def one_line(error: Exception) -> str:
+    """The error's own sentence; for one re-raised from a DataLoader worker, the original's last line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    name = type(error).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+
+
+def job(cfg) -> dict:
+    """One run under Hydra: the errors a user can fix are one sentence on stderr and exit status 1."""
+    try:
+        check_types(cfg)
+        return execute(cfg)
+    except (ConfigError, CheckpointError, DatasetLayoutError) as error:
+        if cfg.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {one_line(error)} (debug=true shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def main() -> None:
@@ -215,8 +310,12 @@ def main() -> None:
     sys.argv = [sys.argv[0], *argv]
 
     import hydra
+    from omegaconf import OmegaConf
 
-    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(execute)()
+    from experiments.run_dir import launch_id
+
+    OmegaConf.register_new_resolver("launch_id", launch_id, use_cache=True, replace=True)
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(job)()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from datamodules.constants import CITYSCAPES_CLASSES, IGNORE_INDEX
+from datamodules.errors import DatasetLayoutError
 from lightning_modules.components.ops import unpadded, upsample
 from lightning_modules.metrics import format_metrics, instance_iou, mean_iou, per_class_iou
 from lightning_modules.networks.factory import build_network, load_segmenter_weights
@@ -74,7 +75,7 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         """The configured network (``model``), started from the ``segmenter`` of ``checkpoint`` when one is given."""
         segmenter = build_network(self.hparams["model"], self.num_classes)
         if checkpoint:
-            load_segmenter_weights(segmenter, checkpoint)
+            load_segmenter_weights(segmenter, checkpoint, self.hparams["model"])
         return segmenter
 
     def frozen_copy(self, module: nn.Module) -> nn.Module:
@@ -102,8 +103,14 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         self.confusion.update(self(batch["img"]).argmax(1), batch["mask"])
 
     def log_evaluation(self, stage: str) -> None:
-        iou = per_class_iou(self.confusion.compute())
+        confusion = self.confusion.compute()
         self.confusion.reset()
+        if confusion.sum() == 0 and not self.trainer.sanity_checking:
+            raise DatasetLayoutError(
+                f"the {stage} split {self.hparams['data']['val']} has no pixel labelled with a class of the task "
+                "(every label is ignore or outside the id table): check its label files"
+            )
+        iou = per_class_iou(confusion)
         metrics = {name: 100 * mean_iou(iou, classes) for name, classes in self.eval_subsets.items()}
         evaluated = sorted({c for classes in self.eval_subsets.values() for c in classes})
         per_class = {self.class_names[c]: 100 * iou[c].item() for c in evaluated}

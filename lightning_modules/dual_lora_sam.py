@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.errors import ConfigError
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     assign_roles,
@@ -127,7 +128,7 @@ class DualLoRASAM(PromptedSegmentationModule):
                 f_student, f_teacher, b_teacher, method["margin"], valid
             )
         if not losses:
-            raise ValueError(
+            raise ConfigError(
                 "method.direct_alignment, method.reverse_distillation and method.triplet are all false; "
                 "enable at least one loss"
             )

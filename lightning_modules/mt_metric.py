@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from datamodules.constants import IGNORE_INDEX
+from datamodules.errors import ConfigError
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.metric_learning import (
     class_normalised_weight,
@@ -49,9 +50,11 @@ class TeacherTargets(NamedTuple):
 class MTMetric(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        method = cfg["method"]
+        method = self.method
         if method["weighting"] not in WEIGHTINGS:
-            raise ValueError(f"method.weighting={method['weighting']!r} is not supported; expected one of {WEIGHTINGS}")
+            raise ConfigError(
+                f"method.weighting={method['weighting']!r} is not supported; expected one of {WEIGHTINGS}"
+            )
         self.segmenter = self.build_segmenter(method["source_ckpt"])
         self.teacher = self.frozen_copy(self.segmenter)
         self.metric_head = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from datamodules.errors import ConfigError
+
 
 def poly_lr_lambda(max_steps: int, power: float, warmup_steps: int):
     """Linear warm-up, then DeepLab's poly decay (1 - t/T)^power."""
@@ -33,7 +35,7 @@ def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int):
             groups, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim.get("betas", (0.9, 0.999)))
         )
     else:
-        raise ValueError(f"optim.name={optim['name']!r} is not supported; expected 'sgd' or 'adamw'")
+        raise ConfigError(f"optim.name={optim['name']!r} is not supported; expected 'sgd' or 'adamw'")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"])
     )

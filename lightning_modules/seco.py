@@ -37,8 +37,10 @@ from torch.utils.data import DataLoader
 
 from datamodules.constants import IGNORE_INDEX
 from datamodules.datasets.pseudo_labelled import pseudo_label_path
-from datamodules.files import save_label_png, save_npz
+from datamodules.errors import ConfigError
+from datamodules.files import file_digest, save_json, save_label_png, save_npz
 from datamodules.labelling import TargetTrainImages, collate_images
+from datamodules.loading import build_loader
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.connectivity import (
     Components,
@@ -62,6 +64,7 @@ from lightning_modules.teachers import labelling_mode
 
 log = logging.getLogger(__name__)
 LABEL_STAGES = ("pixel", "psa", "scc")
+PRODUCER_FILE = "producer.json"
 
 
 class SeCo(SemanticSegmentationModule):
@@ -97,14 +100,45 @@ class SeCo(SemanticSegmentationModule):
     # ----------------------------------------------------------------- stage=pseudo_label
     def run_pseudo_label(self, trainer) -> dict:
         if self.method["psa"]["everything_mode"].get("crop_n_layers", 0) != 0:
-            raise ValueError(
+            raise ConfigError(
                 "method.psa.everything_mode.crop_n_layers must be 0: PSA encodes each image once and "
                 "shares that embedding between everything-mode and the thing prompts"
             )
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.claim_label_dir(trainer)
         trainer.predict(self, return_predictions=False)
         self.semantic_connectivity_correction()
         return self.pseudo_label_results
+
+    def producer(self) -> dict:
+        """What the labels depend on: the base model's and SAM's weights (by content) and every setting used."""
+        sam = self.method["sam"]
+        return {
+            "base_ckpt": file_digest(self.method["base_ckpt"]),
+            "sam_checkpoint": file_digest(sam["checkpoint"]) if sam.get("checkpoint") else None,
+            "sam": {key: sam.get(key) for key in ("variant", "image_size", "tiny")},
+            "pixel_threshold": self.method["pixel_threshold"],
+            "psa": self.method["psa"],
+            "scc": self.method["scc"],
+            "target": self.hparams["data"]["target"],
+        }
+
+    def claim_label_dir(self, trainer) -> None:
+        """Labels and caches are reused only by the producer that made them: a label_dir written from another
+        base model, SAM or setting is refused, since none of its files would be recomputed."""
+        path = self.label_dir / PRODUCER_FILE
+        producer = json.loads(json.dumps(self.producer()))  # as JSON holds it: tuples become lists
+        if path.is_file():
+            recorded = json.loads(path.read_text())
+            changed = sorted(key for key in producer.keys() | recorded.keys() if producer.get(key) != recorded.get(key))
+            if changed:
+                raise ConfigError(
+                    f"method.label_dir={self.label_dir} holds labels made with a different {', '.join(changed)}; "
+                    "set a new method.label_dir (or delete that folder) to make labels for this base model and SAM"
+                )
+        elif trainer.is_global_zero:
+            save_json(path, producer)
+        trainer.strategy.barrier()
 
     def predict_dataloader(self) -> DataLoader:
         images = TargetTrainImages(self.hparams["data"]["target"])
@@ -117,13 +151,8 @@ class SeCo(SemanticSegmentationModule):
             len(range(rank, len(images), world)),
             self.cache_dir,
         )
-        return DataLoader(
-            images,
-            batch_size=self.hparams["data"]["batch_size"],
-            sampler=todo,
-            num_workers=self.hparams["data"]["num_workers"],
-            collate_fn=collate_images,
-        )
+        data = self.hparams["data"]
+        return build_loader(images, todo, data["batch_size"], data["num_workers"], False, collate_fn=collate_images)
 
     def on_predict_start(self) -> None:
         sam_cfg, psa = self.method["sam"], self.method["psa"]
@@ -247,12 +276,26 @@ class SeCo(SemanticSegmentationModule):
             confusions["psa"] += cache["confusion_psa"]
         self.trainer.strategy.barrier()
         images = TargetTrainImages(self.hparams["data"]["target"])
+        labelled_and_total = np.zeros(2, np.int64)
         for index in mine:
             truth = images[index]["mask"].numpy()
             labels = cv2.imread(str(pseudo_label_path(self.label_dir, index)), cv2.IMREAD_UNCHANGED)
+            labelled_and_total += ((labels != IGNORE_INDEX).sum(), labels.size)
             labels = cv2.resize(labels, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
             confusions["scc"] += label_confusion(labels, truth, self.num_classes)
+        self.require_labels(all_reduce_sum(torch.from_numpy(labelled_and_total).to(device)).tolist())
         self.report_pseudo_labels(confusions, all_losses, noisy_probability, written)
+
+    def require_labels(self, labelled_and_total: list[int]) -> None:
+        """An (almost) empty label set would self-train on nothing: one error instead of a silent no-op run."""
+        labelled, total = labelled_and_total
+        minimum = self.method["scc"]["min_labelled_fraction"]
+        if labelled < minimum * max(total, 1):
+            raise ConfigError(
+                f"the pseudo-labels under {self.label_dir} label {100 * labelled / max(total, 1):.2f}% of the target "
+                f"pixels (method.scc.min_labelled_fraction={minimum}): the base model, SAM or PSA settings give no "
+                "usable labels"
+            )
 
     def report_pseudo_labels(
         self, confusions: dict, losses: np.ndarray, noisy_probability: np.ndarray, written: int

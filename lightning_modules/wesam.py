@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.errors import ConfigError
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     anchor_loss,
@@ -42,7 +43,7 @@ class WeSAM(PromptedSegmentationModule):
         super().__init__(cfg)
         model, method = cfg["model"], self.method
         if method["teacher"] not in TEACHERS:
-            raise ValueError(f"method.teacher={method['teacher']!r}; expected one of {TEACHERS}")
+            raise ConfigError(f"method.teacher={method['teacher']!r}; expected one of {TEACHERS}")
         self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # official base_config freezes image encoder, prompt encoder, mask decoder

@@ -300,7 +300,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 sys.path.insert(0, {root!r})
 from tests.conftest import compose_config
-from datamodules import build_datamodule
+from datamodules.build import build_datamodule
 from experiments.run import build_module
 
 class DumpBranches(L.Callback):

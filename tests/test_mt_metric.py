@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import datamodules
+import datamodules.build
 import datamodules.uda
 import lightning_modules.mt_metric
 from experiments.run import check_compatibility, execute
@@ -139,7 +139,7 @@ def test_teacher_is_the_ema_of_the_student_and_the_weighting_switch(source_ckpt)
 
 def test_adapts_from_target_images_only_and_reports_weight_by_correctness(run_tiny, source_ckpt, monkeypatch):
     built_specs, datamodules_built = [], []
-    build_from_spec, build_datamodule = datamodules.uda.build_from_spec, datamodules.build_datamodule
+    build_from_spec, build_datamodule = datamodules.uda.build_from_spec, datamodules.build.build_datamodule
 
     def spy_build_from_spec(spec, default_split):
         built_specs.append((spec.get("split", default_split), (spec.get("options") or {}).get("domain")))
@@ -150,7 +150,7 @@ def test_adapts_from_target_images_only_and_reports_weight_by_correctness(run_ti
         return datamodules_built[-1]
 
     monkeypatch.setattr(datamodules.uda, "build_from_spec", spy_build_from_spec)
-    monkeypatch.setattr(datamodules, "build_datamodule", spy_build_datamodule)
+    monkeypatch.setattr(datamodules.build, "build_datamodule", spy_build_datamodule)
     results, run_dir = run_tiny(
         "mt_metric", "synth2real", f"method.source_ckpt={source_ckpt}", "trainer.log_every_n_steps=1"
     )

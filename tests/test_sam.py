@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from datamodules.datasets.synth_shapes import SyntheticShapes
+from datamodules.errors import CheckpointError
 from datamodules.prompted import PromptedDataset, collate_prompted
 from lightning_modules.networks.sam import (
     PROMPT_KINDS,
@@ -105,12 +106,16 @@ def test_configured_sam_loads_the_given_checkpoint_over_the_configured_one(sam, 
 
 def test_checkpoint_errors_name_the_path(sam, tmp_path):
     missing = tmp_path / "nowhere.pth"
-    with pytest.raises(FileNotFoundError, match="nowhere.pth.*sam_vit_b_01ec64.pth"):
+    with pytest.raises(CheckpointError, match="nowhere.pth.*sam_vit_b_01ec64.pth"):
         build_sam("tiny", missing, image_size=SIZE, tiny=TINY)
     path = tmp_path / "other.pth"
     save_sam_checkpoint(sam, path)
-    with pytest.raises(ValueError, match="other.pth.*image_encoder"):
+    with pytest.raises(CheckpointError, match="other.pth.*image_encoder"):
         build_sam("tiny", path, image_size=SIZE, tiny={**TINY, "embed_dim": 48})
+    lightning_checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": sam.state_dict(), "hyper_parameters": {"seed": 0}}, lightning_checkpoint)
+    with pytest.raises(CheckpointError, match="last.ckpt is not a plain SAM state dict.*not a Lightning .ckpt"):
+        build_sam("tiny", lightning_checkpoint, image_size=SIZE, tiny=TINY)
 
 
 def test_unknown_variant_lists_choices_and_random_init_warns(caplog):

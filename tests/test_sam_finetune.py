@@ -6,7 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from datamodules import build_datamodule
+from datamodules.build import build_datamodule
+from datamodules.errors import CheckpointError
 from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
 from lightning_modules.networks.sam import build_configured_sam, save_sam_checkpoint
 from lightning_modules.sam_finetune import SAMFinetune
@@ -41,7 +42,7 @@ def test_unadapted_evaluation_loads_the_given_sam_checkpoint(run_tiny, tmp_path)
 
 
 def test_missing_sam_checkpoint_is_named(run_tiny, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+    with pytest.raises(CheckpointError, match="nowhere.pth"):
         run_tiny("sam_finetune", "synth_shapes", f"model.sam_checkpoint={tmp_path / 'nowhere.pth'}")
 
 

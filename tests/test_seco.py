@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.constants import IGNORE_INDEX
+from datamodules.errors import ConfigError
 from lightning_modules.components.connectivity import (
     component_losses,
     connected_components,
@@ -162,6 +163,22 @@ def test_interrupted_pseudo_label_stage_resumes_without_rewriting_finished_files
     assert results["psa_images"] == 1 and results["labels_written_by_rank0"] == 1
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())
     assert (root / "labels" / "000002.png").is_file() and not list((root / "labels").rglob(".*tmp*"))
+
+
+def test_a_label_dir_of_another_producer_is_refused_and_empty_labels_fail(pseudo_label_run, tmp_path):
+    from experiments.run import execute
+
+    root, overrides, _ = pseudo_label_run
+    other_base = tmp_path / "other_base.ckpt"
+    state = torch.load(root / "base.ckpt", weights_only=False)
+    state["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, other_base)
+    stale = [*overrides, f"method.base_ckpt={other_base}", "method.psa.unclip_ratio=2.0"]
+    with pytest.raises(ConfigError, match=r"labels made with a different base_ckpt, psa; set a new method.label_dir"):
+        execute(compose_config("seco", "synth2real", root / "pl3", *stale))
+    fresh = [*overrides, f"method.label_dir={tmp_path / 'labels'}", "method.scc.min_labelled_fraction=1.01"]
+    with pytest.raises(ConfigError, match=r"label \d+\.\d+% of the target pixels .*min_labelled_fraction=1.01"):
+        execute(compose_config("seco", "synth2real", root / "pl4", *fresh))
 
 
 def test_self_training_on_the_written_labels_uda_and_source_free(pseudo_label_run, run_tiny):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from datamodules.errors import CheckpointError
 from experiments.run import check_compatibility
 from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.factory import build_network, load_segmenter_weights
@@ -79,12 +80,32 @@ def test_segmenter_weights_round_trip_through_a_checkpoint(tmp_path):
     torch.save({"state_dict": {f"segmenter.{k}": v for k, v in source.state_dict().items()}}, path)
     torch.manual_seed(1)
     adapted = build_network(model, 3)
-    load_segmenter_weights(adapted, str(path))
+    load_segmenter_weights(adapted, str(path), model)
     images = torch.randn(1, 3, 32, 32)
     assert torch.equal(source.eval()(images)[0], adapted.eval()(images)[0])
-    with pytest.raises(KeyError, match="no weights under 'segmenter.'"):
+    with pytest.raises(CheckpointError, match="no weights under 'segmenter.'"):
         torch.save({"state_dict": {"other.weight": torch.zeros(1)}}, path)
-        load_segmenter_weights(adapted, str(path))
+        load_segmenter_weights(adapted, str(path), model)
+
+
+def test_a_checkpoint_of_another_network_or_a_corrupt_one_is_named(tmp_path):
+    model = {
+        "name": "deeplabv2_small",
+        "builder": "lightning_modules.networks.deeplabv2.build_deeplabv2",
+        "backbone": "resnet18",
+        "backbone_kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8},
+        "aspp_dilations": [1, 2],
+        "freeze_bn": False,
+    }
+    wider = {**model, "name": "deeplabv2_wide", "backbone_kwargs": {"channels": [8, 8, 16, 32], "stem_width": 8}}
+    path = tmp_path / "wide.ckpt"
+    state = {f"segmenter.{k}": v for k, v in build_network(wider, 3).state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"model": wider}}, path)
+    with pytest.raises(CheckpointError, match=r"wide.ckpt holds deeplabv2_wide, but this run builds deeplabv2_small"):
+        load_segmenter_weights(build_network(model, 3), str(path), model)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"wide.ckpt cannot be read"):
+        load_segmenter_weights(build_network(model, 3), str(path), model)
 
 
 def test_method_that_needs_a_checkpoint_is_refused_in_one_sentence(tmp_path):
@@ -93,7 +114,7 @@ def test_method_that_needs_a_checkpoint_is_refused_in_one_sentence(tmp_path):
         "synth2real",
         tmp_path,
         "+method.requires_checkpoint=source_ckpt",
-        "+method.source_ckpt=null",
+        "method.source_ckpt=null",
         "+method.checkpoint_from=source_only",
     )
     with pytest.raises(SystemExit, match=r"set method.source_ckpt=PATH.*\+method=source_only \+task=synth2real"):

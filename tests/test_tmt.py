@@ -14,6 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.errors import CheckpointError
 from experiments.run import CONFIG_DIR
 from lightning_modules.components.ops import upsample
 from lightning_modules.components.self_training import (
@@ -189,10 +190,10 @@ def test_pretrained_mit_weights_load_by_key_mapping(tmp_path, layout):
 
 def test_pretrained_errors_name_the_problem(tmp_path):
     backbone = build_segformer(TINY, 19).backbone
-    with pytest.raises(FileNotFoundError, match="model.pretrained="):
+    with pytest.raises(CheckpointError, match="model.pretrained="):
         load_mit_pretrained(backbone, str(tmp_path / "missing.pth"))
     torch.save({"block1.0.norm1.weight": torch.ones(16)}, tmp_path / "partial.pth")
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(CheckpointError, match="missing"):
         load_mit_pretrained(backbone, str(tmp_path / "partial.pth"))
 
 

@@ -21,6 +21,7 @@ from datamodules.datasets.synth_shapes import SyntheticShapes
 from datamodules.datasets.synth_streets import SyntheticStreets
 from datamodules.datasets.synthia import Synthia
 from datamodules.datasets.voc import PascalVOC
+from datamodules.errors import ConfigError
 
 DATASETS = {
     "cityscapes": Cityscapes,
@@ -40,7 +41,7 @@ DATASETS = {
 
 def build_dataset(name: str, root, split: str, **options):
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset '{name}'; available: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset '{name}'; available: {', '.join(sorted(DATASETS))}")
     dataset = DATASETS[name]
     if root is None and not getattr(dataset, "procedural", False):
         raise DatasetLayoutError(

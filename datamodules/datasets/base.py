@@ -19,12 +19,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datamodules.constants import IGNORE_INDEX
+from datamodules.errors import DatasetLayoutError
 
 log = logging.getLogger(__name__)
-
-
-class DatasetLayoutError(RuntimeError):
-    """A dataset root, file or label that does not match the expected layout."""
 
 
 def require_dir(path: Path, layout: str) -> Path:

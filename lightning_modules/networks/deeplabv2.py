@@ -12,6 +12,8 @@ import timm
 import torch
 from torch import nn
 
+from datamodules.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +69,7 @@ def build_backbone(name: str, pretrained: str | None, kwargs: dict) -> nn.Module
     """A timm ResNet at output stride 8; ``pretrained`` is a local timm weight file (no downloads)."""
     if pretrained:
         if not Path(pretrained).is_file():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"model.pretrained={pretrained} does not exist; expected a timm "
                 f"{name} weight file (.pth or .safetensors), e.g. ImageNet weights"
             )

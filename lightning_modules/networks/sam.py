@@ -21,6 +21,7 @@ from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from datamodules.errors import CheckpointError, ConfigError
 from datamodules.prompts import masks_to_boxes
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def tiny_options(tiny: dict | None, image_size: int | None) -> dict:
     options = dict(TINY_DEFAULTS)
     unknown = set(tiny or {}) - set(TINY_DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown tiny SAM options {sorted(unknown)}; expected some of {sorted(TINY_DEFAULTS)}")
+        raise ConfigError(f"unknown tiny SAM options {sorted(unknown)}; expected some of {sorted(TINY_DEFAULTS)}")
     options.update(tiny or {})
     if image_size is not None:
         options["image_size"] = image_size
@@ -106,11 +107,23 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
     """Load an official-format state dict, failing once with the file and the first keys that do not fit."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"SAM checkpoint {path} does not exist; expected an official SAM state dict .pth "
             "(e.g. sam_vit_b_01ec64.pth) or one written by save_sam_checkpoint"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a Lightning .ckpt, a truncated file, not a torch file at all
+        raise CheckpointError(
+            f"SAM checkpoint {path} is not a plain SAM state dict ({type(error).__name__}); expected an official "
+            "SAM .pth (e.g. sam_vit_b_01ec64.pth) or the sam.pth a SAM run writes beside its checkpoints, not a "
+            "Lightning .ckpt"
+        ) from error
+    if not isinstance(state, dict) or "state_dict" in state:
+        raise CheckpointError(
+            f"SAM checkpoint {path} is not a plain SAM state dict; expected an official SAM .pth (e.g. "
+            "sam_vit_b_01ec64.pth) or the sam.pth a SAM run writes beside its checkpoints, not a Lightning .ckpt"
+        )
     expected = sam.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -120,7 +133,7 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
         if k in expected and v.shape != expected[k].shape
     ]
     if problems:
-        raise ValueError(
+        raise CheckpointError(
             f"SAM checkpoint {path} does not fit this SAM variant ({len(problems)} mismatching keys, "
             f"first: {'; '.join(problems[:5])})"
         )
@@ -136,13 +149,13 @@ def build_sam(
     it), ``tiny["image_size"]`` (default 128) for tiny.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"unknown SAM variant '{variant}'; expected one of {VARIANTS}")
+        raise ConfigError(f"unknown SAM variant '{variant}'; expected one of {VARIANTS}")
     if variant == "tiny":
         options = tiny_options(tiny, image_size)
         sam = build_tiny_sam(options["image_size"], options)
     else:
         if image_size not in (None, OFFICIAL_IMAGE_SIZE):
-            raise ValueError(f"SAM {variant} takes {OFFICIAL_IMAGE_SIZE}px inputs; got image_size={image_size}")
+            raise ConfigError(f"SAM {variant} takes {OFFICIAL_IMAGE_SIZE}px inputs; got image_size={image_size}")
         sam = sam_model_registry[variant](checkpoint=None)
     if checkpoint is None:
         log.warning("no SAM checkpoint given (model.sam_checkpoint): SAM %s starts from random init", variant)
@@ -183,7 +196,7 @@ def encode_prompts(sam: Sam, target: dict, kind: str, poly_as: str = "mask") -> 
         if poly_as == "box":
             return encoder(points=None, boxes=masks_to_boxes(polys > 0.5), masks=None)
         return encoder(points=None, boxes=None, masks=poly_mask_logits(polys, encoder.mask_input_size))
-    raise ValueError(
+    raise ConfigError(
         f"unknown prompt kind '{kind}' / poly_as '{poly_as}'; expected kind in {PROMPT_KINDS} and poly_as in {POLY_AS}"
     )
 

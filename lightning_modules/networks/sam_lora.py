@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
+from datamodules.errors import ConfigError
 from lightning_modules.networks.sam import predict_instances
 
 # Output blocks of SAM's fused attention projection ``attn.qkv`` (Linear(dim, 3 dim)), and the output proj.
@@ -114,11 +115,11 @@ def inject_lora(
     """
     unknown = set(targets) - set(LORA_TARGETS)
     if unknown or not targets:
-        raise ValueError(f"method.lora.targets={list(targets)}: expected a non-empty subset of {LORA_TARGETS}")
+        raise ConfigError(f"method.lora.targets={list(targets)}: expected a non-empty subset of {LORA_TARGETS}")
     blocks = sam.image_encoder.blocks
     layers = list(range(len(blocks))) if layers is None else list(layers)
     if any(not 0 <= i < len(blocks) for i in layers):
-        raise ValueError(f"method.lora.layers={layers}: the image encoder has blocks 0..{len(blocks) - 1}")
+        raise ConfigError(f"method.lora.layers={layers}: the image encoder has blocks 0..{len(blocks) - 1}")
     sam.image_encoder.requires_grad_(False)
     wrapped = []
     qkv_targets = tuple(t for t in QKV_TARGETS if t in targets)

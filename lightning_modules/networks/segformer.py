@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datamodules.errors import CheckpointError, ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +63,7 @@ class EfficientSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, sr_ratio: int):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.sr_ratio = num_heads, sr_ratio
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -295,7 +297,7 @@ def load_mit_pretrained(backbone: MixTransformer, path: str) -> None:
     classification ``head.*`` is dropped. Every encoder parameter must be found.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"model.pretrained={path} does not exist; expected an MiT ImageNet weight file "
             f"(official mit_b5.pth or an mmseg-converted MiT checkpoint)"
         )
@@ -308,7 +310,7 @@ def load_mit_pretrained(backbone: MixTransformer, path: str) -> None:
         state = mmseg_to_official_mit(state)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise KeyError(
+        raise CheckpointError(
             f"model.pretrained={path} does not match the MiT encoder: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )

@@ -1,0 +1,26 @@
+"""``build_datamodule`` turns a run's composed config into the datamodule its task needs."""
+
+from __future__ import annotations
+
+from datamodules.prompted import build_prompted_datamodule
+from datamodules.uda import UDADataModule
+
+
+def build_datamodule(cfg: dict):
+    """UDADataModule for semantic tasks, PromptedDataModule for the SAM tasks."""
+    data, task, method = cfg["data"], cfg["task"], cfg["method"]
+    if task["kind"] == "semantic":
+        return UDADataModule(
+            source=data.get("source"),
+            target=data["target"],
+            val=data["val"],
+            streams=method["streams"],
+            labelled_domain=data["labelled_domain"],
+            crop_size=data.get("crop_size"),
+            strong_view=data["strong_view"],
+            batch_size=data["batch_size"],
+            num_workers=data["num_workers"],
+            seed=cfg["seed"],
+            pseudo_label_dir=data.get("pseudo_label_dir"),
+        )
+    return build_prompted_datamodule(cfg)

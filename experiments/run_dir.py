@@ -1,0 +1,126 @@
+"""The rules of a run's directory: one launch, one directory; a resume continues its own run and nothing else.
+
+- The default directory is ``runs/<task>/<method>/<time>-<id>``: the id is shared by every process of one launch
+  (torchrun and SLURM give them a common job id) and differs between launches, so two runs started in the same
+  second never share a folder.
+- A directory that already holds a run (its ``config.yaml``) is refused unless the run resumes it
+  (``ckpt_path=last``), and a finished run (its ``results.json``) is never resumed into: its results stand.
+- On resume the CSV log keeps the rows up to the resumed step and W&B continues the same run id.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+import torch
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.fabric.utilities.rank_zero import _get_rank
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from datamodules.errors import ConfigError
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def launch_id() -> str:
+    """Six hex digits naming one launch: derived from the job id its processes share, else random."""
+    shared = os.environ.get("SLURM_JOB_ID")
+    if shared:
+        shared += f".{os.environ.get('SLURM_STEP_ID', '')}"
+    elif os.environ.get("TORCHELASTIC_RUN_ID"):
+        # torchrun's run id defaults to "none"; the rendezvous port tells concurrent launches apart.
+        shared = f"{os.environ['TORCHELASTIC_RUN_ID']}.{os.environ.get('MASTER_PORT', '')}"
+    if shared:
+        return hashlib.sha1(shared.encode()).hexdigest()[:6]
+    return secrets.token_hex(3)
+
+
+def is_launching_process() -> bool:
+    """False in the extra processes of a DDP launch (they join the directory rank 0 prepared)."""
+    return (_get_rank() or 0) == 0
+
+
+def resume_checkpoint(run_dir: Path, ckpt_path: str | None, stage: str, train: bool) -> str | None:
+    """The checkpoint a run resumes from (None for a fresh run), after refusing what would overwrite a run."""
+    holds_run = (run_dir / "config.yaml").is_file()
+    if ckpt_path is None:
+        # A method's own stage (e.g. seco's pseudo-labelling) caches per item and resumes into its directory.
+        if holds_run and stage == "train" and is_launching_process():
+            raise ConfigError(
+                f"run_dir {run_dir} already holds a run (config.yaml); resume it with ckpt_path=last, "
+                "or choose a new run_dir"
+            )
+        return None
+    if not train:
+        raise ConfigError("train=false evaluates the starting weights; drop ckpt_path or use train=true to resume.")
+    if (run_dir / "results.json").is_file() and is_launching_process():
+        raise ConfigError(
+            f"run_dir {run_dir} holds a finished run (results.json); a resume would rewrite its results: "
+            "start a new run_dir instead"
+        )
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: {path} does not exist; nothing to resume (check run_dir, or drop ckpt_path "
+            "to start a new run)"
+        )
+    return str(path)
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step a checkpoint was saved at, read without loading its tensors."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+class _ResumingWriter(ExperimentWriter):
+    """Keeps metrics.csv rows logged up to ``resume_step`` (Lightning's writer deletes the file on start)."""
+
+    def __init__(self, log_dir: str, resume_step: int):
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            fields = list(reader.fieldnames or [])
+            kept = [row for row in reader if int(row["step"]) < self.resume_step]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        self.metrics_keys = sorted(fields)
+
+
+class ResumingCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv, on resume from step k, keeps the rows before k and appends the rest."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ExperimentWriter:
+        if self._experiment is None and self.resume_step is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(self.log_dir, self.resume_step)
+        return super().experiment
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of this run directory: made on the first start, read back on resume."""
+    path = run_dir / WANDB_ID_FILE
+    if resuming and path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    if is_launching_process():
+        path.write_text(run_id)
+    return run_id
