@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +54,7 @@ END_MARKERS = {  # magic number at the start -> (format, end marker, the marker'
     b"\x89PNG\r\n\x1a\n": ("PNG", b"\x00\x00\x00\x00IEND\xaeB`\x82", "IEND chunk"),
     b"\xff\xd8": ("JPEG", b"\xff\xd9", "EOI marker 0xFFD9"),
 }
+EXIF_ORIENTATION, TRANSPOSING_ORIENTATIONS = 0x0112, (5, 6, 7, 8)
 
 
 def unreadable(path: Path, error: OSError) -> DatasetLayoutError:
@@ -102,6 +104,30 @@ def read_label(path: Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     if label is None:
         raise DatasetLayoutError(f"{path} cannot be decoded as a label image (corrupt or not a PNG)")
     return label
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of ``read_rgb(path)`` from the header, for pre-flight checks without decoding the pixels.
+
+    The file is checked complete as the readers check it. OpenCV turns a JPEG by its EXIF orientation, so a
+    transposing orientation swaps the header's size.
+    """
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise unreadable(path, error) from error
+    with handle:
+        head = handle.read(8)
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - TAIL_BYTES))
+        check_complete(path, head, handle.read())
+        handle.seek(0)
+        try:
+            with Image.open(handle) as image:
+                width, height = image.size
+                turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DatasetLayoutError(f"{path} cannot be decoded as an image ({error})") from error
+    return (width, height) if turned else (height, width)
 
 
 def read_id_map(path: Path) -> np.ndarray:
@@ -203,9 +229,22 @@ class SemanticDataset(Dataset):
     def read_raw_label(self, path: Path) -> np.ndarray:
         return read_id_map(path)
 
+    def file_pairs(self) -> list[tuple[Path, Path]]:
+        """Every (image, label) file an epoch reads; the pre-flight check keys its cache on them."""
+        return list(self.pairs)
+
+    def verify_item(self, index: int) -> None:
+        """What ``__getitem__`` would refuse, with the image read from its header only (datamodules/verify.py)."""
+        image_path, label_path = self.pairs[index]
+        size = image_size(image_path)
+        label = self.read_raw_label(require_pair(image_path, label_path, self.layout))
+        self.to_train_ids.check(label, label_path)
+        check_same_size(size, label.shape[:2], image_path, label_path)
+
 
 class InstanceDataset(Dataset):
-    """Images with per-instance binary masks; subclasses implement ``read_instances``."""
+    """Images with per-instance binary masks; subclasses implement ``read_instances`` and, where the masks come
+    from a per-image file, ``read_label_map`` (what the pre-flight check decodes)."""
 
     layout: str = ""
 
@@ -234,8 +273,27 @@ class InstanceDataset(Dataset):
         """Where the item's masks come from, for error messages; file-based items are (image, label, ...)."""
         return item[1]
 
+    def read_label_map(self, item) -> np.ndarray | None:
+        """The item's single-channel label map as ``read_instances`` reads it; None where the masks come from
+        no per-image file (COCO's json, parsed at discovery)."""
+        return None
+
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
+
+    def file_pairs(self) -> list[tuple[Path, Path]]:
+        """Every (image, label source) file an epoch reads; the pre-flight check keys its cache on them."""
+        return [(self.image_path(item), self.label_source(item)) for item in self.items]
+
+    def verify_item(self, index: int) -> None:
+        """What ``__getitem__`` would refuse, with the image read from its header only (datamodules/verify.py)."""
+        item = self.items[index]
+        image_path, label_path = self.image_path(item), self.label_source(item)
+        size = image_size(image_path)
+        require_pair(image_path, label_path, self.layout)
+        label = self.read_label_map(item)
+        if label is not None:
+            check_same_size(size, label.shape[:2], image_path, label_path)
 
 
 def instances_from_id_map(ids: np.ndarray, background: Sequence[int] = (0,)) -> np.ndarray:
@@ -267,8 +325,11 @@ class GreyMapInstanceDataset(InstanceDataset):
     def read_ids(path: Path) -> np.ndarray:
         return read_label(path, cv2.IMREAD_GRAYSCALE)
 
+    def read_label_map(self, item) -> np.ndarray:
+        return self.read_ids(item[1])
+
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
-        return instances_from_id_map(self.read_ids(item[1]))
+        return instances_from_id_map(self.read_label_map(item))
 
 
 # Procedural datasets: every item is a pure function of (seed, domain, split, index), so any worker, rank or
