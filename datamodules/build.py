@@ -22,5 +22,7 @@ def build_datamodule(cfg: dict):
             num_workers=data["num_workers"],
             seed=cfg["seed"],
             pseudo_label_dir=data.get("pseudo_label_dir"),
+            verify=data["verify"],
+            data_root=data["root"],
         )
     return build_prompted_datamodule(cfg)

@@ -29,6 +29,7 @@ from datamodules.errors import ConfigError
 from datamodules.loading import build_loader, evaluation_indices, training_sampler
 from datamodules.prompts import derive_prompts
 from datamodules.transforms import strong_photometric_transform
+from datamodules.verify import verify_dataset
 
 SAM_PIXEL_MEAN_ARRAY = np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)
 SAM_PIXEL_STD_ARRAY = np.asarray(SAM_PIXEL_STD, dtype=np.float32)
@@ -180,6 +181,8 @@ class PromptedDataModule(L.LightningDataModule):
         strong_view: bool = False,
         seed: int = 0,
         train_labelled: bool = True,
+        verify: bool = True,
+        data_root: str | None = None,
     ):
         super().__init__()
         self.train_set = PromptedDataset(
@@ -193,6 +196,15 @@ class PromptedDataModule(L.LightningDataModule):
         )
         self.val_set = PromptedDataset(val_dataset, image_size, train=False, seed=seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.verify, self.data_root = verify, data_root
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check every file the stage reads before any loader exists (datamodules/verify.py)."""
+        if not self.verify:
+            return
+        if stage in (None, "fit"):
+            verify_dataset(self.train_set.dataset, "train", self.data_root)
+        verify_dataset(self.val_set.dataset, "val", self.data_root)
 
     def train_dataloader(self) -> DataLoader:
         return build_loader(
@@ -247,4 +259,6 @@ def build_prompted_datamodule(cfg: dict) -> PromptedDataModule:
         strong_view=data["strong_view"],
         seed=cfg["seed"],
         train_labelled=labelled,
+        verify=data.get("verify", True),
+        data_root=data.get("root"),
     )

@@ -19,6 +19,7 @@ from datamodules.datasets.pseudo_labelled import PseudoLabelled
 from datamodules.errors import ConfigError
 from datamodules.loading import TransformedDataset, build_loader, evaluation_indices, training_sampler
 from datamodules.transforms import SemanticTransform
+from datamodules.verify import verify_dataset
 
 # "pl": target train images with pseudo-labels read from ``pseudo_label_dir`` (written by a method's
 # pseudo-label stage), a labelled stream of the target domain for self-training.
@@ -26,7 +27,11 @@ STREAMS = ("src", "tgt", "pl")
 
 
 class UDADataModule(L.LightningDataModule):
-    """Datasets are described by specs ``{"name", "root", "split", "resize", "options"}``."""
+    """Datasets are described by specs ``{"name", "root", "split", "resize", "options"}``.
+
+    ``setup`` builds the datasets a stage reads and, with ``verify``, checks all their files first
+    (datamodules/verify.py; its cache lives under ``data_root``), so a bad file stops the run before any loader.
+    """
 
     def __init__(
         self,
@@ -41,6 +46,8 @@ class UDADataModule(L.LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         pseudo_label_dir: str | None = None,
+        verify: bool = True,
+        data_root: str | None = None,
     ):
         super().__init__()
         unknown = set(streams) - set(STREAMS)
@@ -57,6 +64,7 @@ class UDADataModule(L.LightningDataModule):
         self.crop_size, self.strong_view = crop_size, strong_view
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.pseudo_label_dir = pseudo_label_dir
+        self.verify, self.data_root = verify, data_root
         self.train_sets: dict[str, Dataset] = {}
         self.val_set: Dataset | None = None
 
@@ -70,6 +78,8 @@ class UDADataModule(L.LightningDataModule):
         label_dir: str | None = None,
     ) -> Dataset:
         dataset = build_from_spec(spec, split)
+        if self.verify:
+            verify_dataset(dataset, split, self.data_root)
         if label_dir is not None:
             dataset = PseudoLabelled(dataset, label_dir)
         transform = SemanticTransform(

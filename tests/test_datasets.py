@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import cv2
@@ -57,6 +58,16 @@ def raises_naming(path):
     return pytest.raises(DatasetLayoutError, match=re.escape(str(path)))
 
 
+def truncate(path, keep=0.6):
+    """What an interrupted copy leaves: the file's first bytes only."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+needs_non_root = pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod-000 file")
+
+
 # --- semantic datasets -------------------------------------------------------------------------------
 
 
@@ -99,6 +110,28 @@ def test_corrupt_image_is_named(cityscapes):
         Cityscapes(cityscapes)[0]
 
 
+def test_truncated_png_label_is_named(cityscapes):
+    label = truncate(cityscapes / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png")
+    with pytest.raises(DatasetLayoutError, match=re.escape(f"{label} is truncated: it does not end with the IEND")):
+        Cityscapes(cityscapes)[0]
+
+
+def test_16bit_label_beyond_the_table_names_file_value_and_range(cityscapes):
+    label = write(
+        cityscapes / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png", id_map(7, 1000, dtype=np.uint16)
+    )
+    with pytest.raises(DatasetLayoutError, match=re.escape(f"{label} holds label ids 1000 outside") + ".*0-255"):
+        Cityscapes(cityscapes)[0]
+
+
+@needs_non_root
+def test_unreadable_file_says_permission_denied(cityscapes):
+    picture = cityscapes / "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"
+    picture.chmod(0)
+    with pytest.raises(DatasetLayoutError, match=re.escape(f"{picture} is not readable (permission denied)")):
+        Cityscapes(cityscapes)[0]
+
+
 @pytest.fixture
 def gta5(tmp_path):
     for stem in ("00001", "00002", "02154"):
@@ -117,6 +150,12 @@ def test_gta5_skips_known_missing_ids_with_one_warning(gta5, caplog):
     ]
     for item in dataset:
         assert item["mask"][0].tolist() == [0] * 4 + [13] * 4 + [255] * 4
+
+
+def test_gta5_palette_index_outside_the_mapping_is_ignore_not_an_error(gta5):
+    """Every 8-bit index lies inside the 256-entry table; one that is no labelId is ignore (255)."""
+    write_palette(gta5 / "labels/00001.png", id_map(7, 200))
+    assert GTA5(gta5)[0]["mask"][0].tolist() == [0] * 6 + [255] * 6
 
 
 def test_gta5_colour_label_is_named(gta5):
@@ -144,6 +183,14 @@ def test_synthia_reads_the_r_channel_of_16bit_labels(tmp_path):
     expected = [0] * 3 + [10] * 3 + [3] * 3 + [255] * 3
     assert dataset[0]["mask"][0].tolist() == expected
     assert dataset[1]["mask"][0].tolist() == expected
+
+
+def test_synthia_accepts_the_official_archive_folder(tmp_path):
+    write(tmp_path / "RAND_CITYSCAPES/RGB/0000000.png", image())
+    write(tmp_path / "RAND_CITYSCAPES/GT/LABELS/0000000.png", id_map(3, 1, dtype=np.uint16))
+    assert Synthia(tmp_path)[0]["mask"][0].tolist() == [0] * 6 + [10] * 6
+    with pytest.raises(DatasetLayoutError, match="or both under ROOT/RAND_CITYSCAPES/"):
+        Synthia(tmp_path / "RAND_CITYSCAPES/GT")
 
 
 # --- instance datasets -------------------------------------------------------------------------------
@@ -259,6 +306,29 @@ def test_kvasir_connected_components_are_polyps(tmp_path):
     instances = train[0]["instances"]
     assert instances.shape == (2, H, W)
     assert instances[0, 2, 2] == 1 and instances[1, 6, 9] == 1 and instances[:, 0, 0].sum() == 0
+
+
+def test_truncated_kvasir_jpegs_are_named_not_decoded_in_part(tmp_path):
+    """libjpeg decodes a truncated JPEG with grey rows and a warning: a wrong image, a wrong mask."""
+    mask = np.zeros((64, 96), np.uint8)
+    mask[10:31, 10:31] = 255
+    for index in range(2):
+        write(tmp_path / f"images/cju{index}.jpg", image())
+        write(tmp_path / f"masks/cju{index}.jpg", mask)
+    picture, truncated_mask = truncate(tmp_path / "images/cju0.jpg"), truncate(tmp_path / "masks/cju1.jpg", 0.7)
+    dataset = KvasirSEG(tmp_path, "train")
+    for index, path in enumerate((picture, truncated_mask)):
+        with pytest.raises(DatasetLayoutError, match=re.escape(f"{path} is truncated: it does not end with the EOI")):
+            dataset[index]
+
+
+def test_jpeg_zero_padding_after_the_end_marker_is_accepted(tmp_path):
+    for index in range(2):
+        write(tmp_path / f"images/cju{index}.jpg", image())
+        write(tmp_path / f"masks/cju{index}.jpg", id_map(0, 255))
+    padded = tmp_path / "images/cju0.jpg"
+    padded.write_bytes(padded.read_bytes() + bytes(512))
+    assert KvasirSEG(tmp_path, "train")[0]["instances"].shape == (1, H, W)
 
 
 def test_kvasir_layout_errors_name_the_path(tmp_path):

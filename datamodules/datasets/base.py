@@ -8,10 +8,11 @@ Prompts and tensors are made later (``datamodules/prompted.py``, ``datamodules/t
 
 from __future__ import annotations
 
+import io
 import logging
-from functools import partial
+import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -43,18 +44,87 @@ def require_pair(image: Path, label: Path, layout: str) -> Path:
     return label
 
 
+# A truncated PNG or JPEG still decodes in part (libjpeg fills the missing rows with grey and only warns), so a
+# file of these formats must end with its end marker; zero bytes after it (padding) are allowed up to TAIL_BYTES.
+TAIL_BYTES = 4096
+END_MARKERS = {  # magic number at the start -> (format, end marker, the marker's name)
+    b"\x89PNG\r\n\x1a\n": ("PNG", b"\x00\x00\x00\x00IEND\xaeB`\x82", "IEND chunk"),
+    b"\xff\xd8": ("JPEG", b"\xff\xd9", "EOI marker 0xFFD9"),
+}
+EXIF_ORIENTATION, TRANSPOSING_ORIENTATIONS = 0x0112, (5, 6, 7, 8)
+
+
+def unreadable(path: Path, error: OSError) -> DatasetLayoutError:
+    """The OS error of opening a file as one sentence; permissions are the usual culprit on a shared cluster."""
+    if isinstance(error, PermissionError):
+        return DatasetLayoutError(f"{path} is not readable (permission denied); expected a file this user can read")
+    if isinstance(error, FileNotFoundError):
+        return DatasetLayoutError(f"{path} does not exist; expected the file found when the dataset was listed")
+    return DatasetLayoutError(f"{path} cannot be read ({error.strerror or error}); expected a readable file")
+
+
+def check_complete(path: Path, head: bytes, tail: bytes) -> None:
+    """Refuse an empty file, and a PNG or JPEG (told by its magic number) that lacks its end marker."""
+    if not head:
+        raise DatasetLayoutError(f"{path} is empty; expected an image file")
+    for magic, (kind, marker, name) in END_MARKERS.items():
+        if head.startswith(magic) and not tail.rstrip(b"\x00").endswith(marker):
+            raise DatasetLayoutError(
+                f"{path} is truncated: it does not end with the {name}; expected a complete {kind} file"
+            )
+
+
+def read_complete(path: Path) -> bytes:
+    """The file's bytes, checked complete: one read, and the check only looks at both ends of it."""
+    try:
+        encoded = path.read_bytes()
+    except OSError as error:
+        raise unreadable(path, error) from error
+    check_complete(path, encoded[:8], encoded[-TAIL_BYTES:])
+    return encoded
+
+
+def decode(path: Path, flags: int) -> np.ndarray | None:
+    """cv2.imdecode of the checked bytes: OpenCV's decoder (and its EXIF handling) exactly as cv2.imread."""
+    return cv2.imdecode(np.frombuffer(read_complete(path), np.uint8), flags)
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image = decode(path, cv2.IMREAD_COLOR)
     if image is None:
-        raise DatasetLayoutError(f"{path} cannot be decoded as an image (missing, corrupt or not an image file)")
+        raise DatasetLayoutError(f"{path} cannot be decoded as an image (corrupt or not an image file)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def read_label(path: Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    label = cv2.imread(str(path), flags)
+    label = decode(path, flags)
     if label is None:
-        raise DatasetLayoutError(f"{path} cannot be decoded as a label image (missing, corrupt or not a PNG)")
+        raise DatasetLayoutError(f"{path} cannot be decoded as a label image (corrupt or not a PNG)")
     return label
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of ``read_rgb(path)`` from the header, for pre-flight checks without decoding the pixels.
+
+    The file is checked complete as the readers check it. OpenCV turns a JPEG by its EXIF orientation, so a
+    transposing orientation swaps the header's size.
+    """
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise unreadable(path, error) from error
+    with handle:
+        head = handle.read(8)
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - TAIL_BYTES))
+        check_complete(path, head, handle.read())
+        handle.seek(0)
+        try:
+            with Image.open(handle) as image:
+                width, height = image.size
+                turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DatasetLayoutError(f"{path} cannot be decoded as an image ({error})") from error
+    return (width, height) if turned else (height, width)
 
 
 def read_id_map(path: Path) -> np.ndarray:
@@ -71,8 +141,9 @@ def read_indexed_png(path: Path, modes: Sequence[str] = ("P",)) -> np.ndarray:
     OpenCV expands a palette PNG to its colours, so the indices are read with PIL; ``modes`` lists the
     PIL modes accepted (``"L"`` for a grey re-save that keeps the ids as values).
     """
+    encoded = read_complete(path)
     try:
-        with Image.open(path) as label:
+        with Image.open(io.BytesIO(encoded)) as label:
             if label.mode not in modes:
                 raise DatasetLayoutError(f"{path} is a '{label.mode}' image; expected a {' or '.join(modes)} PNG")
             return np.array(label)
@@ -80,11 +151,12 @@ def read_indexed_png(path: Path, modes: Sequence[str] = ("P",)) -> np.ndarray:
         raise DatasetLayoutError(f"{path} cannot be decoded as a palette PNG ({error})") from error
 
 
-def check_same_size(image: np.ndarray, label: np.ndarray, image_path: Path, label_path: Path) -> None:
-    if image.shape[:2] != label.shape[:2]:
+def check_same_size(image: tuple[int, int], label: tuple[int, int], image_path: Path, label_path: Path) -> None:
+    """``image`` and ``label`` are (height, width) sizes."""
+    if image != label:
         raise DatasetLayoutError(
-            f"label {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} is "
-            f"{image.shape[1]}x{image.shape[0]}; expected a label of the image's size"
+            f"label {label_path} is {label[1]}x{label[0]} but its image {image_path} is "
+            f"{image[1]}x{image[0]}; expected a label of the image's size"
         )
 
 
@@ -96,9 +168,30 @@ def lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
     return table
 
 
-def id_mapper(mapping: dict[int, int], size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
-    """A label -> train id function for ``SemanticDataset``; a partial, not a lambda, so workers can pickle it."""
-    return partial(np.take, lookup_table(mapping, size))
+class IdMapper:
+    """Label ids -> train ids through a dense table (a picklable object, so loader workers can use it).
+
+    Ids inside the table but not in ``mapping`` are ignore (255) by design; an id beyond the table (a 16-bit
+    map where 8-bit ids belong, another dataset's labels) has no meaning, so it is an error naming the file.
+    """
+
+    def __init__(self, mapping: dict[int, int], size: int = 256):
+        self.table = lookup_table(mapping, size)
+
+    def check(self, label: np.ndarray, path: Path) -> None:
+        """One max() pass (the readers return unsigned ids); the offending values are collected only on failure."""
+        if label.max() < len(self.table):
+            return
+        bad = np.unique(label[label >= len(self.table)])
+        shown = ", ".join(str(v) for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise DatasetLayoutError(
+            f"{path} holds label ids {shown} outside the dataset's id range 0-{len(self.table) - 1}; "
+            "expected a label map in the dataset's own id encoding"
+        )
+
+    def __call__(self, label: np.ndarray, path: Path) -> np.ndarray:
+        self.check(label, path)
+        return self.table[label]
 
 
 def interleaved_split(files: Sequence, train_per_eval: int, split: str) -> list:
@@ -116,7 +209,7 @@ class SemanticDataset(Dataset):
 
     layout: str = ""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], to_train_ids: Callable[[np.ndarray], np.ndarray]):
+    def __init__(self, pairs: list[tuple[Path, Path]], to_train_ids: IdMapper):
         self.pairs = pairs
         self.to_train_ids = to_train_ids
 
@@ -126,16 +219,29 @@ class SemanticDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, label_path = self.pairs[index]
         image = read_rgb(image_path)
-        label = self.to_train_ids(self.read_raw_label(label_path))
-        check_same_size(image, label, image_path, label_path)
+        label = self.to_train_ids(self.read_raw_label(label_path), label_path)
+        check_same_size(image.shape[:2], label.shape, image_path, label_path)
         return {"image": image, "mask": label, "meta": {"path": str(image_path)}}
 
     def read_raw_label(self, path: Path) -> np.ndarray:
         return read_id_map(path)
 
+    def file_pairs(self) -> list[tuple[Path, Path]]:
+        """Every (image, label) file an epoch reads; the pre-flight check keys its cache on them."""
+        return list(self.pairs)
+
+    def verify_item(self, index: int) -> None:
+        """What ``__getitem__`` would refuse, with the image read from its header only (datamodules/verify.py)."""
+        image_path, label_path = self.pairs[index]
+        size = image_size(image_path)
+        label = self.read_raw_label(require_pair(image_path, label_path, self.layout))
+        self.to_train_ids.check(label, label_path)
+        check_same_size(size, label.shape[:2], image_path, label_path)
+
 
 class InstanceDataset(Dataset):
-    """Images with per-instance binary masks; subclasses implement ``read_instances``."""
+    """Images with per-instance binary masks; subclasses implement ``read_instances`` and, where the masks come
+    from a per-image file, ``read_label_map`` (what the pre-flight check decodes)."""
 
     layout: str = ""
 
@@ -164,8 +270,27 @@ class InstanceDataset(Dataset):
         """Where the item's masks come from, for error messages; file-based items are (image, label, ...)."""
         return item[1]
 
+    def read_label_map(self, item) -> np.ndarray | None:
+        """The item's single-channel label map as ``read_instances`` reads it; None where the masks come from
+        no per-image file (COCO's json, parsed at discovery)."""
+        return None
+
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
+
+    def file_pairs(self) -> list[tuple[Path, Path]]:
+        """Every (image, label source) file an epoch reads; the pre-flight check keys its cache on them."""
+        return [(self.image_path(item), self.label_source(item)) for item in self.items]
+
+    def verify_item(self, index: int) -> None:
+        """What ``__getitem__`` would refuse, with the image read from its header only (datamodules/verify.py)."""
+        item = self.items[index]
+        image_path, label_path = self.image_path(item), self.label_source(item)
+        size = image_size(image_path)
+        require_pair(image_path, label_path, self.layout)
+        label = self.read_label_map(item)
+        if label is not None:
+            check_same_size(size, label.shape[:2], image_path, label_path)
 
 
 def instances_from_id_map(ids: np.ndarray, background: Sequence[int] = (0,)) -> np.ndarray:
@@ -197,8 +322,11 @@ class GreyMapInstanceDataset(InstanceDataset):
     def read_ids(path: Path) -> np.ndarray:
         return read_label(path, cv2.IMREAD_GRAYSCALE)
 
+    def read_label_map(self, item) -> np.ndarray:
+        return self.read_ids(item[1])
+
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
-        return instances_from_id_map(self.read_ids(item[1]))
+        return instances_from_id_map(self.read_label_map(item))
 
 
 # Procedural datasets: every item is a pure function of (seed, domain, split, index), so any worker, rank or

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.datasets.base import SemanticDataset, find_files, id_mapper, require_dir, require_pair
+from datamodules.datasets.base import IdMapper, SemanticDataset, find_files, require_dir, require_pair
 from datamodules.datasets.labels import CITYSCAPES_LABELID_TO_TRAINID
 
 IMAGE_SUFFIX, LABEL_SUFFIX = "_leftImg8bit.png", "_gtFine_labelIds.png"
@@ -22,4 +22,4 @@ class Cityscapes(SemanticDataset):
         for image in images:
             label = root / "gtFine" / split / image.parent.name / image.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
             pairs.append((image, require_pair(image, label, self.layout)))
-        super().__init__(pairs, id_mapper(CITYSCAPES_LABELID_TO_TRAINID))
+        super().__init__(pairs, IdMapper(CITYSCAPES_LABELID_TO_TRAINID))

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.datasets.base import (
+    IdMapper,
     SemanticDataset,
     find_files,
-    id_mapper,
     read_indexed_png,
     require_dir,
     require_pair,
@@ -43,7 +43,7 @@ class GTA5(SemanticDataset):
             pairs.append((image, require_pair(image, label, self.layout)))
         if skipped:
             log.warning("GTA5: skipped %d images whose ids are known to have no label", skipped)
-        super().__init__(pairs, id_mapper(CITYSCAPES_LABELID_TO_TRAINID))
+        super().__init__(pairs, IdMapper(CITYSCAPES_LABELID_TO_TRAINID))
 
     def read_raw_label(self, path: Path) -> np.ndarray:
         """The labels ship as palette PNGs whose indices are the labelIds; a grey re-save is accepted too."""

@@ -30,8 +30,11 @@ class KvasirSEG(InstanceDataset):
         pairs = [(image, require_pair(image, masks / image.name, self.layout)) for image in images]
         super().__init__(interleaved_split(pairs, 5, split))
 
+    def read_label_map(self, item) -> np.ndarray:
+        return read_label(item[1], cv2.IMREAD_GRAYSCALE)
+
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
         """JPEG masks carry compression noise, hence the >127 threshold before labelling components."""
-        foreground = (read_label(item[1], cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8)
+        foreground = (self.read_label_map(item) > 127).astype(np.uint8)
         _, components = cv2.connectedComponents(foreground)
         return instances_from_id_map(components)

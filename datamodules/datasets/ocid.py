@@ -33,6 +33,8 @@ class OCID(InstanceDataset):
             items.append((image, label, background))
         super().__init__(interleaved_split(items, 6, split))
 
+    def read_label_map(self, item) -> np.ndarray:
+        return read_id_map(item[1])
+
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
-        _, label, background = item
-        return instances_from_id_map(read_id_map(label), background)
+        return instances_from_id_map(self.read_label_map(item), background=item[2])

@@ -30,6 +30,10 @@ class PascalVOC(InstanceDataset):
         pairs = [(image, require_pair(image, label, self.layout)) for image, label in pairs]
         super().__init__(interleaved_split(pairs, 6, split))
 
+    def read_label_map(self, item) -> np.ndarray:
+        """The palette indices are the instance ids (OpenCV would return colours)."""
+        return read_indexed_png(item[1])
+
     def read_instances(self, item, size: tuple[int, int]) -> np.ndarray:
-        """The palette indices are the instance ids (OpenCV would return colours); 255 marks boundaries."""
-        return instances_from_id_map(read_indexed_png(item[1]), background=(0, 255))
+        """255 marks the boundary band, 0 the background: neither is an instance."""
+        return instances_from_id_map(self.read_label_map(item), background=(0, 255))
