@@ -23,6 +23,8 @@ from datamodules.uda import UDADataModule
 from datamodules.verify import verify_dataset
 from tests.test_datasets import H, W, id_map, image, needs_non_root, raises_naming, truncate, write, write_palette
 
+pytestmark = pytest.mark.faults
+
 FRAMES = ("aachen_000000_000019", "aachen_000001_000019", "bremen_000000_000019")
 
 
