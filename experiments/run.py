@@ -156,6 +156,7 @@ def execute(cfg) -> dict:
 
     from datamodules import build_datamodule
     from experiments.profiling import StepProfiler
+    from experiments.resume import RNGStateCheckpoint
 
     check_compatibility(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -184,7 +185,7 @@ def execute(cfg) -> dict:
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
         logger=build_loggers(cfg, run_dir),
-        callbacks=[best, last, LearningRateMonitor("step"), profiler],
+        callbacks=[best, last, LearningRateMonitor("step"), profiler, RNGStateCheckpoint()],
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
     )

@@ -1,7 +1,11 @@
-"""What a resumed run needs from its training loaders: their epoch position, and per-item augmentation seeds."""
+"""What a resumed run needs: the training loaders' epoch position, per-item augmentation seeds, and the RNG states
+in the checkpoint."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities import CombinedLoader
@@ -9,6 +13,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from datamodules.loading import EpochSampler, ResumableLoader, build_training_loader
 from datamodules.uda import UDADataModule
+from experiments.resume import capture_rng_states, restore_rng_states
 
 
 class KeyDataset(Dataset):
@@ -92,3 +97,11 @@ def test_training_batches_do_not_depend_on_the_worker_count():
     serial, parallel = two_epochs(0), two_epochs(2)
     assert all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
     assert not torch.equal(serial[0], serial[8])  # the epochs differ: a new order and new draws
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    saved = capture_rng_states()
+    expected = (np.random.rand(), torch.rand(1).item(), random.random())
+    torch.save(saved, tmp_path / "states.pt")
+    restore_rng_states(torch.load(tmp_path / "states.pt", weights_only=True))
+    assert (np.random.rand(), torch.rand(1).item(), random.random()) == expected
