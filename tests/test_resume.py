@@ -1,9 +1,19 @@
-"""What a resumed run needs: the training loaders' epoch position, per-item augmentation seeds, and the RNG states
-in the checkpoint."""
+"""A killed run resumes to exactly the uninterrupted run: the training loaders' epoch position, per-item augmentation
+seeds and the RNG states in the checkpoint. End to end, `python -m experiments.run` is SIGKILLed once its last.ckpt
+is written mid-epoch, resumed with ckpt_path=last, and must end with the uninterrupted run's test metrics and
+training-loss curve to the digit (deterministic mode)."""
 
 from __future__ import annotations
 
+import csv
+import os
+import pickle
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +24,12 @@ from torch.utils.data import Dataset, DistributedSampler
 from datamodules.loading import EpochSampler, ResumableLoader, build_training_loader
 from datamodules.uda import UDADataModule
 from experiments.resume import capture_rng_states, restore_rng_states
+from experiments.run import execute
+from tests.conftest import compose_config, tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+# The tiny semantic runs have 16 images in batches of 4: four batches per epoch, so step 6 is mid-epoch 1.
+STEPS, CHECKPOINT_STEP = 12, 6
 
 
 class KeyDataset(Dataset):
@@ -105,3 +121,88 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     torch.save(saved, tmp_path / "states.pt")
     restore_rng_states(torch.load(tmp_path / "states.pt", weights_only=True))
     assert (np.random.rand(), torch.rand(1).item(), random.random()) == expected
+
+
+def completed_step(checkpoint: Path) -> int | None:
+    """The checkpoint's global step, or None while it is still being written."""
+    try:
+        return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+    except (RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def kill_at_first_checkpoint(arguments: list[str], checkpoint: Path, log: Path, timeout: float = 600) -> int:
+    """Run `python -m experiments.run` and SIGKILL it (with its loader workers) once ``checkpoint`` is complete.
+
+    The run is stopped (SIGSTOP) before the file is read, so it cannot start the next write meanwhile.
+    Returns the step the killed run had saved.
+    """
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "experiments.run", *arguments],
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if checkpoint.is_file():
+                os.killpg(process.pid, signal.SIGSTOP)
+                step = completed_step(checkpoint)
+                if step is not None:
+                    return step
+                os.killpg(process.pid, signal.SIGCONT)
+            time.sleep(0.02)
+        raise AssertionError(f"no complete {checkpoint} (run exit code {process.poll()}): {log.read_text()[-3000:]}")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def training_losses(run_dir: Path, first_step: int) -> dict[int, float]:
+    """train/loss per step from the CSV log; a resumed run appends to the killed run's, so its rows come last."""
+    with (run_dir / "csv" / "metrics.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss")]
+    return {int(row["step"]): float(row["train/loss"]) for row in rows if int(row["step"]) >= first_step}
+
+
+@pytest.fixture(scope="module")
+def source_ckpt(tmp_path_factory):
+    """A tiny source model for mt_metric: the last.ckpt of a 2-step source_only run."""
+    run_dir = tmp_path_factory.mktemp("source_only")
+    execute(compose_config("source_only", "synth2real", run_dir, "trainer.max_steps=2"))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("method", "num_workers"), [("source_only", 0), ("source_only", 2), ("mt_metric", 0), ("mt_metric", 2)]
+)
+def test_a_killed_run_resumes_to_the_uninterrupted_result(method, num_workers, tmp_path, request):
+    # mt_metric with MOCM: its ClassMix draws from the process's torch RNG inside the training step.
+    extra = []
+    if method == "mt_metric":
+        extra = [f"method.source_ckpt={request.getfixturevalue('source_ckpt')}", "method.mocm=true"]
+    options = [
+        "trainer.deterministic=true",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.val_check_interval={CHECKPOINT_STEP}",
+        "trainer.log_every_n_steps=1",
+        f"data.num_workers={num_workers}",
+        *extra,
+    ]
+    uninterrupted = execute(compose_config(method, "synth2real", tmp_path / "uninterrupted", *options))
+
+    run_dir = tmp_path / "killed"
+    arguments = tiny_overrides(method, "synth2real", run_dir, *options)
+    killed_at = kill_at_first_checkpoint(arguments, run_dir / "checkpoints" / "last.ckpt", tmp_path / "killed.log")
+    assert killed_at == CHECKPOINT_STEP and not (run_dir / "results.json").exists()
+    resumed = execute(compose_config(method, "synth2real", run_dir, *options, "ckpt_path=last"))
+
+    assert resumed["global_step"] == uninterrupted["global_step"] == STEPS
+    assert resumed["metrics"] == uninterrupted["metrics"], f"resumed {resumed['metrics']} != {uninterrupted['metrics']}"
+    assert resumed["per_class_iou"] == uninterrupted["per_class_iou"]
+    losses = training_losses(tmp_path / "uninterrupted", CHECKPOINT_STEP)
+    assert len(losses) == STEPS - CHECKPOINT_STEP and training_losses(run_dir, CHECKPOINT_STEP) == losses
