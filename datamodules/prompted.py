@@ -26,9 +26,17 @@ from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from datamodules.datasets import build_from_spec
 from datamodules.datasets.base import DatasetLayoutError
 from datamodules.errors import ConfigError
-from datamodules.loading import build_loader, evaluation_indices, training_sampler
+from datamodules.loading import (
+    ResumableLoader,
+    TrainingKey,
+    build_evaluation_loader,
+    build_training_loader,
+    evaluation_indices,
+    item_seeds,
+    training_sampler,
+)
 from datamodules.prompts import derive_prompts
-from datamodules.transforms import strong_photometric_transform
+from datamodules.transforms import seed_pipeline, strong_photometric_transform
 from datamodules.verify import verify_dataset
 
 SAM_PIXEL_MEAN_ARRAY = np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)
@@ -41,27 +49,26 @@ def weak_photometric_transform() -> A.Compose:
 
 
 class PromptedTransform:
-    """Train-time randomness of one worker: photometric views and the instance/point sampling rng.
+    """Train-time photometric views: weak (labelled fine-tuning) and strong (self-training); none at evaluation."""
 
-    Exposes ``set_random_seed`` so ``seed_worker_transforms`` gives every loader worker its own stream.
-    """
-
-    def __init__(self, train: bool, strong_view: bool, seed: int):
+    def __init__(self, train: bool, strong_view: bool):
         self.weak = weak_photometric_transform() if train else None
         self.strong = strong_photometric_transform() if strong_view else None
-        self.set_random_seed(seed)
 
-    def set_random_seed(self, seed: int) -> None:
-        for offset, transform in enumerate((self.weak, self.strong)):
-            if transform is not None:
-                transform.set_random_seed(seed + offset)
-        self.rng = np.random.default_rng(seed)
-
-    def views(self, image: np.ndarray) -> dict:
-        out = {"img": self.weak(image=image)["image"] if self.weak is not None else image}
+    def views(self, image: np.ndarray, seeds: np.random.SeedSequence | None) -> dict:
+        """Each view draws from its own child of the item's ``seeds`` (required when there is a view to draw)."""
+        weak_seeds, strong_seeds = seeds.spawn(2) if seeds is not None else (None, None)
+        out = {"img": self.draw(self.weak, image, weak_seeds) if self.weak is not None else image}
         if self.strong is not None:
-            out["img_strong"] = self.strong(image=image)["image"]
+            out["img_strong"] = self.draw(self.strong, image, strong_seeds)
         return out
+
+    @staticmethod
+    def draw(pipeline: A.Compose, image: np.ndarray, seeds: np.random.SeedSequence | None) -> np.ndarray:
+        if seeds is None:
+            raise ValueError("a training view needs the item's seeds, item_seeds(seed, epoch, index)")
+        seed_pipeline(pipeline, seeds)
+        return pipeline(image=image)["image"]
 
 
 def pad_to_square(array: np.ndarray, size: int) -> np.ndarray:
@@ -110,14 +117,19 @@ class PromptedDataset(Dataset):
         self.dataset, self.image_size, self.train = dataset, image_size, train
         self.max_instances, self.seed, self.labelled = max_instances, seed, labelled
         self.resizer = ResizeLongestSide(image_size)
-        self.transform = PromptedTransform(train, strong_view, seed)
+        self.transform = PromptedTransform(train, strong_view)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def item_rng(self, index: int) -> np.random.Generator:
-        """Eval prompts depend only on (seed, index); training draws from the worker's own stream."""
-        return self.transform.rng if self.train else np.random.default_rng([self.seed, index])
+    def item_randomness(self, key: int | TrainingKey) -> tuple[int, np.random.Generator, np.random.SeedSequence | None]:
+        """(index, prompt rng, view seeds). Training keys are (epoch, index): instance subset, points and views
+        draw from item_seeds(seed, epoch, index). Eval prompts depend only on (seed, index), the same every epoch."""
+        if not self.train:
+            return key, np.random.default_rng([self.seed, key]), None
+        epoch, index = key
+        prompt_seeds, view_seeds = item_seeds(self.seed, epoch, index).spawn(2)
+        return index, np.random.default_rng(prompt_seeds), view_seeds
 
     def select_instances(self, instances: np.ndarray, rng: np.random.Generator, path: str) -> np.ndarray:
         """Drop instances lost in resizing; in training keep a random subset of at most max_instances."""
@@ -131,17 +143,17 @@ class PromptedDataset(Dataset):
             instances = instances[np.sort(rng.choice(len(instances), self.max_instances, replace=False))]
         return instances
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | TrainingKey) -> dict:
+        index, rng, view_seeds = self.item_randomness(key)
         item = self.dataset[index]
         path = item["meta"]["path"]
         original_size = tuple(item["image"].shape[:2])
         image = self.resizer.apply_image(item["image"])
         input_size = tuple(image.shape[:2])
-        rng = self.item_rng(index)
         instances = self.select_instances(resize_masks(item["instances"], input_size), rng, path)
         prompts = derive_prompts(instances, rng)
         size = self.image_size
-        sample = {name: sam_normalise(view, size) for name, view in self.transform.views(image).items()}
+        sample = {name: sam_normalise(view, size) for name, view in self.transform.views(image, view_seeds).items()}
         if self.labelled:
             sample["instances"] = torch.from_numpy(pad_to_square(instances, size)).float()
         sample.update(
@@ -206,23 +218,21 @@ class PromptedDataModule(L.LightningDataModule):
             verify_dataset(self.train_set.dataset, "train", self.data_root)
         verify_dataset(self.val_set.dataset, "val", self.data_root)
 
-    def train_dataloader(self) -> DataLoader:
-        return build_loader(
+    def train_dataloader(self) -> ResumableLoader:
+        return build_training_loader(
             self.train_set,
             training_sampler(self.train_set, self, self.seed),
             self.batch_size,
             self.num_workers,
-            drop_last=True,
             collate_fn=collate_prompted,
         )
 
     def eval_loader(self) -> DataLoader:
-        return build_loader(
+        return build_evaluation_loader(
             self.val_set,
             evaluation_indices(self.val_set, self),
             self.batch_size,
             self.num_workers,
-            drop_last=False,
             collate_fn=collate_prompted,
         )
 

@@ -7,6 +7,7 @@ prediction on the weak view is a pixel-aligned label for the strong view.
 
 from __future__ import annotations
 
+import random
 from typing import Sequence
 
 import albumentations as A
@@ -40,6 +41,16 @@ def strong_photometric_transform() -> A.Compose:
     )
 
 
+def seed_pipeline(pipeline: A.Compose, seeds: np.random.SeedSequence) -> None:
+    """Every step of ``pipeline`` draws from one numpy and one python stream made from ``seeds``.
+
+    Not ``Compose.set_random_seed``: it gives each step its own generator with the *same* seed, so the steps'
+    first draws would be equal (ToGray, p=0.2, would then only ever follow ColorJitter, p=0.8).
+    """
+    numpy_generator = np.random.default_rng(seeds)
+    pipeline.set_random_state(numpy_generator, random.Random(int(numpy_generator.integers(2**63))))
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HWC RGB -> float CHW normalised with ImageNet statistics (timm backbones' convention)."""
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255
@@ -48,28 +59,25 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class SemanticTransform:
-    """Item dict -> tensors: ``img`` (weak view), optional ``img_strong``, and ``mask`` when labelled."""
+    """Item dict -> tensors: ``img`` (weak view), optional ``img_strong``, and ``mask`` when labelled.
 
-    def __init__(
-        self,
-        resize=None,
-        crop=None,
-        train: bool = True,
-        strong_view: bool = False,
-        labelled: bool = True,
-        seed: int = 0,
-    ):
+    Training transforms draw only from the item's ``seeds`` (``datamodules.loading.item_seeds``): geometry and
+    strong view each from their own child stream, so changing one pipeline leaves the other's draws as they were.
+    """
+
+    def __init__(self, resize=None, crop=None, train: bool = True, strong_view: bool = False, labelled: bool = True):
         self.geometry = geometric_transform(resize, crop, train)
         self.strong = strong_photometric_transform() if strong_view else None
-        self.labelled = labelled
-        self.set_random_seed(seed)
+        self.train, self.labelled = train, labelled
 
-    def set_random_seed(self, seed: int) -> None:
-        self.geometry.set_random_seed(seed)
-        if self.strong is not None:
-            self.strong.set_random_seed(seed + 1)
-
-    def __call__(self, item: dict) -> dict:
+    def __call__(self, item: dict, seeds: np.random.SeedSequence | None = None) -> dict:
+        if self.train:
+            if seeds is None:
+                raise ValueError("a training transform needs the item's seeds, item_seeds(seed, epoch, index)")
+            geometry_seeds, strong_seeds = seeds.spawn(2)
+            seed_pipeline(self.geometry, geometry_seeds)
+            if self.strong is not None:
+                seed_pipeline(self.strong, strong_seeds)
         out = self.geometry(image=item["image"], mask=item["mask"].astype(np.int64))
         sample = {"img": to_tensor(out["image"])}
         if self.strong is not None:

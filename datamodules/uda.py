@@ -17,7 +17,14 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.datasets import build_from_spec
 from datamodules.datasets.pseudo_labelled import PseudoLabelled
 from datamodules.errors import ConfigError
-from datamodules.loading import TransformedDataset, build_loader, evaluation_indices, training_sampler
+from datamodules.loading import (
+    ResumableLoader,
+    TransformedDataset,
+    build_evaluation_loader,
+    build_training_loader,
+    evaluation_indices,
+    training_sampler,
+)
 from datamodules.transforms import SemanticTransform
 from datamodules.verify import verify_dataset
 
@@ -88,9 +95,8 @@ class UDADataModule(L.LightningDataModule):
             train=train,
             strong_view=strong_view,
             labelled=labelled,
-            seed=self.seed,
         )
-        return TransformedDataset(dataset, transform)
+        return TransformedDataset(dataset, transform, seed=self.seed if train else None)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is None:
@@ -122,17 +128,17 @@ class UDADataModule(L.LightningDataModule):
                     target, target.get("split", "train"), train=True, labelled=True, label_dir=self.pseudo_label_dir
                 )
 
-    def train_dataloader(self) -> dict[str, DataLoader]:
+    def train_dataloader(self) -> dict[str, ResumableLoader]:
         return {
-            name: build_loader(
-                dataset, training_sampler(dataset, self, self.seed), self.batch_size, self.num_workers, drop_last=True
+            name: build_training_loader(
+                dataset, training_sampler(dataset, self, self.seed), self.batch_size, self.num_workers
             )
             for name, dataset in self.train_sets.items()
         }
 
     def eval_loader(self) -> DataLoader:
-        return build_loader(
-            self.val_set, evaluation_indices(self.val_set, self), self.batch_size, self.num_workers, drop_last=False
+        return build_evaluation_loader(
+            self.val_set, evaluation_indices(self.val_set, self), self.batch_size, self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -174,6 +174,7 @@ def execute(cfg) -> dict:
     from datamodules.build import build_datamodule
     from experiments.checkpointing import VerifiedCheckpointIO
     from experiments.profiling import StepProfiler
+    from experiments.resume import RNGStateCheckpoint
     from experiments.run_dir import checkpoint_step, is_launching_process, resume_checkpoint
 
     check_compatibility(cfg)
@@ -208,7 +209,7 @@ def execute(cfg) -> dict:
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
         logger=build_loggers(cfg, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None),
-        callbacks=[best, last, LearningRateMonitor("step"), profiler],
+        callbacks=[best, last, LearningRateMonitor("step"), profiler, RNGStateCheckpoint()],
         plugins=[VerifiedCheckpointIO()],
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,

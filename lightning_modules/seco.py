@@ -40,7 +40,7 @@ from datamodules.datasets.pseudo_labelled import pseudo_label_path
 from datamodules.errors import ConfigError
 from datamodules.files import file_digest, save_json, save_label_png, save_npz
 from datamodules.labelling import TargetTrainImages, collate_images
-from datamodules.loading import build_loader
+from datamodules.loading import build_evaluation_loader
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.connectivity import (
     Components,
@@ -152,7 +152,7 @@ class SeCo(SemanticSegmentationModule):
             self.cache_dir,
         )
         data = self.hparams["data"]
-        return build_loader(images, todo, data["batch_size"], data["num_workers"], False, collate_fn=collate_images)
+        return build_evaluation_loader(images, todo, data["batch_size"], data["num_workers"], collate_fn=collate_images)
 
     def on_predict_start(self) -> None:
         sam_cfg, psa = self.method["sam"], self.method["psa"]

@@ -26,24 +26,26 @@ TINY = {
 KIND = {"synth2real": "semantic", "synth_shapes": "prompted"}
 
 
+def tiny_overrides(method: str, task: str, run_dir: Path, *overrides: str) -> list[str]:
+    """The overrides of a tiny run; also the arguments of the same run as `python -m experiments.run`."""
+    return [
+        f"+method={method}",
+        f"+task={task}",
+        f"run_dir={run_dir}",
+        "logger=csv",
+        "data.num_workers=0",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu",
+        *TINY[KIND[task]],
+        *overrides,
+    ]
+
+
 def compose_config(method: str, task: str, run_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                f"+method={method}",
-                f"+task={task}",
-                f"run_dir={run_dir}",
-                "logger=csv",
-                "data.num_workers=0",
-                "trainer.max_steps=4",
-                "trainer.val_check_interval=2",
-                "trainer.enable_progress_bar=false",
-                "trainer.accelerator=cpu",
-                *TINY[KIND[task]],
-                *overrides,
-            ],
-        )
+        return compose("config", overrides=tiny_overrides(method, task, run_dir, *overrides))
 
 
 @pytest.fixture

@@ -167,7 +167,7 @@ WORKER_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     from torch.utils.data import Dataset
-    from datamodules.loading import build_loader
+    from datamodules.loading import build_evaluation_loader
 
     class Pids(Dataset):
         def __len__(self):
@@ -176,7 +176,7 @@ WORKER_SCRIPT = textwrap.dedent(
             time.sleep(0.05)
             return os.getpid()
 
-    loader = build_loader(Pids(), list(range(1000)), batch_size=1, num_workers=1, drop_last=False)
+    loader = build_evaluation_loader(Pids(), list(range(1000)), batch_size=1, num_workers=1)
     for batch in loader:
         print(int(batch[0]), flush=True)
         time.sleep(60)

@@ -116,7 +116,7 @@ def test_training_keeps_a_random_subset_of_max_instances():
     for i in range(6):
         instances[i, i * 2 : i * 2 + 2, :] = 1
     items = [{"image": np.zeros((16, 16, 3), np.uint8), "instances": instances, "meta": {"path": "p"}}]
-    train_item = PromptedDataset(items, image_size=16, train=True, max_instances=3, strong_view=True)[0]
+    train_item = PromptedDataset(items, image_size=16, train=True, max_instances=3, strong_view=True)[(0, 0)]
     assert train_item["instances"].shape == (3, 16, 16) and train_item["img_strong"].shape == (3, 16, 16)
     assert len(PromptedDataset(items, image_size=16, train=False, max_instances=3)[0]["instances"]) == 6
 
@@ -168,9 +168,9 @@ def test_build_from_config_streams():
         },
     }
     module = build_prompted_datamodule(cfg)
-    assert "instances" not in module.train_set[0] and "instances" in module.val_set[0]
+    assert "instances" not in module.train_set[(0, 0)] and "instances" in module.val_set[0]
     cfg["method"]["streams"] = ["src"]
-    assert "instances" in build_prompted_datamodule(cfg).train_set[0]
+    assert "instances" in build_prompted_datamodule(cfg).train_set[(0, 0)]
     cfg["data"]["labelled_domain"] = "source"
     with pytest.raises(ValueError, match="no source dataset"):
         build_prompted_datamodule(cfg)

@@ -7,6 +7,7 @@ import torch
 from datamodules.datasets.base import DatasetLayoutError
 from datamodules.datasets.synth_shapes import SyntheticShapes
 from datamodules.datasets.synth_streets import STREET_CLASSES, SyntheticStreets
+from datamodules.loading import item_seeds
 from datamodules.transforms import SemanticTransform
 
 
@@ -59,7 +60,8 @@ def test_unknown_domain_and_split_are_named():
 
 def test_strong_view_is_pixel_aligned_with_the_weak_view():
     item = SyntheticStreets(domain="real")[0]
-    sample = SemanticTransform(resize=(32, 64), crop=(24, 24), train=True, strong_view=True, seed=0)(item)
+    transform = SemanticTransform(resize=(32, 64), crop=(24, 24), train=True, strong_view=True)
+    sample = transform(item, item_seeds(0, 0, 0))
     assert sample["img"].shape == sample["img_strong"].shape == (3, 24, 24)
     assert sample["mask"].shape == (24, 24) and sample["mask"].dtype == torch.long
     # Same crop: the strong view is a photometric change of the weak one, so the two stay correlated.
@@ -68,5 +70,5 @@ def test_strong_view_is_pixel_aligned_with_the_weak_view():
 
 
 def test_unlabelled_stream_carries_no_mask():
-    sample = SemanticTransform(train=True, labelled=False)(SyntheticStreets(domain="real")[0])
+    sample = SemanticTransform(train=True, labelled=False)(SyntheticStreets(domain="real")[0], item_seeds(0, 0, 0))
     assert "mask" not in sample

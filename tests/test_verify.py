@@ -228,7 +228,7 @@ def test_broken_dataset_stops_uda_setup_before_any_loader(tmp_path):
     unchecked = datamodule(verify=False)
     unchecked.setup("fit")  # without the check the file is only found when a worker reads it
     with raises_naming(bad):
-        unchecked.train_sets["tgt"][0]
+        unchecked.train_sets["tgt"][(0, 0)]  # training items are keyed by (epoch, index)
 
 
 def test_broken_dataset_stops_prompted_setup(tmp_path):
