@@ -6,7 +6,6 @@ segmentation with SAM (IoU per prompt kind). Both evaluate the same way for ever
 from __future__ import annotations
 
 import copy
-import logging
 import math
 
 import lightning as L
@@ -19,12 +18,10 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from datamodules.constants import CITYSCAPES_CLASSES, IGNORE_INDEX
 from datamodules.errors import DatasetLayoutError
 from lightning_modules.components.ops import unpadded, upsample
-from lightning_modules.metrics import format_metrics, instance_iou, mean_iou, per_class_iou
+from lightning_modules.metrics import instance_iou, mean_iou, per_class_iou
 from lightning_modules.networks.factory import build_network, load_segmenter_weights
 from lightning_modules.optim import build_optimizer
 from lightning_modules.teachers import labelling_mode
-
-log = logging.getLogger(__name__)
 
 
 class EvaluationMixin:
@@ -117,8 +114,6 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False, prog_bar=True)
         self.log_dict({f"{stage}/IoU/{k}": (v if not math.isnan(v) else 0.0) for k, v in per_class.items()})
         self.record_results(stage, metrics, {"per_class_iou": per_class})
-        if self.trainer.is_global_zero:
-            log.info("%s: %s | per-class IoU: %s", stage, format_metrics(metrics), format_metrics(per_class))
 
     def configure_optimizers(self):
         backbone = list(self.segmenter.backbone.parameters())
@@ -154,5 +149,3 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
         metrics["avg"] = sum(metrics.values()) / len(self.prompt_kinds)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=True)
         self.record_results(stage, metrics, {})
-        if self.trainer.is_global_zero:
-            log.info("%s: %s", stage, format_metrics(metrics))
