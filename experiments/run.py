@@ -167,6 +167,7 @@ def execute(cfg) -> dict:
     from experiments.profiling import StepProfiler
     from experiments.run_dir import checkpoint_step, is_launching_process, resume_checkpoint
     from experiments.wandb_run import finish_wandb
+    from lightning_modules.panels import PredictionPanels
 
     check_compatibility(cfg)
     run_dir = Path(cfg.run_dir)
@@ -193,12 +194,15 @@ def execute(cfg) -> dict:
         dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
     profiler = StepProfiler()
+    callbacks = [best, last, LearningRateMonitor("step"), profiler, ValidationLine()]
+    if cfg.logger.panels.enabled:
+        callbacks.append(PredictionPanels(run_dir / "predictions", cfg.logger.panels.images))
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
         enable_progress_bar=resolve_progress_bar(cfg.trainer.enable_progress_bar),
         logger=build_loggers(cfg, resolved, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None),
-        callbacks=[best, last, LearningRateMonitor("step"), profiler, ValidationLine()],
+        callbacks=callbacks,
         plugins=[VerifiedCheckpointIO()],
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
