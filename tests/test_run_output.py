@@ -98,6 +98,10 @@ def test_the_offline_wandb_run_holds_config_tags_panels_and_results(cli_run):
     results = json.loads((run_dir / "results.json").read_text())
     assert summary[("metrics",)]["mIoU"] == pytest.approx(results["metrics"]["mIoU"])
     assert summary[("step_time_s",)] == pytest.approx(results["step_time_s"])
+    assert (
+        summary[("validation_time_s",)] == pytest.approx(results["validation_time_s"])
+        and results["validation_time_s"] > 0
+    )
     panels = sorted((offline / "files" / "media" / "images").glob("val/predictions_*.png"))
     assert len(panels) == 2 and sorted(p.name for p in (run_dir / "predictions").iterdir()) == [
         "step_000002.png",
