@@ -67,7 +67,8 @@ class ValidationLine(Callback):
     """One line per validation: the step, the task's metrics (mIoU; box / point / poly / avg on SAM tasks), the
     time since training began and an estimate of the time left."""
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After a resume has restored the step, so the rate counts only the steps this process trains.
         self.started, self.first_step = time.monotonic(), trainer.global_step
 
     def on_validation_end(self, trainer, pl_module) -> None:
