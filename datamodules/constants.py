@@ -26,6 +26,30 @@ CITYSCAPES_CLASSES = (
     "bicycle",
 )
 
+# The colour of each train id, in CITYSCAPES_CLASSES order (cityscapesScripts helpers/labels.py); the prediction
+# panels draw ignore (255) black.
+CITYSCAPES_PALETTE = (
+    (128, 64, 128),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (153, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 0, 70),
+    (0, 60, 100),
+    (0, 80, 100),
+    (0, 0, 230),
+    (119, 11, 32),
+)
+
 # ImageNet normalisation on the 0-1 scale (timm backbones, MiT).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

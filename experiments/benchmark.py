@@ -6,7 +6,9 @@ the oracle / target row, the gain over source-only of the same network and the f
 source-to-oracle gap closed; then per row the training-step time as a ratio to the reference
 step, peak memory, and the data loader's throughput against the model's consumption. A method
 that does not beat source-only is flagged in the table. The same tables go to ``OUT/benchmark.md``
-and ``OUT/benchmark.csv``.
+and ``OUT/benchmark.csv``, and ``OUT/benchmark.png`` draws them: per task, each row's headline metric with its
+seed spread against the source-only and oracle / target lines, and the per-class IoU of every row (semantic).
+After each row it prints rows done / total, the time elapsed and an estimate of the time left.
 
 Protocol (both tasks): a source model is trained for ``--source-steps``; each adaptation method then
 starts from it for ``--adapt-steps``. The source-only row is that source model trained on source for
@@ -29,6 +31,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from experiments.plots import PlotRow, TaskPlot, plot_tasks
+from experiments.report import aggregate
+from lightning_modules.progress import time_left
 
 
 @dataclass(frozen=True)
@@ -248,18 +254,42 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
     return run_dir
 
 
-def run_protocol(
-    protocol: Protocol, seed: int, out: Path, methods: set[str] | None, ablations: bool = False
-) -> list[dict]:
-    """Stages, then rows, for one seed; each row's results (or its failure) as a dict."""
-    base = out / protocol.task / f"seed{seed}"
+def selected_rows(protocol: Protocol, methods: set[str] | None, ablations: bool) -> list[Row]:
+    """The chosen method rows (every one when ``methods`` is None) and the baselines of their networks."""
     selected = [
         r
         for r in protocol.rows
         if r.role == "method" and (ablations or not r.ablation) and (methods is None or r.name.split(" ")[0] in methods)
     ]
     networks = {r.network for r in selected}
-    rows = [r for r in protocol.rows if r in selected or r.role != "method" and r.network in networks]
+    return [r for r in protocol.rows if r in selected or r.role != "method" and r.network in networks]
+
+
+class Progress:
+    """After each row: rows done / total, the time elapsed and an estimate of the time left, from the rows this
+    invocation ran (rows reused from an earlier, interrupted benchmark cost nothing)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.ran, self.started = total, 0, 0, time.monotonic()
+
+    def row_finished(self, name: str, reused: bool) -> None:
+        self.done += 1
+        self.ran += not reused
+        timing = time_left(self.done, self.total, time.monotonic() - self.started, self.ran)
+        print(f"  [{self.done}/{self.total} rows] {name}{' (reused)' if reused else ''}: {timing}", flush=True)
+
+
+def run_protocol(
+    protocol: Protocol,
+    seed: int,
+    out: Path,
+    methods: set[str] | None,
+    ablations: bool,
+    progress: Progress,
+) -> list[dict]:
+    """Stages, then rows, for one seed; each row's results (or its failure) as a dict."""
+    base = out / protocol.task / f"seed{seed}"
+    rows = selected_rows(protocol, methods, ablations)
     needed = {name for r in rows for command in r.commands for o in command for name in stage_refs(o)}
     products = {}
     for stage in protocol.stages:
@@ -274,6 +304,7 @@ def run_protocol(
     for row in rows:
         run_dir = base / slug(f"{row.network}_{row.name}")
         products["row_dir"] = str(run_dir)
+        reused = (run_dir / "benchmark.done").is_file()
         try:
             missing = {n for c in row.commands for o in c for n in stage_refs(o)} - set(products)
             if missing:
@@ -287,6 +318,7 @@ def run_protocol(
         except RuntimeError as error:
             print(f"  {row.name}: {error}", flush=True)
             results.append({"row": row, "seed": seed, "error": str(error)})
+        progress.row_finished(f"{protocol.task} seed {seed} {row.network} {row.name}", reused)
     return results
 
 
@@ -358,6 +390,26 @@ def summarise(protocol: Protocol, results: list[dict]) -> list[dict]:
         )
         lines.append(line)
     return lines
+
+
+def per_class_means(results: list[dict]) -> dict[str, float]:
+    """Mean IoU per class over the seeds' results; a class a seed did not score (null) is left out of its mean."""
+    classes = list(dict.fromkeys(name for result in results for name in result.get("per_class_iou", {})))
+    stats = aggregate([{"values": result.get("per_class_iou", {})} for result in results], classes)
+    return {name: stat[0] for name, stat in stats.items()}
+
+
+def task_plot(protocol: Protocol, lines: list[dict], results: list[dict]) -> TaskPlot:
+    """The figure's rows of one task: each finished row's headline (mean and spread over seeds) and per-class IoU."""
+    rows = []
+    for line in lines:
+        if not line.get(protocol.headline):
+            continue
+        group = [r for r in results if (r["row"].network, r["row"].name) == (line["network"], line["method"])]
+        mean, spread = mean_spread(line[protocol.headline])
+        ok = [r for r in group if "error" not in r]
+        rows.append(PlotRow(line["method"], mean, spread, line["role"], line["network"], per_class_means(ok)))
+    return TaskPlot(protocol.task, protocol.headline, rows)
 
 
 def markdown(protocol: Protocol, lines: list[dict], throughput: dict | None) -> str:
@@ -450,16 +502,18 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"no benchmark protocol for {sorted(unknown)}; available: {', '.join(available)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    reports, csv_rows = [], []
+    methods = set(args.methods) if args.methods else None
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    progress = Progress(len(seeds) * sum(len(selected_rows(available[t], methods, args.ablations)) for t in args.tasks))
+    reports, csv_rows, plots = [], [], []
     for task in args.tasks:
         protocol = available[task]
         print(f"== {task}", flush=True)
         results = [
-            r
-            for seed in range(args.first_seed, args.first_seed + args.seeds)
-            for r in run_protocol(protocol, seed, args.out, set(args.methods) if args.methods else None, args.ablations)
+            r for seed in seeds for r in run_protocol(protocol, seed, args.out, methods, args.ablations, progress)
         ]
         lines = summarise(protocol, results)
+        plots.append(task_plot(protocol, lines, results))
         throughput = loader_throughput(task)
         reference = next(
             (
@@ -486,7 +540,10 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(handle, fieldnames=sorted({k for row in csv_rows for k in row}))
         writer.writeheader()
         writer.writerows(csv_rows)
-    print(f"\nwritten: {args.out / 'benchmark.md'}, {args.out / 'benchmark.csv'}")
+    written = [args.out / "benchmark.md", args.out / "benchmark.csv"]
+    if any(plot.rows for plot in plots):
+        written.append(plot_tasks([plot for plot in plots if plot.rows], args.out / "benchmark.png"))
+    print(f"\nwritten: {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":

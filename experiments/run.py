@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from datamodules.errors import CheckpointError, ConfigError, DatasetLayoutError
@@ -72,28 +71,14 @@ def check_compatibility(cfg) -> None:
         )
 
 
-def build_loggers(cfg, run_dir: Path, resume_step: int | None) -> list:
-    from lightning.pytorch.loggers import WandbLogger
-
-    from experiments.run_dir import ResumingCSVLogger, wandb_run_id
+def build_loggers(cfg, resolved: dict, run_dir: Path, resume_step: int | None) -> list:
+    from experiments.run_dir import ResumingCSVLogger
+    from experiments.wandb_run import build_wandb_logger
 
     loggers = []
     if cfg.logger.wandb.enabled:
         mode = cfg.logger.wandb.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_api_key() else "offline")
-        if mode == "offline":
-            log.info("W&B runs offline (no API key found); sync later with `wandb sync %s/wandb`", run_dir)
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.wandb.project,
-                entity=cfg.logger.wandb.entity,
-                save_dir=str(run_dir),
-                mode=mode,
-                tags=list(cfg.logger.wandb.tags),
-                name=f"{cfg.method.name}-{cfg.task.name}-s{cfg.seed}",
-                id=wandb_run_id(run_dir, resuming=resume_step is not None),
-                resume="allow",
-            )
-        )
+        loggers.append(build_wandb_logger(cfg, resolved, run_dir, mode, resume_step))
     if cfg.logger.csv.enabled:
         loggers.append(ResumingCSVLogger(save_dir=str(run_dir), name="csv", version="", resume_step=resume_step))
     return loggers
@@ -131,6 +116,11 @@ def resolve_precision(precision) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resolve_progress_bar(enabled) -> bool:
+    """``auto``: a progress bar on a terminal only; in a log file each of its redraws would be a line of its own."""
+    return sys.stderr.isatty() if enabled == "auto" else enabled
 
 
 def apply_performance_options(module, cfg):
@@ -173,14 +163,14 @@ def execute(cfg) -> dict:
 
     from datamodules.build import build_datamodule
     from experiments.checkpointing import VerifiedCheckpointIO
+    from experiments.console import ValidationLine
     from experiments.profiling import StepProfiler
     from experiments.resume import RNGStateCheckpoint
     from experiments.run_dir import checkpoint_step, is_launching_process, resume_checkpoint
+    from experiments.wandb_run import finish_wandb
+    from lightning_modules.panels import PredictionPanels
 
     check_compatibility(cfg)
-    # Evaluation metrics are reduced across ranks before they are logged, so Lightning's advice to sync them
-    # again (one warning per metric and evaluation under DDP) does not apply.
-    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
     run_dir = Path(cfg.run_dir)
     ckpt_path = resume_checkpoint(run_dir, cfg.ckpt_path, cfg.stage, cfg.train)
     L.seed_everything(cfg.seed, workers=True)
@@ -205,42 +195,52 @@ def execute(cfg) -> dict:
         dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
     profiler = StepProfiler()
+    callbacks = [best, last, LearningRateMonitor("step"), profiler, ValidationLine(), RNGStateCheckpoint()]
+    if cfg.logger.panels.enabled:
+        callbacks.append(PredictionPanels(run_dir / "predictions", cfg.logger.panels.images))
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
-        logger=build_loggers(cfg, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None),
-        callbacks=[best, last, LearningRateMonitor("step"), profiler, RNGStateCheckpoint()],
+        enable_progress_bar=resolve_progress_bar(cfg.trainer.enable_progress_bar),
+        logger=build_loggers(cfg, resolved, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None),
+        callbacks=callbacks,
         plugins=[VerifiedCheckpointIO()],
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
     )
     if cfg.stage != "train":
-        return run_stage(module, cfg.stage, trainer)
+        results = run_stage(module, cfg.stage, trainer)
+        if trainer.is_global_zero:
+            finish_wandb(trainer.loggers, strict_json(results))
+        return results
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # The final state, also when max_steps ends between validations (no callback saved it then).
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     results = {**module.last_results, **profiler.summary()}
     if trainer.is_global_zero:
         write_results(run_dir / "results.json", results)
+        finish_wandb(trainer.loggers, strict_json(results))
         print(f"\n{cfg.method.name} on {cfg.task.name} (target {cfg.data.val.split}):\n{results_table(results)}")
         print(f"run directory: {run_dir}")
     return results
 
 
+def strict_json(value):
+    """``value`` with every non-finite float (an absent class's NaN IoU) as None, which strict JSON can hold."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_results(path: Path, results: dict) -> None:
-    """results.json as strict JSON (an absent class's NaN IoU becomes null), written whole or not at all."""
+    """results.json as strict JSON, written whole or not at all."""
     from datamodules.files import write_atomically
 
-    def strict(value):
-        if isinstance(value, dict):
-            return {key: strict(item) for key, item in value.items()}
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
-
-    text = json.dumps(strict(results), indent=2, allow_nan=False)
+    text = json.dumps(strict_json(results), indent=2, allow_nan=False)
     write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
@@ -291,9 +291,17 @@ def one_line(error: Exception) -> str:
 
 def job(cfg) -> dict:
     """One run under Hydra: the errors a user can fix are one sentence on stderr and exit status 1."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from experiments.console import silence_known_noise, use_hydra_logging
+
+    use_hydra_logging()
+    silence_known_noise()
     try:
         check_types(cfg)
-        return execute(cfg)
+        # Console log lines are written above the progress bars rather than through them.
+        with logging_redirect_tqdm():
+            return execute(cfg)
     except (ConfigError, CheckpointError, DatasetLayoutError) as error:
         if cfg.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

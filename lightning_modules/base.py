@@ -6,25 +6,31 @@ segmentation with SAM (IoU per prompt kind). Both evaluate the same way for ever
 from __future__ import annotations
 
 import copy
-import logging
 import math
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from datamodules.constants import CITYSCAPES_CLASSES, IGNORE_INDEX
+from datamodules.constants import (
+    CITYSCAPES_CLASSES,
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+)
 from datamodules.errors import DatasetLayoutError
 from lightning_modules.components.ops import unpadded, upsample
-from lightning_modules.metrics import format_metrics, instance_iou, mean_iou, per_class_iou
+from lightning_modules.metrics import instance_iou, mean_iou, per_class_iou
 from lightning_modules.networks.factory import build_network, load_segmenter_weights
 from lightning_modules.optim import build_optimizer
+from lightning_modules.panels import colourised, denormalised, instance_overlay, prompted_views
 from lightning_modules.teachers import labelling_mode
-
-log = logging.getLogger(__name__)
 
 
 class EvaluationMixin:
@@ -102,6 +108,16 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
     def evaluation_step(self, batch: dict) -> None:
         self.confusion.update(self(batch["img"]).argmax(1), batch["mask"])
 
+    def panel_columns(self, batch: dict) -> dict:
+        """The named views of a val batch in the prediction panels (lightning_modules/panels.py), RGB [B, H, W, 3]
+        each; a self-training method adds the targets it learns from to these."""
+        images = batch["img"]
+        return {
+            "image": denormalised(images, IMAGENET_MEAN, IMAGENET_STD),
+            "ground truth": colourised(batch["mask"]),
+            "prediction": colourised(self(images).argmax(1)),
+        }
+
     def log_evaluation(self, stage: str) -> None:
         confusion = self.confusion.compute()
         self.confusion.reset()
@@ -117,8 +133,6 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False, prog_bar=True)
         self.log_dict({f"{stage}/IoU/{k}": (v if not math.isnan(v) else 0.0) for k, v in per_class.items()})
         self.record_results(stage, metrics, {"per_class_iou": per_class})
-        if self.trainer.is_global_zero:
-            log.info("%s: %s | per-class IoU: %s", stage, format_metrics(metrics), format_metrics(per_class))
 
     def configure_optimizers(self):
         backbone = list(self.segmenter.backbone.parameters())
@@ -147,6 +161,19 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
                 iou = instance_iou(unpadded(logits[:, 0], target), unpadded(target["instances"], target))
                 self.prompt_iou[kind].update(iou.mean())
 
+    def panel_columns(self, batch: dict) -> dict:
+        """The named views of a val batch in the prediction panels: the ground-truth instances, then per prompt kind
+        the predicted masks with the prompts drawn (RGB [B, S, S, 3] each, padding included)."""
+        images, targets = denormalised(batch["img"], SAM_PIXEL_MEAN, SAM_PIXEL_STD, peak=255), batch["targets"]
+        columns = {
+            "image": images,
+            "ground truth": np.stack([instance_overlay(i, t["instances"] > 0.5) for i, t in zip(images, targets)]),
+        }
+        for kind in self.prompt_kinds:
+            masks = [logits[:, 0] > 0 for logits in self.predict(batch["img"], targets, kind)]
+            columns[kind] = prompted_views(images, targets, masks, kind)
+        return columns
+
     def log_evaluation(self, stage: str) -> None:
         metrics = {kind: 100 * self.prompt_iou[kind].compute().item() for kind in self.prompt_kinds}
         for metric in self.prompt_iou.values():
@@ -154,5 +181,3 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
         metrics["avg"] = sum(metrics.values()) / len(self.prompt_kinds)
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=True)
         self.record_results(stage, metrics, {})
-        if self.trainer.is_global_zero:
-            log.info("%s: %s", stage, format_metrics(metrics))

@@ -29,6 +29,7 @@ from lightning_modules.components.prototypes import (
 )
 from lightning_modules.distributed import all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.heads import ProjectionHead
+from lightning_modules.panels import colourised
 
 PSEUDO_LABEL_KINDS = ("static", "dynamic_uncalibrated", "dynamic", "hybrid")
 
@@ -168,8 +169,8 @@ class BiCL(SemanticSegmentationModule):
         self.count_pseudo_label_quality(batch["img"], batch["mask"])
 
     @torch.no_grad()
-    def count_pseudo_label_quality(self, images: torch.Tensor, mask: torch.Tensor) -> None:
-        """Seed Table 4 in miniature: the pseudo-labels each rule gives the val image, scored against its mask.
+    def evaluation_pseudo_labels(self, images: torch.Tensor) -> tuple[dict, tuple]:
+        """The pseudo-labels each rule gives val images (flattened feature grid) and that grid's size.
 
         Without a source batch, the dynamic rules match against the memories: mu_S (w/o calibration)
         and mu_S + xi (w/ calibration); hybrid uses the calibrated one.
@@ -181,13 +182,28 @@ class BiCL(SemanticSegmentationModule):
         threshold = self.method["dynamic_label_threshold"]
         uncalibrated = dynamic_pseudo_labels(features, self.memory_source, seen, threshold)
         dynamic = dynamic_pseudo_labels(features, calibrated_source_prototypes(self.memory_source, xi), seen, threshold)
-        truth = labels_at(mask, logits.shape[-2:])
+        labels = dict(zip(PSEUDO_LABEL_KINDS, (static, uncalibrated, dynamic, hybrid_pseudo_labels(dynamic, static))))
+        return labels, tuple(logits.shape[-2:])
+
+    def count_pseudo_label_quality(self, images: torch.Tensor, mask: torch.Tensor) -> None:
+        """Seed Table 4 in miniature: the pseudo-labels each rule gives the val image, scored against its mask."""
+        labels, grid = self.evaluation_pseudo_labels(images)
+        truth = labels_at(mask, grid)
         valid = truth != IGNORE_INDEX
-        for row, labels in enumerate((static, uncalibrated, dynamic, hybrid_pseudo_labels(dynamic, static))):
-            labelled = valid & (labels != IGNORE_INDEX)
+        for row, kind in enumerate(PSEUDO_LABEL_KINDS):
+            labelled = valid & (labels[kind] != IGNORE_INDEX)
             self.pseudo_label_counts[row, 0] += labelled.sum()
-            self.pseudo_label_counts[row, 1] += (labelled & (labels == truth)).sum()
+            self.pseudo_label_counts[row, 1] += (labelled & (labels[kind] == truth)).sum()
         self.valid_pixel_count += valid.sum()
+
+    def panel_columns(self, batch: dict) -> dict:
+        """The base panel and the target pseudo-labels y_T the rule in training gives (hybrid, or static y_F
+        without y_D), at the feature grid; ignored pixels black."""
+        columns = super().panel_columns(batch)
+        labels, grid = self.evaluation_pseudo_labels(batch["img"])
+        kind = "hybrid" if self.method["use_dynamic"] else "static"
+        columns["pseudo-label"] = colourised(labels[kind].view(-1, *grid))
+        return columns
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

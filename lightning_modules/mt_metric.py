@@ -34,6 +34,7 @@ from lightning_modules.components.ops import class_means, labels_at, upsample
 from lightning_modules.components.self_training import class_mix_masks, mix
 from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.heads import MetricHead
+from lightning_modules.panels import colourised, grey
 from lightning_modules.teachers import ema_update
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,14 @@ class MTMetric(SemanticSegmentationModule):
     def evaluation_step(self, batch: dict) -> None:
         super().evaluation_step(batch)
         self.accumulate_weight_by_correctness(batch)
+
+    def panel_columns(self, batch: dict) -> dict:
+        """The base panel, the teacher's pseudo-labels and their weights (white = the largest in the panel)."""
+        columns = super().panel_columns(batch)
+        teacher = self.teacher_targets(batch["img"], across_ranks=False)
+        columns["pseudo-label"] = colourised(teacher.pseudo_label)
+        columns["weight"] = grey(teacher.weight / teacher.weight.max().clamp(min=1e-12))
+        return columns
 
     def log_evaluation(self, stage: str) -> None:
         weight_correct, correct, weight_incorrect, incorrect = all_reduce_sum(

@@ -60,11 +60,14 @@ from lightning_modules.components.connectivity import (
 from lightning_modules.distributed import all_gather_cat, all_reduce_sum
 from lightning_modules.metrics import mean_iou, per_class_iou
 from lightning_modules.networks.sam import SharedEmbeddingPredictor, build_sam
+from lightning_modules.panels import colourised, grid, publish
+from lightning_modules.progress import time_left
 from lightning_modules.teachers import labelling_mode
 
 log = logging.getLogger(__name__)
 LABEL_STAGES = ("pixel", "psa", "scc")
 PRODUCER_FILE = "producer.json"
+PROGRESS_SECONDS = 30  # PSA logs images done / total at most this often
 
 
 class SeCo(SemanticSegmentationModule):
@@ -108,6 +111,7 @@ class SeCo(SemanticSegmentationModule):
         self.claim_label_dir(trainer)
         trainer.predict(self, return_predictions=False)
         self.semantic_connectivity_correction()
+        self.publish_label_stages(trainer)
         return self.pseudo_label_results
 
     def producer(self) -> dict:
@@ -151,6 +155,7 @@ class SeCo(SemanticSegmentationModule):
             len(range(rank, len(images), world)),
             self.cache_dir,
         )
+        self.psa_todo = len(todo)
         data = self.hparams["data"]
         return build_evaluation_loader(images, todo, data["batch_size"], data["num_workers"], collate_fn=collate_images)
 
@@ -163,6 +168,7 @@ class SeCo(SemanticSegmentationModule):
         everything.predictor = predictor
         self.psa_tools = {"predictor": predictor, "everything": everything}
         labelling_mode(self.segmenter)
+        self.psa_started = self.last_progress_line = time.monotonic()
 
     def cache_path(self, index: int) -> Path:
         return self.cache_dir / f"{index:06d}.npz"
@@ -177,6 +183,7 @@ class SeCo(SemanticSegmentationModule):
             psa_labels = self.pixel_semantic_aggregation(batch["image"][i], pixel_labels[i])
             self.timing["seconds"] += time.perf_counter() - started
             self.timing["images"] += 1
+            self.log_psa_progress()
             components = connected_components(psa_labels)
             losses, prediction, confidence = component_losses(logits[i], components)
             truth = batch["mask"][i].numpy()
@@ -192,6 +199,21 @@ class SeCo(SemanticSegmentationModule):
                 confusion_pixel=label_confusion(pixel_labels[i], truth, self.num_classes),
                 confusion_psa=label_confusion(psa_labels, truth, self.num_classes),
             )
+
+    def log_psa_progress(self) -> None:
+        """Every PROGRESS_SECONDS and at the last image: images done / total on this rank, rate and time left."""
+        done, total, now = self.timing["images"], self.psa_todo, time.monotonic()
+        if done < total and now - self.last_progress_line < PROGRESS_SECONDS:
+            return
+        self.last_progress_line, elapsed = now, now - self.psa_started
+        log.info(
+            "rank %d: PSA %d/%d images, %.2f images/s, %s",
+            self.global_rank,
+            done,
+            total,
+            done / max(elapsed, 1e-9),
+            time_left(done, total, elapsed),
+        )
 
     def pixel_semantic_aggregation(self, image: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Stuff by semantic alignment of everything-mode masks, then things by box + point prompts."""
@@ -279,12 +301,39 @@ class SeCo(SemanticSegmentationModule):
         labelled_and_total = np.zeros(2, np.int64)
         for index in mine:
             truth = images[index]["mask"].numpy()
-            labels = cv2.imread(str(pseudo_label_path(self.label_dir, index)), cv2.IMREAD_UNCHANGED)
+            labels = self.written_labels(index)
             labelled_and_total += ((labels != IGNORE_INDEX).sum(), labels.size)
-            labels = cv2.resize(labels, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            labels = at_size(labels, truth.shape)
             confusions["scc"] += label_confusion(labels, truth, self.num_classes)
         self.require_labels(all_reduce_sum(torch.from_numpy(labelled_and_total).to(device)).tolist())
         self.report_pseudo_labels(confusions, all_losses, noisy_probability, written)
+
+    def publish_label_stages(self, trainer) -> None:
+        """A panel of the label stages on rank 0's first target train images: image | ground truth | pixel | PSA |
+        SCC (run_dir/predictions/pseudo_label_stages.png, W&B pseudo_label/stages). PSA and SCC are read back; the
+        pixel labels are recomputed on the first loader batch, so BatchNorm sees the batch the stage labelled."""
+        panels = self.hparams["logger"]["panels"]
+        if not panels["enabled"] or not trainer.is_global_zero:
+            return
+        images = TargetTrainImages(self.hparams["data"]["target"])
+        first = list(range(0, len(images), trainer.world_size))[: self.hparams["data"]["batch_size"]]
+        batch = collate_images([images[index] for index in first])
+        with torch.no_grad():
+            probabilities = self(batch["img"].to(self.device)).softmax(1)
+        shown, size = first[: panels["images"]], batch["mask"].shape[-2:]
+        columns = {
+            "image": np.stack(batch["image"][: len(shown)]),
+            "ground truth": colourised(batch["mask"][: len(shown)]),
+            "pixel": colourised(pixel_pseudo_labels(probabilities, self.method["pixel_threshold"])[: len(shown)]),
+            "PSA": colourised(torch.stack([torch.from_numpy(np.load(self.cache_path(i))["psa"]) for i in shown])),
+            "SCC": colourised(torch.from_numpy(np.stack([at_size(self.written_labels(i), size) for i in shown]))),
+        }
+        path = Path(self.hparams["run_dir"]) / "predictions" / "pseudo_label_stages.png"
+        publish(trainer, "pseudo_label/stages", grid(columns), path)
+
+    def written_labels(self, index: int) -> np.ndarray:
+        """The final label file of an image, at the image's original size."""
+        return cv2.imread(str(pseudo_label_path(self.label_dir, index)), cv2.IMREAD_UNCHANGED)
 
     def require_labels(self, labelled_and_total: list[int]) -> None:
         """An (almost) empty label set would self-train on nothing: one error instead of a silent no-op run."""
@@ -350,3 +399,8 @@ class SeCo(SemanticSegmentationModule):
             run_dir = Path(self.hparams["run_dir"])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "pseudo_label_results.json").write_text(json.dumps(self.pseudo_label_results, indent=2))
+
+
+def at_size(labels: np.ndarray, size) -> np.ndarray:
+    """A label map resized to ``size`` (H, W), nearest neighbour."""
+    return cv2.resize(labels, tuple(size)[::-1], interpolation=cv2.INTER_NEAREST)

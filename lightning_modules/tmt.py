@@ -17,15 +17,12 @@ Per iteration (``training_step``):
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchmetrics import MeanMetric
 
-from datamodules.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from datamodules.constants import IGNORE_INDEX
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.ops import upsample
 from lightning_modules.components.self_training import (
@@ -46,6 +43,7 @@ from lightning_modules.components.transferability import (
     transferability_map,
 )
 from lightning_modules.networks.heads import RegionDomainDiscriminator
+from lightning_modules.panels import colourised, grey
 from lightning_modules.teachers import ema_update
 
 log = logging.getLogger(__name__)
@@ -181,10 +179,16 @@ class TMT(SemanticSegmentationModule):
         if (labelled & ~correct).any():
             self.transferability_incorrect.update(transferability[labelled & ~correct])
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluation_step(batch)
-        if batch_idx == 0 and self.guided and self.trainer.is_global_zero:
-            self.save_transferability_maps(batch["img"][: self.method["logged_maps"]])
+    def panel_columns(self, batch: dict) -> dict:
+        """The base panel, the teacher's pseudo-labels and, when guided, the transferability map (white =
+        transferable) at the feature resolution the attention bias uses."""
+        columns = super().panel_columns(batch)
+        images = batch["img"]
+        teacher_logits, _ = self.teacher(images)
+        columns["pseudo-label"] = colourised(upsample(teacher_logits, images.shape[-2:]).argmax(1))
+        if self.guided:
+            columns["transferability"] = grey(self.guided_forward(images)[3][:, 0])
+        return columns
 
     def log_evaluation(self, stage: str) -> None:
         if self.guided:
@@ -197,24 +201,3 @@ class TMT(SemanticSegmentationModule):
                 self.log(f"{stage}/transferability_{name}_regions", value)
                 metric.reset()
         super().log_evaluation(stage)
-
-    @torch.no_grad()
-    def save_transferability_maps(self, images: torch.Tensor) -> None:
-        """Image | transferability map (white = transferable) for a few target images: PNGs in
-        ``run_dir/transferability_maps`` and, with W&B, logged as images."""
-        _, _, _, dense = self.guided_forward(images)
-        maps = upsample(dense.float(), images.shape[-2:])[:, 0].clamp(0, 1)
-        mean = images.new_tensor(IMAGENET_MEAN)[:, None, None]
-        std = images.new_tensor(IMAGENET_STD)[:, None, None]
-        panels = []
-        for image, heat in zip(images.float(), maps):
-            rgb = ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
-            grey = (heat * 255).byte().cpu().numpy()
-            panels.append(np.concatenate([rgb, np.repeat(grey[..., None], 3, axis=2)], axis=1))
-        out_dir = Path(self.hparams["run_dir"]) / "transferability_maps"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for index, panel in enumerate(panels):
-            Image.fromarray(panel).save(out_dir / f"step{self.global_step:06d}_image{index}.png")
-        for logger in self.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image("val/transferability_map", [Image.fromarray(p) for p in panels], step=self.global_step)

@@ -3,9 +3,20 @@ method that does not beat source-only; its protocols only name methods and tasks
 
 import pytest
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from experiments import benchmark
-from experiments.benchmark import Row, markdown, protocols, stage_refs, summarise, with_task
+from experiments.benchmark import (
+    Progress,
+    Row,
+    markdown,
+    per_class_means,
+    protocols,
+    stage_refs,
+    summarise,
+    task_plot,
+    with_task,
+)
 from experiments.run import CONFIG_DIR, available
 
 
@@ -86,3 +97,46 @@ def test_no_seed_to_run_is_an_error_that_names_the_flags(capsys):
         with pytest.raises(SystemExit):
             benchmark.main(["--tasks", "synth_shapes", *argv])
         assert "expected --seeds >= 1 and --first-seed >= 0" in capsys.readouterr().err
+
+
+def test_the_benchmark_draws_its_rows_seed_spread_and_per_class_iou(monkeypatch, tmp_path):
+    """benchmark.png from constructed rows: bars, the source-only / oracle lines and the per-class heat map."""
+    protocol = protocols(600, 400)["synth2real"]
+    rows = {r.name: r for r in protocol.rows if r.network == "deeplabv2" and not r.ablation}
+
+    def seed_results(protocol, seed, *args):
+        table = {"source_only": 40.0, "bicl": 55.0, "mt_metric": 60.0, "oracle": 80.0}
+        per_class = {"road": 50.0, "car": None if seed else 9.0}
+        return [{**result(rows[n], miou + seed, 1.0, seed), "per_class_iou": per_class} for n, miou in table.items()]
+
+    monkeypatch.setattr(benchmark, "run_protocol", seed_results)
+    monkeypatch.setattr(benchmark, "loader_throughput", lambda task: {"images_per_s_per_worker": 1.0, "batch_size": 1})
+    benchmark.main(["--tasks", "synth2real", "--seeds", "2", "--out", str(tmp_path)])
+    results = seed_results(protocol, 0) + seed_results(protocol, 1)
+    plot = task_plot(protocol, summarise(protocol, results), results)
+    assert [(r.name, r.role) for r in plot.rows] == [
+        ("source_only", "source"),
+        ("bicl", "method"),
+        ("mt_metric", "method"),
+        ("oracle", "upper"),
+    ]
+    assert plot.rows[1].mean == 55.5 and plot.rows[1].spread == pytest.approx(0.7071, abs=1e-4)
+    assert plot.rows[1].per_class == {"road": 50.0, "car": 9.0}
+    with Image.open(tmp_path / "benchmark.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > picture.size[1] > 100
+
+
+def test_per_class_means_skip_a_seed_without_the_class():
+    results = [{"per_class_iou": {"road": 50.0, "car": None}}, {"per_class_iou": {"road": 70.0, "car": 10.0}}]
+    assert per_class_means(results) == {"road": 60.0, "car": 10.0}
+
+
+def test_progress_counts_rows_and_estimates_from_the_rows_it_ran(monkeypatch, capsys):
+    clock = iter([0.0, 100.0, 100.0])
+    monkeypatch.setattr(benchmark.time, "monotonic", lambda: next(clock))
+    progress = Progress(4)
+    progress.row_finished("reused row", reused=True)
+    progress.row_finished("new row", reused=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "  [1/4 rows] reused row (reused): 0:01:40 elapsed, time left unknown yet"
+    assert lines[1] == "  [2/4 rows] new row: 0:01:40 elapsed, about 0:03:20 left"

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from datamodules.constants import IGNORE_INDEX as IGN
 from lightning_modules.components.prototypes import (
@@ -22,6 +23,7 @@ from lightning_modules.components.prototypes import (
     prototype_contrast_loss,
     static_pseudo_labels,
 )
+from lightning_modules.panels import panel_size
 
 FAST = [
     "data.source.options.length=8",
@@ -150,6 +152,8 @@ def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny):
     assert state["memory_source_seen"].any() and state["memory_target"].shape == (19, 256)
     assert state["memory_source"].abs().sum() > 0 and state["static_confidence_histogram"].sum() > 0
     assert any(k.startswith("projector.") for k in state)
+    # The 2 val images (64 x 128): image | ground truth | prediction | pseudo-label.
+    assert Image.open(run_dir / "predictions" / "step_000002.png").size == panel_size(4, 2, 64, 128)
 
 
 def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny):

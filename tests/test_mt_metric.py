@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 import datamodules.build
 import datamodules.uda
@@ -26,6 +27,7 @@ from lightning_modules.components.ops import class_means
 from lightning_modules.components.self_training import class_mix_masks
 from lightning_modules.mt_metric import MTMetric, TeacherTargets
 from lightning_modules.networks.heads import MetricHead
+from lightning_modules.panels import panel_size
 from tests.conftest import compose_config
 
 
@@ -171,6 +173,8 @@ def test_adapts_from_target_images_only_and_reports_weight_by_correctness(run_ti
     )
     metrics = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert all(key in metrics for key in ("train/pixel_weight", "train/metric_loss", "val/weight_correct"))
+    # image | ground truth | prediction | pseudo-label | weight, for the first val batch (4 images of 64 x 128).
+    assert Image.open(run_dir / "predictions" / "step_000004.png").size == panel_size(5, 4, 64, 128)
 
 
 def test_bf16_mixed_precision_runs(run_tiny, source_ckpt):

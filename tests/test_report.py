@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from PIL import Image
 
 from experiments import report
 
@@ -70,3 +71,25 @@ def test_missing_directory_and_empty_directory_are_named(tmp_path):
         report.main([str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="no results.json"):
         report.main([str(tmp_path)])
+
+
+def test_plot_draws_the_tables_next_to_the_runs(tmp_path, capsys):
+    for method, miou in (("source_only", 40.0), ("bicl", 50.0), ("oracle", 80.0)):
+        for seed in (0, 1):
+            write(
+                tmp_path / f"{method}{seed}",
+                method=method,
+                task="synth2real",
+                kind="semantic",
+                seed=seed,
+                metrics={"mIoU": miou + seed},
+                per_class_iou={"road": miou, "car": None},
+            )
+    report.main([str(tmp_path), "--plot"])
+    assert f"plot: {tmp_path / 'report.png'}" in capsys.readouterr().out
+    with Image.open(tmp_path / "report.png") as picture:
+        assert picture.format == "PNG"
+    summary = report.summarise_task(report.load_results([str(tmp_path)]), None)
+    plot = report.task_plot("synth2real", summary)
+    assert [(r.name, r.role) for r in plot.rows] == [("bicl", "method"), ("oracle", "upper"), ("source_only", "source")]
+    assert plot.rows[0].mean == 50.5 and plot.rows[0].per_class == {"road": 50.0}

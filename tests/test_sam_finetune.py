@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from datamodules.build import build_datamodule
 from datamodules.errors import CheckpointError
 from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
 from lightning_modules.networks.sam import build_configured_sam, save_sam_checkpoint
+from lightning_modules.panels import panel_size
 from lightning_modules.sam_finetune import SAMFinetune
 from tests.conftest import compose_config
 
@@ -25,6 +27,8 @@ def test_sam_finetune_trains_and_reports_each_prompt_kind(run_tiny):
     run_model = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model, resolve=True)
     reloaded = build_configured_sam(run_model, run_dir / "sam.pth").state_dict()
     assert all(torch.equal(trained[f"sam.{key}"], value) for key, value in reloaded.items())
+    # The first val batch (2 images, 128 x 128): image | ground truth | box | point | poly.
+    assert Image.open(run_dir / "predictions" / "step_000004.png").size == panel_size(5, 2, 128, 128)
 
 
 def test_unadapted_evaluation_loads_the_given_sam_checkpoint(run_tiny, tmp_path):

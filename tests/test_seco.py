@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from datamodules.constants import IGNORE_INDEX
 from datamodules.errors import ConfigError
@@ -29,6 +30,7 @@ from lightning_modules.components.connectivity import (
 )
 from lightning_modules.networks.factory import build_network
 from lightning_modules.networks.sam import build_sam, save_sam_checkpoint
+from lightning_modules.panels import panel_size
 from tests.conftest import compose_config
 
 IGN = IGNORE_INDEX
@@ -149,6 +151,8 @@ def test_pseudo_label_stage_writes_every_label_and_measures_each_step(pseudo_lab
     assert results["metrics"]["pixel"]["labelled_pixels"] == 6 * 64 * 128
     assert results["psa_images"] == 6 and results["psa_images_per_second"] > 0
     assert json.loads((root / "pl" / "pseudo_label_results.json").read_text())["components"]["total"] > 0
+    # image | ground truth | pixel | PSA | SCC for the first 4 target images (64 x 128).
+    assert Image.open(root / "pl" / "predictions" / "pseudo_label_stages.png").size == panel_size(5, 4, 64, 128)
 
 
 def test_interrupted_pseudo_label_stage_resumes_without_rewriting_finished_files(pseudo_label_run):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
+from PIL import Image
 
 from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
 from datamodules.errors import CheckpointError
@@ -33,6 +34,7 @@ from lightning_modules.components.transferability import (
     transferability_map,
 )
 from lightning_modules.networks.segformer import EfficientSelfAttention, build_segformer, load_mit_pretrained
+from lightning_modules.panels import panel_size
 from lightning_modules.tmt import TMT
 from tests.conftest import compose_config
 
@@ -233,15 +235,14 @@ def test_source_only_trains_a_segformer():
     assert cfg.model.builder == "lightning_modules.networks.segformer.build_segformer"
 
 
-def test_tmt_end_to_end_logs_maps_and_region_transferability(run_tiny):
+def test_tmt_end_to_end_draws_its_maps_and_region_transferability(run_tiny):
     results, run_dir = run_tiny(
-        "tmt", "synth2real", "trainer.max_steps=2", "method.logged_maps=2", "trainer.log_every_n_steps=1"
+        "tmt", "synth2real", "trainer.max_steps=2", "logger.panels.images=2", "trainer.log_every_n_steps=1"
     )
     assert 0 <= results["metrics"]["mIoU"] <= 100
-    assert sorted(p.name for p in (run_dir / "transferability_maps").glob("*.png")) == [
-        "step000002_image0.png",
-        "step000002_image1.png",
-    ]
+    # Two 64 x 128 images: image | ground truth | prediction | pseudo-label | transferability.
+    panel = Image.open(run_dir / "predictions" / "step_000002.png")
+    assert panel.size == panel_size(5, 2, 64, 128)
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     for name in (
         "val/transferability_correct_regions",
