@@ -68,7 +68,7 @@ def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[
     if data.get(stream) is None:
         raise SystemExit(f"the run's task has no data.{stream}; expected one of source, target, val")
     sam = build_configured_sam(model, run_dir / "sam.pth").eval()
-    # train=True gives the strong view too; its prompts are drawn from the dataset's seeded stream.
+    # train=True gives the strong view too; training items are keyed (epoch, index): these are epoch 0's draws.
     dataset = PromptedDataset(
         build_from_spec(data[stream], "train"),
         model["image_size"],
@@ -76,7 +76,7 @@ def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[
         strong_view=view == "strong",
         seed=cfg["seed"],
     )
-    batch = collate_prompted([dataset[i] for i in range(min(images, len(dataset)))])
+    batch = collate_prompted([dataset[(0, i)] for i in range(min(images, len(dataset)))])
     embeddings = sam.image_encoder(batch["img_strong" if view == "strong" else "img"])
     table = {}
     for kind in cfg["task"]["prompt_kinds"]:

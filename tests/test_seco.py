@@ -216,7 +216,8 @@ def test_training_stage_without_label_dir_or_base_ckpt_is_refused(pseudo_label_r
 
 def test_gmm_split_is_identical_on_both_ddp_ranks(pseudo_label_run, tmp_path):
     root, _, _ = pseudo_label_run
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # Unbuffered: the two ranks share the pipes, and each log record must reach them as one write.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
         [
             sys.executable,
@@ -246,7 +247,8 @@ def test_gmm_split_is_identical_on_both_ddp_ranks(pseudo_label_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     splits = re.findall(
-        r"rank (\d): GMM split of (\d+) components: (\d+) noisy, digest (\S+)", result.stdout + result.stderr
+        r"rank (\d): GMM split of (\d+) components: (\d+) noisy, digest ([0-9a-f]{16})",
+        result.stdout + "\n" + result.stderr,
     )
     assert sorted(rank for rank, *_ in splits) == ["0", "1"]
     assert splits[0][1:] == splits[1][1:] and int(splits[0][1]) > 0
