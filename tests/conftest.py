@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,26 @@ def run_tiny(tmp_path):
         return execute(compose_config(method, task, run_dir, *overrides)), run_dir
 
     return run
+
+
+DDP = (
+    "logger=csv",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.strategy=ddp",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "data.num_workers=0",
+    "trainer.enable_progress_bar=false",
+)
+
+
+def run_ddp(method: str, task: str, run_dir: Path, *overrides: str, timeout: int = 600):
+    """A 2-process CPU DDP run of the command line, two steps; returns the finished subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", f"+method={method}", f"+task={task}", f"run_dir={run_dir}", *DDP,
+         *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )  # fmt: skip

@@ -3,8 +3,6 @@ similarities, memories in checkpoints, ablation switches, a tiny run, bf16 and t
 
 import csv
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from lightning_modules.components.prototypes import (
     static_pseudo_labels,
 )
 from lightning_modules.panels import panel_size
+from tests.conftest import run_ddp
 
 FAST = [
     "data.source.options.length=8",
@@ -173,31 +172,10 @@ def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny):
 
 
 def test_two_process_ddp_ranks_hold_identical_memories(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "+method=bicl",
-            "+task=synth2real",
-            f"run_dir={tmp_path}",
-            "logger=csv",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.strategy=ddp",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "data.num_workers=0",
-            "trainer.enable_progress_bar=false",
-            "data.source.options.length=8",
-            "data.target.options.length=8",
-            "data.val.options.length=4",
-            "data.batch_size=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_ddp(
+        "bicl", "synth2real", tmp_path, "data.source.options.length=8", "data.target.options.length=8",
+        "data.val.options.length=4", "data.batch_size=2", timeout=300,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert metrics["val/memory_rank_spread"] == 0.0

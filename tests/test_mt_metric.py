@@ -3,8 +3,6 @@ source-free contract, and tiny end-to-end runs (fp32, bf16, two-process DDP)."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from lightning_modules.components.self_training import class_mix_masks
 from lightning_modules.mt_metric import MTMetric, TeacherTargets
 from lightning_modules.networks.heads import MetricHead
 from lightning_modules.panels import panel_size
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_ddp
 
 
 @pytest.fixture(scope="module")
@@ -190,32 +188,11 @@ def test_bf16_mixed_precision_runs(run_tiny, source_ckpt):
 
 @pytest.mark.parametrize("metric_trains_student", [False, True])
 def test_two_process_ddp_keeps_teacher_and_proxies_identical(tmp_path, source_ckpt, metric_trains_student):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "+method=mt_metric",
-            "+task=synth2real",
-            f"run_dir={tmp_path}",
-            f"method.source_ckpt={source_ckpt}",
-            f"method.metric_trains_student={metric_trains_student}",
-            "logger=csv",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.strategy=ddp",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "data.num_workers=0",
-            "trainer.enable_progress_bar=false",
-            "data.target.options.length=8",
-            "data.val.options.length=5",
-            "data.batch_size=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_ddp(
+        "mt_metric", "synth2real", tmp_path, f"method.source_ckpt={source_ckpt}",
+        f"method.metric_trains_student={metric_trains_student}", "data.target.options.length=8",
+        "data.val.options.length=5", "data.batch_size=2",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["global_step"] == 2

@@ -4,8 +4,6 @@ bias (shape, effect, ablation equivalence), DAFormer self-training pieces, and r
 import copy
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -36,7 +34,7 @@ from lightning_modules.components.transferability import (
 from lightning_modules.networks.segformer import EfficientSelfAttention, build_segformer, load_mit_pretrained
 from lightning_modules.panels import panel_size
 from lightning_modules.tmt import TMT
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_ddp
 
 TINY = yaml.safe_load((CONFIG_DIR / "network" / "segformer_tiny.yaml").read_text())
 
@@ -263,31 +261,10 @@ def test_tmt_bf16_mixed_run(run_tiny):
 
 
 def test_tmt_two_process_ddp_run(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "+method=tmt",
-            "+task=synth2real",
-            f"run_dir={tmp_path}",
-            "logger=csv",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.strategy=ddp",
-            "trainer.max_steps=2",
-            "trainer.val_check_interval=2",
-            "data.num_workers=0",
-            "trainer.enable_progress_bar=false",
-            "data.source.options.length=8",
-            "data.target.options.length=8",
-            "data.val.options.length=5",
-            "data.batch_size=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_ddp(
+        "tmt", "synth2real", tmp_path, "data.source.options.length=8", "data.target.options.length=8",
+        "data.val.options.length=5", "data.batch_size=2",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["global_step"] == 2
