@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from datamodules.datasets import build_from_spec
-from datamodules.datasets.base import DatasetLayoutError
-from datamodules.errors import ConfigError
+from datamodules.errors import ConfigError, DatasetLayoutError
 from datamodules.loading import (
     ResumableLoader,
     TrainingKey,

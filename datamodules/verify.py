@@ -27,7 +27,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from datamodules.datasets.base import DatasetLayoutError
+from datamodules.errors import DatasetLayoutError
 from datamodules.files import write_atomically
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.datasets import DATASETS, DatasetLayoutError, build_dataset
+from datamodules.datasets import DATASETS, build_dataset
 from datamodules.datasets.camo import CAMO
 from datamodules.datasets.cityscapes import Cityscapes
 from datamodules.datasets.coco import COCO
@@ -26,6 +26,7 @@ from datamodules.datasets.kvasir import KvasirSEG
 from datamodules.datasets.ocid import OCID
 from datamodules.datasets.synthia import Synthia
 from datamodules.datasets.voc import PascalVOC
+from datamodules.errors import DatasetLayoutError
 
 H, W = 8, 12
 

@@ -8,8 +8,8 @@ import torch
 import torchvision
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from datamodules.datasets.base import DatasetLayoutError
 from datamodules.datasets.synth_shapes import SyntheticShapes
+from datamodules.errors import DatasetLayoutError
 from datamodules.prompted import PromptedDataModule, PromptedDataset, build_prompted_datamodule, collate_prompted
 from datamodules.prompts import derive_prompts, masks_to_boxes
 from lightning_modules.networks.sam import build_sam

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.datasets.base import DatasetLayoutError
 from datamodules.datasets.synth_shapes import SyntheticShapes
 from datamodules.datasets.synth_streets import STREET_CLASSES, SyntheticStreets
+from datamodules.errors import DatasetLayoutError
 from datamodules.loading import item_seeds
 from datamodules.transforms import SemanticTransform
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.datasets import DatasetLayoutError, base
+from datamodules.datasets import base
 from datamodules.datasets.cityscapes import Cityscapes
 from datamodules.datasets.gta5 import GTA5
 from datamodules.datasets.kvasir import KvasirSEG
 from datamodules.datasets.synthia import Synthia
+from datamodules.errors import DatasetLayoutError
 from datamodules.prompted import build_prompted_datamodule
 from datamodules.uda import UDADataModule
 from datamodules.verify import verify_dataset

@@ -8,7 +8,7 @@ docs/datasets.md.
 
 from __future__ import annotations
 
-from datamodules.datasets.base import DatasetLayoutError, InstanceDataset, SemanticDataset
+from datamodules.datasets.base import InstanceDataset, SemanticDataset
 from datamodules.datasets.camo import CAMO
 from datamodules.datasets.cityscapes import Cityscapes
 from datamodules.datasets.coco import COCO
@@ -21,7 +21,7 @@ from datamodules.datasets.synth_shapes import SyntheticShapes
 from datamodules.datasets.synth_streets import SyntheticStreets
 from datamodules.datasets.synthia import Synthia
 from datamodules.datasets.voc import PascalVOC
-from datamodules.errors import ConfigError
+from datamodules.errors import ConfigError, DatasetLayoutError
 
 DATASETS = {
     "cityscapes": Cityscapes,
@@ -57,4 +57,4 @@ def build_from_spec(spec: dict, default_split: str):
     )
 
 
-__all__ = ["DATASETS", "DatasetLayoutError", "InstanceDataset", "SemanticDataset", "build_dataset", "build_from_spec"]
+__all__ = ["DATASETS", "InstanceDataset", "SemanticDataset", "build_dataset", "build_from_spec"]

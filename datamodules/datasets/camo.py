@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.datasets.base import DatasetLayoutError, GreyMapInstanceDataset, find_files, require_dir, require_pair
+from datamodules.datasets.base import GreyMapInstanceDataset, find_files, require_dir, require_pair
+from datamodules.errors import DatasetLayoutError
 
 FOLDERS = {"train": "Train", "val": "Test", "test": "Test"}
 

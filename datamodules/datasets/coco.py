@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO as CocoApi
 
-from datamodules.datasets.base import DatasetLayoutError, InstanceDataset, interleaved_split, require_dir
+from datamodules.datasets.base import InstanceDataset, interleaved_split, require_dir
+from datamodules.errors import DatasetLayoutError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from datamodules.datasets.base import DatasetLayoutError, read_label
+from datamodules.datasets.base import read_label
+from datamodules.errors import DatasetLayoutError
 
 
 def pseudo_label_path(label_dir: str | Path, index: int) -> Path:

@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from datamodules.datasets.base import DatasetLayoutError, procedural_item_rng
+from datamodules.datasets.base import procedural_item_rng
+from datamodules.errors import DatasetLayoutError
 
 
 def blob_texture(rng: np.random.Generator, shape: tuple[int, int], colours: np.ndarray, scale: float) -> np.ndarray:

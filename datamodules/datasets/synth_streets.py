@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from datamodules.datasets.base import DatasetLayoutError, procedural_item_rng
+from datamodules.datasets.base import procedural_item_rng
+from datamodules.errors import DatasetLayoutError
 
 ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON, CAR = 0, 1, 2, 5, 7, 8, 10, 11, 13
 STREET_CLASSES = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON, CAR)

@@ -6,16 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.datasets.base import (
-    DatasetLayoutError,
-    IdMapper,
-    SemanticDataset,
-    find_files,
-    read_label,
-    require_dir,
-    require_pair,
-)
+from datamodules.datasets.base import IdMapper, SemanticDataset, find_files, read_label, require_dir, require_pair
 from datamodules.datasets.labels import SYNTHIA_ID_TO_TRAINID
+from datamodules.errors import DatasetLayoutError
 
 # The official SYNTHIA-RAND-CITYSCAPES archive unpacks into this folder.
 ARCHIVE_FOLDER = "RAND_CITYSCAPES"
