@@ -65,15 +65,20 @@ def test_reductions_across_two_processes():
         assert grad == [[2.0, 2.0]] * (rank + 1)
 
 
-def test_segmenter_weights_round_trip_through_a_checkpoint(tmp_path):
-    model = {
+def small_deeplab(name: str = "deeplabv2_small", channels=(8, 8, 8, 8), freeze_bn: bool = False, dilations=(1,)):
+    """A DeepLabV2 model config of a few thousand weights, built in milliseconds."""
+    return {
+        "name": name,
         "builder": "lightning_modules.networks.deeplabv2.build_deeplabv2",
         "backbone": "resnet18",
-        "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
-        "aspp_dilations": [1],
-        "pretrained": None,
-        "freeze_bn": False,
+        "backbone_kwargs": {"channels": list(channels), "stem_width": 8},
+        "aspp_dilations": list(dilations),
+        "freeze_bn": freeze_bn,
     }
+
+
+def test_segmenter_weights_round_trip_through_a_checkpoint(tmp_path):
+    model = small_deeplab()
     torch.manual_seed(0)
     source = build_network(model, 3)
     path = tmp_path / "source.ckpt"
@@ -89,15 +94,8 @@ def test_segmenter_weights_round_trip_through_a_checkpoint(tmp_path):
 
 
 def test_a_checkpoint_of_another_network_or_a_corrupt_one_is_named(tmp_path):
-    model = {
-        "name": "deeplabv2_small",
-        "builder": "lightning_modules.networks.deeplabv2.build_deeplabv2",
-        "backbone": "resnet18",
-        "backbone_kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8},
-        "aspp_dilations": [1, 2],
-        "freeze_bn": False,
-    }
-    wider = {**model, "name": "deeplabv2_wide", "backbone_kwargs": {"channels": [8, 8, 16, 32], "stem_width": 8}}
+    model = small_deeplab(channels=(8, 8, 16, 16), dilations=(1, 2))
+    wider = small_deeplab("deeplabv2_wide", channels=(8, 8, 16, 32), dilations=(1, 2))
     path = tmp_path / "wide.ckpt"
     state = {f"segmenter.{k}": v for k, v in build_network(wider, 3).state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"model": wider}}, path)
@@ -161,31 +159,13 @@ def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(
 
 
 def test_labelling_mode_keeps_frozen_batch_norm_frozen():
-    frozen = build_network(
-        {
-            "builder": "lightning_modules.networks.deeplabv2.build_deeplabv2",
-            "backbone": "resnet18",
-            "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
-            "aspp_dilations": [1],
-            "freeze_bn": True,
-        },
-        3,
-    )
+    frozen = build_network(small_deeplab(freeze_bn=True), 3)
     batch_norms = [m for m in labelling_mode(frozen).modules() if isinstance(m, nn.BatchNorm2d)]
     assert batch_norms and not any(m.training for m in batch_norms)
 
 
 def test_labelling_mode_normalises_with_the_batch_and_leaves_running_statistics_alone():
-    network = build_network(
-        {
-            "builder": "lightning_modules.networks.deeplabv2.build_deeplabv2",
-            "backbone": "resnet18",
-            "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8},
-            "aspp_dilations": [1],
-            "freeze_bn": False,
-        },
-        3,
-    )
+    network = build_network(small_deeplab(freeze_bn=False), 3)
     before = {k: v.clone() for k, v in network.state_dict().items()}
     images = torch.randn(4, 3, 32, 32) * 5 + 3
     labelled = labelling_mode(network)(images)[0]
