@@ -13,10 +13,15 @@ import numpy as np
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp_path)`` then rename: a reader (or a resumed run) never sees a partial file."""
+    """``write(tmp_path)`` next to ``path``, then rename: a reader (or a resumed run) never sees a partial file,
+    and a write that fails leaves neither the temporary file nor a change to ``path``."""
     temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def save_label_png(path: Path, labels: np.ndarray) -> None:

@@ -17,21 +17,23 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules.errors import CheckpointError
+from datamodules.files import write_atomically
 
 
 class VerifiedCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(temporary: Path) -> None:
             with open(temporary, "wb") as handle:
                 torch.save(checkpoint, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temporary, path)
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, write)
         except OSError as error:
-            temporary.unlink(missing_ok=True)
             raise CheckpointError(
                 f"checkpoint {path} could not be written ({error.strerror or error}); its folder must be a "
                 "writable directory with free space"

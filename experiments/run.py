@@ -77,8 +77,10 @@ def build_loggers(cfg, resolved: dict, run_dir: Path, resume_step: int | None) -
 
     loggers = []
     if cfg.logger.wandb.enabled:
-        mode = cfg.logger.wandb.mode or os.environ.get("WANDB_MODE") or ("online" if wandb_api_key() else "offline")
-        loggers.append(build_wandb_logger(cfg, resolved, run_dir, mode, resume_step))
+        chosen = cfg.logger.wandb.mode or os.environ.get("WANDB_MODE")
+        mode = chosen or ("online" if wandb_api_key() else "offline")
+        reason = "as chosen" if chosen else "no API key found"
+        loggers.append(build_wandb_logger(cfg, resolved, run_dir, mode, resume_step, reason))
     if cfg.logger.csv.enabled:
         loggers.append(ResumingCSVLogger(save_dir=str(run_dir), name="csv", version="", resume_step=resume_step))
     return loggers

@@ -27,11 +27,13 @@ class RunWandbLogger(WandbLogger):
         self._wandb_init.pop("anonymous", None)
 
 
-def build_wandb_logger(cfg, resolved: dict, run_dir: Path, mode: str, resume_step: int | None) -> RunWandbLogger:
+def build_wandb_logger(
+    cfg, resolved: dict, run_dir: Path, mode: str, resume_step: int | None, reason: str
+) -> RunWandbLogger:
     import wandb
 
     if mode == "offline":
-        log.info("W&B runs offline (no API key found); sync later with `wandb sync %s/wandb`", run_dir)
+        log.info("W&B runs offline (%s); sync later with `wandb sync %s/wandb`", reason, run_dir)
     return RunWandbLogger(
         project=cfg.logger.wandb.project,
         entity=cfg.logger.wandb.entity,
