@@ -42,31 +42,70 @@ SAM_PIXEL_MEAN_ARRAY = np.asarray(SAM_PIXEL_MEAN, dtype=np.float32)
 SAM_PIXEL_STD_ARRAY = np.asarray(SAM_PIXEL_STD, dtype=np.float32)
 
 
+VIEW_RECIPES = ("jitter", "wesam")
+
+
 def weak_photometric_transform() -> A.Compose:
     """Mild colour jitter for supervised fine-tuning; geometry stays fixed so prompts stay exact."""
     return A.Compose([A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5)])
 
 
+def wesam_weak_transform() -> A.Compose:
+    """WeSAM's weak view (datasets/tools.py ``weak_transforms``): random horizontal and vertical flips of image and
+    masks. The official list also holds ``A.Flip``, a random flip from the same group, which leaves the
+    distribution (uniform over identity, h, v, h+v) unchanged."""
+    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+
+
+def wesam_strong_transform() -> A.Compose:
+    """WeSAM's strong view (datasets/tools.py ``strong_transforms``), applied to the weak image: albumentations'
+    Posterize, Equalize, Sharpen, Solarize, RandomBrightnessContrast and RandomShadow at their defaults (p=0.5)."""
+    return A.Compose(
+        [A.Posterize(), A.Equalize(), A.Sharpen(), A.Solarize(), A.RandomBrightnessContrast(), A.RandomShadow()]
+    )
+
+
 class PromptedTransform:
-    """Train-time photometric views: weak (labelled fine-tuning) and strong (self-training); none at evaluation."""
+    """Train-time views; none at evaluation.
 
-    def __init__(self, train: bool, strong_view: bool):
-        self.weak = weak_photometric_transform() if train else None
-        self.strong = strong_photometric_transform() if strong_view else None
+    ``recipe`` "jitter": weak = mild colour jitter, strong = colour jitter / grey / blur, no geometry.
+    ``recipe`` "wesam": weak = flips of image and instance masks (so the prompts, derived afterwards, follow them),
+    strong = WeSAM's photometric ops on the flipped image. The strong view always starts from the weak view's
+    geometry, so both views are pixel-aligned and share the prompts.
+    """
 
-    def views(self, image: np.ndarray, seeds: np.random.SeedSequence | None) -> dict:
-        """Each view draws from its own child of the item's ``seeds`` (required when there is a view to draw)."""
-        weak_seeds, strong_seeds = seeds.spawn(2) if seeds is not None else (None, None)
+    def __init__(self, train: bool, strong_view: bool, recipe: str = "jitter"):
+        if recipe not in VIEW_RECIPES:
+            raise ConfigError(f"data.sam_views={recipe!r}; expected one of {VIEW_RECIPES}")
+        wesam = recipe == "wesam"
+        self.geometry = wesam_weak_transform() if train and wesam else None
+        self.weak = weak_photometric_transform() if train and not wesam else None
+        self.strong = (wesam_strong_transform() if wesam else strong_photometric_transform()) if strong_view else None
+
+    def views(
+        self, image: np.ndarray, instances: np.ndarray, seeds: np.random.SeedSequence | None
+    ) -> tuple[dict, np.ndarray]:
+        """({"img": weak view, ("img_strong")}, instances in the views' geometry). Each random step draws from its
+        own child of the item's ``seeds`` (required when there is anything to draw)."""
+        geometry_seeds, weak_seeds, strong_seeds = seeds.spawn(3) if seeds is not None else (None, None, None)
+        if self.geometry is not None:
+            self.seed(self.geometry, geometry_seeds)
+            flipped = self.geometry(image=image, masks=list(instances))
+            image, instances = flipped["image"], np.stack(flipped["masks"]) if len(instances) else instances
         out = {"img": self.draw(self.weak, image, weak_seeds) if self.weak is not None else image}
         if self.strong is not None:
             out["img_strong"] = self.draw(self.strong, image, strong_seeds)
-        return out
+        return out, np.ascontiguousarray(instances)
 
     @staticmethod
-    def draw(pipeline: A.Compose, image: np.ndarray, seeds: np.random.SeedSequence | None) -> np.ndarray:
+    def seed(pipeline: A.Compose, seeds: np.random.SeedSequence | None) -> None:
         if seeds is None:
             raise ValueError("a training view needs the item's seeds, item_seeds(seed, epoch, index)")
         seed_pipeline(pipeline, seeds)
+
+    @classmethod
+    def draw(cls, pipeline: A.Compose, image: np.ndarray, seeds: np.random.SeedSequence | None) -> np.ndarray:
+        cls.seed(pipeline, seeds)
         return pipeline(image=image)["image"]
 
 
@@ -112,11 +151,12 @@ class PromptedDataset(Dataset):
         strong_view: bool = False,
         seed: int = 0,
         labelled: bool = True,
+        views: str = "jitter",
     ):
         self.dataset, self.image_size, self.train = dataset, image_size, train
         self.max_instances, self.seed, self.labelled = max_instances, seed, labelled
         self.resizer = ResizeLongestSide(image_size)
-        self.transform = PromptedTransform(train, strong_view)
+        self.transform = PromptedTransform(train, strong_view, views)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -149,10 +189,11 @@ class PromptedDataset(Dataset):
         original_size = tuple(item["image"].shape[:2])
         image = self.resizer.apply_image(item["image"])
         input_size = tuple(image.shape[:2])
-        instances = self.select_instances(resize_masks(item["instances"], input_size), rng, path)
+        views, instances = self.transform.views(image, resize_masks(item["instances"], input_size), view_seeds)
+        instances = self.select_instances(instances, rng, path)
         prompts = derive_prompts(instances, rng)
         size = self.image_size
-        sample = {name: sam_normalise(view, size) for name, view in self.transform.views(image, view_seeds).items()}
+        sample = {name: sam_normalise(view, size) for name, view in views.items()}
         if self.labelled:
             sample["instances"] = torch.from_numpy(pad_to_square(instances, size)).float()
         sample.update(
@@ -190,6 +231,7 @@ class PromptedDataModule(L.LightningDataModule):
         num_workers: int = 2,
         max_instances: int = 40,
         strong_view: bool = False,
+        views: str = "jitter",
         seed: int = 0,
         train_labelled: bool = True,
         verify: bool = True,
@@ -204,6 +246,7 @@ class PromptedDataModule(L.LightningDataModule):
             strong_view=strong_view,
             seed=seed,
             labelled=train_labelled,
+            views=views,
         )
         self.val_set = PromptedDataset(val_dataset, image_size, train=False, seed=seed)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -266,6 +309,7 @@ def build_prompted_datamodule(cfg: dict) -> PromptedDataModule:
         num_workers=data["num_workers"],
         max_instances=data["max_instances"],
         strong_view=data["strong_view"],
+        views=data["sam_views"],
         seed=cfg["seed"],
         train_labelled=labelled,
         verify=data.get("verify", True),

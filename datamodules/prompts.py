@@ -1,7 +1,9 @@
 """Ground-truth prompts of the SAM tasks (WeSAM's protocol, docs/protocols.md#sam-adaptation).
 
 Per instance: its tight box, 5 positive + 5 negative points, and a coarse polygon (``cv2.approxPolyDP`` with
-epsilon = 0.05 x arc length), all derived on the *resized* masks so they live in SAM's input frame.
+epsilon = max(0.05 x arc length, 3 px), WeSAM datasets/CAMO.py ``CAMODatasetwithCoarse``), all derived on the
+*resized* masks so they live in SAM's input frame. WeSAM's "coarse" prompt is the polygon's bounding box, i.e. the
+box of the filled polygon (``model.poly_as: box``); ``poly_as: mask`` gives the polygon as SAM's mask prompt.
 """
 
 from __future__ import annotations
@@ -52,15 +54,19 @@ def sample_points(regions: np.ndarray, rng: np.random.Generator, count: int) -> 
     return points, valid
 
 
-def polygon_masks(instances: np.ndarray, poly_epsilon: float) -> np.ndarray:
-    """Each instance's outer contours simplified by approxPolyDP (epsilon relative to arc length), filled.
+def polygon_masks(instances: np.ndarray, poly_epsilon: float, min_epsilon: float = 3.0) -> np.ndarray:
+    """Each instance's outer contours simplified by approxPolyDP (epsilon = max(poly_epsilon x arc length,
+    min_epsilon) pixels), filled.
 
-    Every external contour is kept, so an instance split by occlusion keeps all of its parts.
+    Every external contour is kept, so an instance split by occlusion keeps all of its parts (WeSAM's code takes
+    the first contour only, which for a one-piece instance is the same polygon).
     """
     polys = np.zeros_like(instances, dtype=np.uint8)
     for poly, mask in zip(polys, instances):
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        simplified = [cv2.approxPolyDP(c, poly_epsilon * cv2.arcLength(c, True), True) for c in contours]
+        simplified = [
+            cv2.approxPolyDP(c, max(poly_epsilon * cv2.arcLength(c, True), min_epsilon), True) for c in contours
+        ]
         cv2.fillPoly(poly, simplified, 1)
     return polys
 

@@ -53,6 +53,9 @@ class Row:
     role: str = "method"  # "source" (the reference), "method", or "upper" (oracle / target)
     network: str = "deeplabv2"
     ablation: bool = False  # run only with --ablations (the papers' ablation tables)
+    # SAM rows: one run per prompt kind (task.prompt_kinds=[kind]), each column taken from its own run, as
+    # WeSAM's authors adapt and evaluate one model per prompt (adaptation.py cfg.prompt).
+    per_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,44 +175,57 @@ def protocols(source_steps: int, adapt_steps: int) -> dict[str, Protocol]:
             Row("oracle", single("+method=oracle", segformer, source), "upper", "segformer"),
         ),
     )
-    prompted = Protocol(
-        task="synth_shapes",
-        headline="avg",
-        columns=("box", "point", "poly", "avg"),
-        stages=(Stage("sam_source", ("+method=sam_finetune", source, *sam_from_scratch), "sam.pth"),),
-        rows=(
+    sam_source = Stage(
+        "sam_source", ("+method=sam_finetune", "+task=synth_shapes", source, *sam_from_scratch), "sam.pth"
+    )
+    sam_rows = (
+        Row(
+            "source (unadapted)",
+            single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}"),
+            "source",
+            "sam",
+        ),
+        Row(
+            "wesam",
+            single("+method=wesam", "model.sam_checkpoint={sam_source}", adapt),
+            network="sam",
+            per_prompt=True,
+        ),
+        Row(
+            "dual_lora_sam",
+            single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", adapt),
+            network="sam",
+            per_prompt=True,
+        ),
+        *(
             Row(
-                "source (unadapted)",
-                single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}"),
-                "source",
-                "sam",
-            ),
-            Row("wesam", single("+method=wesam", "model.sam_checkpoint={sam_source}", adapt), network="sam"),
-            Row(
-                "dual_lora_sam",
-                single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", adapt),
+                f"dual_lora_sam {name}",
+                single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", *switches, adapt),
                 network="sam",
-            ),
-            *(
-                Row(
-                    f"dual_lora_sam {name}",
-                    single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", *switches, adapt),
-                    network="sam",
-                    ablation=True,
-                )
-                for name, switches in dual_lora_ablation.items()
-            ),
-            Row(
-                "target (sam_finetune)",
-                single(
-                    "+method=sam_finetune", "data.labelled_domain=target", "model.sam_checkpoint={sam_source}", adapt
-                ),
-                "upper",
-                "sam",
-            ),
+                ablation=True,
+                per_prompt=True,
+            )
+            for name, switches in dual_lora_ablation.items()
+        ),
+        Row(
+            "target (sam_finetune)",
+            single("+method=sam_finetune", "data.labelled_domain=target", "model.sam_checkpoint={sam_source}", adapt),
+            "upper",
+            "sam",
         ),
     )
-    return {p.task: p for p in (semantic, prompted)}
+    # One source SAM (trained on the diverse corpus, the source of both tasks) per seed, two narrow targets.
+    prompted = [
+        Protocol(
+            task=task,
+            headline="avg",
+            columns=("box", "point", "poly", "avg"),
+            stages=(sam_source,),
+            rows=sam_rows,
+        )
+        for task in ("synth_shapes", "synth_polyp")
+    ]
+    return {p.task: p for p in (semantic, *prompted)}
 
 
 COMMON = ("logger=csv", "trainer.enable_progress_bar=false")
@@ -296,7 +312,8 @@ def run_protocol(
         if stage.name in needed:
             try:
                 products[stage.name] = str(
-                    run(stage.overrides, protocol.task, seed, base / f"_{stage.name}", {}) / stage.product
+                    run(stage.overrides, protocol.task, seed, out / "stages" / f"seed{seed}" / stage.name, {})
+                    / stage.product
                 )
             except RuntimeError as error:
                 print(f"  stage {stage.name} failed: {error}", flush=True)
@@ -309,17 +326,47 @@ def run_protocol(
             missing = {n for c in row.commands for o in c for n in stage_refs(o)} - set(products)
             if missing:
                 raise RuntimeError(f"prerequisite stage {', '.join(sorted(missing))} failed")
-            for index, command in enumerate(row.commands):
-                target = (
-                    run_dir if index == len(row.commands) - 1 else run_dir.with_name(f"{run_dir.name}_stage{index}")
-                )
-                run(command, protocol.task, seed, target, products)
-            results.append({"row": row, "seed": seed, **json.loads((run_dir / "results.json").read_text())})
+            if row.per_prompt:
+                result = prompt_wise_result(row, protocol, seed, run_dir, products)
+            else:
+                for index, command in enumerate(row.commands):
+                    target = (
+                        run_dir if index == len(row.commands) - 1 else run_dir.with_name(f"{run_dir.name}_stage{index}")
+                    )
+                    run(command, protocol.task, seed, target, products)
+                result = json.loads((run_dir / "results.json").read_text())
+            results.append({"row": row, "seed": seed, **result})
         except RuntimeError as error:
             print(f"  {row.name}: {error}", flush=True)
             results.append({"row": row, "seed": seed, "error": str(error)})
         progress.row_finished(f"{protocol.task} seed {seed} {row.network} {row.name}", reused)
     return results
+
+
+def prompt_wise_result(row: Row, protocol: Protocol, seed: int, run_dir: Path, products: dict) -> dict:
+    """One run per prompt kind (``run_dir/<kind>``); each column from its own run, the headline their mean, the step
+    time their mean and the peak memory their maximum."""
+    (command,) = row.commands
+    kinds = [c for c in protocol.columns if c != protocol.headline]
+    per_kind = {}
+    for kind in kinds:
+        run(
+            (*command, f"task.prompt_kinds=[{kind}]", f"task.monitor=val/{kind}"),
+            protocol.task,
+            seed,
+            run_dir / kind,
+            products,
+        )
+        per_kind[kind] = json.loads((run_dir / kind / "results.json").read_text())
+    metrics = {kind: per_kind[kind]["metrics"][kind] for kind in kinds}
+    metrics[protocol.headline] = statistics.fmean(metrics.values())
+    times = [r["step_time_s"] for r in per_kind.values() if r.get("step_time_s")]
+    peaks = [r["peak_memory_mb"] for r in per_kind.values() if r.get("peak_memory_mb")]
+    return {
+        "metrics": metrics,
+        "step_time_s": statistics.fmean(times) if times else None,
+        "peak_memory_mb": max(peaks) if peaks else None,
+    }
 
 
 def stage_refs(override: str) -> list[str]:
@@ -479,7 +526,7 @@ def loader_throughput(task: str, batches: int = 10) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["synth2real", "synth_shapes"])
+    parser.add_argument("--tasks", nargs="+", default=["synth2real", "synth_shapes", "synth_polyp"])
     parser.add_argument("--methods", nargs="+", help="only these methods (with the baselines of their networks)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1; tables give mean ± std")
     parser.add_argument(

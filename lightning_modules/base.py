@@ -149,6 +149,7 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
         self.save_hyperparameters(cfg)
         self.method = self.hparams["method"]
         self.prompt_kinds = list(cfg["task"]["prompt_kinds"])
+        self.logit_threshold = cfg["task"]["logit_threshold"]
         self.prompt_iou = torch.nn.ModuleDict({kind: MeanMetric() for kind in self.prompt_kinds})
 
     def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
@@ -158,7 +159,9 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
     def evaluation_step(self, batch: dict) -> None:
         for kind in self.prompt_kinds:
             for logits, target in zip(self.predict(batch["img"], batch["targets"], kind), batch["targets"]):
-                iou = instance_iou(unpadded(logits[:, 0], target), unpadded(target["instances"], target))
+                iou = instance_iou(
+                    unpadded(logits[:, 0], target), unpadded(target["instances"], target), self.logit_threshold
+                )
                 self.prompt_iou[kind].update(iou.mean())
 
     def panel_columns(self, batch: dict) -> dict:
@@ -170,7 +173,7 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
             "ground truth": np.stack([instance_overlay(i, t["instances"] > 0.5) for i, t in zip(images, targets)]),
         }
         for kind in self.prompt_kinds:
-            masks = [logits[:, 0] > 0 for logits in self.predict(batch["img"], targets, kind)]
+            masks = [logits[:, 0] > self.logit_threshold for logits in self.predict(batch["img"], targets, kind)]
             columns[kind] = prompted_views(images, targets, masks, kind)
         return columns
 

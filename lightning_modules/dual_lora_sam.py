@@ -9,6 +9,11 @@ Per step (the paper's method box):
    teacher's representation is pushed from the student's), triplet loss (student foreground near the
    teacher's foreground, far from its background); each switchable for the ablation table.
 6. The branch that was Teacher most often is the target model, saved merged as a plain SAM checkpoint.
+
+Views, prompts and loss scaling follow WeSAM's code, the framework the paper builds on and compares with
+(``data.sam_views``, ``method.loss_scaling``); a run with ``task.prompt_kinds=[box]`` adapts for one prompt kind.
+``method.lora.placement``: "blocks" puts each branch's LoRA on q, v of the encoder blocks; "output" puts it after
+the encoder, on its output embedding, as the slides draw it (E = perturb(E_img) + Delta E).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from datamodules.errors import ConfigError
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
+    LOSS_SCALINGS,
     assign_roles,
     background_representations,
     branch_similarity,
@@ -31,7 +37,15 @@ from lightning_modules.components.sam_adaptation import (
 )
 from lightning_modules.distributed import all_reduce_sum
 from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
-from lightning_modules.networks.sam_lora import branch_parameters, encode, inject_lora, merged_sam, segment
+from lightning_modules.networks.sam_lora import (
+    LORA_PLACEMENTS,
+    branch_parameters,
+    encode,
+    inject_lora,
+    inject_output_lora,
+    merged_sam,
+    segment,
+)
 from lightning_modules.optim import build_optimizer
 
 BRANCHES = ("alpha", "beta")
@@ -45,15 +59,22 @@ class DualLoRASAM(PromptedSegmentationModule):
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # prompt encoder and mask decoder stay as SAM's; only LoRA trains
         lora = method["lora"]
-        inject_lora(
-            self.sam,
-            list(BRANCHES),
-            lora["rank"],
-            lora["alpha"],
-            lora["targets"],
-            lora.get("layers"),
-            method["perturbation"],
-        )
+        if lora["placement"] not in LORA_PLACEMENTS:
+            raise ConfigError(f"method.lora.placement={lora['placement']!r}; expected one of {LORA_PLACEMENTS}")
+        if method["loss_scaling"] not in LOSS_SCALINGS:
+            raise ConfigError(f"method.loss_scaling={method['loss_scaling']!r}; expected one of {LOSS_SCALINGS}")
+        if lora["placement"] == "output":
+            inject_output_lora(self.sam, list(BRANCHES), lora["rank"], lora["alpha"], method["perturbation"])
+        else:
+            inject_lora(
+                self.sam,
+                list(BRANCHES),
+                lora["rank"],
+                lora["alpha"],
+                lora["targets"],
+                lora.get("layers"),
+                method["perturbation"],
+            )
         # How often each branch was Teacher: the selection criterion (step 6), kept in checkpoints.
         self.register_buffer("teacher_counts", torch.zeros(len(BRANCHES)))
 
@@ -111,6 +132,7 @@ class DualLoRASAM(PromptedSegmentationModule):
                             valid_region(t_logits, target),
                             method["focal_weight"],
                             method["dice_weight"],
+                            method["loss_scaling"],
                         )
                         for kind in kinds
                         for (s_logits, _), (t_logits, _), target in zip(
@@ -146,9 +168,18 @@ class DualLoRASAM(PromptedSegmentationModule):
         return loss
 
     def on_fit_end(self) -> None:
-        # 6. the selected branch, LoRA merged: a plain SAM state dict loadable by sam_model_registry.
-        if self.trainer.is_global_zero and self.hparams.get("run_dir"):
-            save_sam_checkpoint(merged_sam(self.sam, self.selected_branch), Path(self.hparams["run_dir"]) / "sam.pth")
+        # 6. the selected branch. In-block LoRA merges into a plain SAM state dict loadable by sam_model_registry;
+        # an output-placed branch has no plain form, so the adapted module's own state dict is kept instead.
+        if not (self.trainer.is_global_zero and self.hparams.get("run_dir")):
+            return
+        run_dir = Path(self.hparams["run_dir"])
+        if self.method["lora"]["placement"] == "output":
+            torch.save(
+                {"selected_branch": self.selected_branch, "state_dict": self.sam.state_dict()},
+                run_dir / "adapted_sam.pt",
+            )
+        else:
+            save_sam_checkpoint(merged_sam(self.sam, self.selected_branch), run_dir / "sam.pth")
 
     def configure_optimizers(self):
         trainable = [p for b in BRANCHES for p in branch_parameters(self.sam, b)]

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule shared by every method: SGD or AdamW, head at a multiple of the base rate,
+"""Optimiser and learning-rate schedule shared by every method: SGD, Adam or AdamW, head at a multiple of the base rate,
 linear warm-up then poly decay, stepped per iteration."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ def poly_lr_lambda(max_steps: int, power: float, warmup_steps: int):
 
 
 def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int):
-    """SGD (DeepLabV2 papers) or AdamW (DAFormer family); the head runs at ``head_lr_mult`` x lr."""
+    """SGD (DeepLabV2 papers), Adam (WeSAM; L2 weight decay added to the gradient) or AdamW (DAFormer family,
+    decoupled weight decay); the head runs at ``head_lr_mult`` x lr."""
     groups = [
         {"params": [p for p in backbone_params if p.requires_grad], "lr": optim["lr"]},
         {"params": [p for p in head_params if p.requires_grad], "lr": optim["lr"] * optim["head_lr_mult"]},
@@ -30,12 +31,13 @@ def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int):
         optimizer = torch.optim.SGD(
             groups, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"]
         )
-    elif optim["name"] == "adamw":
-        optimizer = torch.optim.AdamW(
+    elif optim["name"] in ("adam", "adamw"):
+        adam = torch.optim.Adam if optim["name"] == "adam" else torch.optim.AdamW
+        optimizer = adam(
             groups, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim.get("betas", (0.9, 0.999)))
         )
     else:
-        raise ConfigError(f"optim.name={optim['name']!r} is not supported; expected 'sgd' or 'adamw'")
+        raise ConfigError(f"optim.name={optim['name']!r} is not supported; expected 'sgd', 'adam' or 'adamw'")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"])
     )

@@ -7,6 +7,10 @@ Per step (official adaptation.py):
 3. Self-training: the student learns the teacher's binarised masks (20 focal + dice + IoU-head MSE).
 4. Anchor loss: dice of both views' masks to the anchor's masks. Contrastive loss: mask-pooled instance
    embeddings of the trainable weak-view network vs the anchor's (same instance = positive).
+
+The authors adapt one model per prompt kind (``cfg.prompt``) and evaluate it with that prompt: a run with
+``task.prompt_kinds=[box]`` is that; with several kinds the model trains on all of them jointly. The loss terms
+are summed per image and averaged over the batch (the official batch is one image per GPU).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from datamodules.errors import ConfigError
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
+    LOSS_SCALINGS,
     anchor_loss,
     instance_contrastive_loss,
     self_training_loss,
@@ -44,6 +49,8 @@ class WeSAM(PromptedSegmentationModule):
         model, method = cfg["model"], self.method
         if method["teacher"] not in TEACHERS:
             raise ConfigError(f"method.teacher={method['teacher']!r}; expected one of {TEACHERS}")
+        if method["loss_scaling"] not in LOSS_SCALINGS:
+            raise ConfigError(f"method.loss_scaling={method['loss_scaling']!r}; expected one of {LOSS_SCALINGS}")
         self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # official base_config freezes image encoder, prompt encoder, mask decoder
@@ -91,6 +98,7 @@ class WeSAM(PromptedSegmentationModule):
                         method["focal_weight"],
                         method["dice_weight"],
                         method["iou_weight"],
+                        method["loss_scaling"],
                     )
                 )
                 # 4. anchor and contrastive regularisation
@@ -99,6 +107,7 @@ class WeSAM(PromptedSegmentationModule):
                         valid_region(student_logits, target),
                         valid_region(regularised_masks[kind][index][0], target),
                         valid_region(anchor_logits, target),
+                        method["loss_scaling"],
                     )
                 )
                 terms["contrastive"].append(

@@ -18,6 +18,19 @@ def dice_loss(mask_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return dice_per_mask(mask_logits, targets).mean()
 
 
+def symmetric_focal_loss(mask_logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float = 2.0):
+    """FL = alpha (1 - e^{-BCE})^gamma BCE, the mean over every pixel of every mask at once (WeSAM losses.py
+    ``FocalLoss``: no class balance, alpha a plain scale)."""
+    bce = F.binary_cross_entropy_with_logits(mask_logits.float(), targets.float(), reduction="none")
+    return alpha * ((1 - torch.exp(-bce)) ** gamma * bce).mean()
+
+
+def joint_dice_loss(mask_logits: torch.Tensor, targets: torch.Tensor, smooth: float) -> torch.Tensor:
+    """1 - (2 sum P G + s) / (sum P + sum G + s) over all masks of an image together (WeSAM losses.py ``DiceLoss``)."""
+    probs = mask_logits.float().sigmoid()
+    return 1 - (2 * (probs * targets).sum() + smooth) / (probs.sum() + targets.sum() + smooth)
+
+
 def sam_mask_loss_per_mask(
     mask_logits: torch.Tensor, targets: torch.Tensor, focal_weight: float, dice_weight: float
 ) -> torch.Tensor:

@@ -6,8 +6,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.components.losses import dice_loss, iou_prediction_loss, sam_mask_loss
+from lightning_modules.components.losses import (
+    dice_loss,
+    iou_prediction_loss,
+    joint_dice_loss,
+    sam_mask_loss,
+    symmetric_focal_loss,
+)
 from lightning_modules.components.ops import unpadded
+
+# How the mask losses of the SAM self-training methods are scaled (method.loss_scaling):
+# "code": as WeSAM's adaptation.py calls losses.py, focal_loss(pred, soft, num_masks) and dice_loss(pred, soft,
+#   num_masks), whose third positional argument is the focal loss's alpha and the dice loss's smoothing; with the
+#   official batch of one image per GPU, num_masks = that image's instance count N, and the dice runs over all N
+#   masks of the image together;
+# "paper": SAM's mask loss read literally, the torchvision focal loss (alpha 0.25) and dice per mask, averaged.
+LOSS_SCALINGS = ("code", "paper")
 
 
 def valid_region(logits: torch.Tensor, target: dict) -> torch.Tensor:
@@ -49,13 +63,31 @@ def assign_roles(sim_alpha: torch.Tensor, sim_beta: torch.Tensor) -> tuple[str, 
 # ---- dual_lora_sam losses ----
 
 
+def pseudo_mask_loss(
+    logits: torch.Tensor, pseudo: torch.Tensor, focal_weight: float, dice_weight: float, scaling: str
+) -> torch.Tensor:
+    """One image's N masks against binary pseudo masks, scaled as ``scaling`` (LOSS_SCALINGS).
+
+    code: 20 FL_sym(M, P; alpha=N) + Dice_joint(M, P; smooth=N); paper: mean_n 20 FL_0.25(M_n, P_n) + Dice(M_n, P_n).
+    """
+    if scaling == "code":
+        count = len(logits)
+        return focal_weight * symmetric_focal_loss(logits, pseudo, count) + dice_weight * joint_dice_loss(
+            logits, pseudo, count
+        )
+    return sam_mask_loss(logits, pseudo, focal_weight, dice_weight)
+
+
 def direct_alignment_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, focal_weight: float, dice_weight: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    focal_weight: float,
+    dice_weight: float,
+    scaling: str = "paper",
 ) -> torch.Tensor:
     """L_da = 20 Focal(M_S, 1(M_T > 0)) + Dice(M_S, 1(M_T > 0)): the student learns the teacher's masks."""
-    return sam_mask_loss(
-        student_logits, (teacher_logits.detach() > 0).to(student_logits.dtype), focal_weight, dice_weight
-    )
+    pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
+    return pseudo_mask_loss(student_logits, pseudo, focal_weight, dice_weight, scaling)
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -94,19 +126,25 @@ def self_training_loss(
     focal_weight: float,
     dice_weight: float,
     iou_weight: float,
+    scaling: str = "paper",
 ) -> torch.Tensor:
     """L_self = 20 Focal(M_s, 1(M_t > 0)) + Dice(M_s, 1(M_t > 0)) + MSE(IoU_pred, IoU(M_s, 1(M_t > 0)))."""
     pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
-    return sam_mask_loss(student_logits, pseudo, focal_weight, dice_weight) + iou_weight * iou_prediction_loss(
-        iou_prediction, student_logits, pseudo
+    return pseudo_mask_loss(student_logits, pseudo, focal_weight, dice_weight, scaling) + iou_weight * (
+        iou_prediction_loss(iou_prediction, student_logits, pseudo)
     )
 
 
 def anchor_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, anchor_logits: torch.Tensor
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, anchor_logits: torch.Tensor, scaling: str = "paper"
 ) -> torch.Tensor:
-    """L_anc = 0.5 Dice(M_s, 1(M_a > 0)) + 0.5 Dice(M_t, 1(M_a > 0)): both views stay near the frozen anchor."""
+    """L_anc = 0.5 Dice(M_s, 1(M_a > 0)) + 0.5 Dice(M_t, 1(M_a > 0)): both views stay near the frozen anchor.
+
+    code: the dice over all masks of the image together (smoothing 1, adaptation.py's call); paper: per mask, mean.
+    """
     pseudo = (anchor_logits.detach() > 0).to(student_logits.dtype)
+    if scaling == "code":
+        return 0.5 * joint_dice_loss(student_logits, pseudo, 1.0) + 0.5 * joint_dice_loss(teacher_logits, pseudo, 1.0)
     return 0.5 * dice_loss(student_logits, pseudo) + 0.5 * dice_loss(teacher_logits, pseudo)
 
 
@@ -119,15 +157,15 @@ def instance_contrastive_loss(
 ) -> torch.Tensor:
     """L_con = -log( sum_i exp(s_ii / tau) / sum_ij exp(s_ij / tau) ), s_ij = cos(z_i, z^a_j).
 
-    z_i and z^a_j are the mask-pooled embeddings of instance i (trainable) and j (anchor).
+    z_i and z^a_j are the embeddings of instance i (trainable) and j (anchor) averaged over the instance's mask,
+    binarised at probability 0.5 on the embedding grid (WeSAM losses.py ``ContraLoss``).
     """
 
     def pooled(embedding, logits):
-        weights = F.interpolate(
-            logits.detach().float(), size=embedding.shape[-2:], mode="bilinear", align_corners=False
-        )[:, 0].sigmoid()
+        grid = F.interpolate(logits.detach().float(), size=embedding.shape[-2:], mode="bilinear", align_corners=False)
+        weights = (grid[:, 0] > 0).float()
         normalised = F.normalize(embedding.float(), dim=0)  # per-pixel L2 over channels, as the official code
-        return torch.einsum("nhw,chw->nc", weights, normalised) / weights.flatten(1).sum(1).clamp(min=1e-6)[:, None]
+        return torch.einsum("nhw,chw->nc", weights, normalised) / weights.flatten(1).sum(1).clamp(min=1)[:, None]
 
     z, z_anchor = pooled(features, mask_logits), pooled(anchor_features.detach(), anchor_mask_logits)
     similarity = F.cosine_similarity(z[:, None], z_anchor[None], dim=-1) / temperature

@@ -99,6 +99,36 @@ class LoRALinear(nn.Module):
         return linear
 
 
+class OutputLoRA(nn.Module):
+    """The frozen image encoder followed by named low-rank branches on its output embedding.
+
+    E^{alpha/beta} = perturb(E_img) + Delta E^{alpha/beta}, Delta E = (alpha / r) B A E per embedding pixel: the
+    seed slides' "two LoRA modules after the original SAM image encoder" read literally (placement "output").
+    """
+
+    def __init__(self, encoder: nn.Module, branches: list, rank: int, alpha: float, perturbation: float):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        self.img_size, self.perturbation = encoder.img_size, perturbation
+        channels = encoder.neck[-2].out_channels
+        self.branches = nn.ModuleDict(
+            {name: LowRankUpdate(channels, channels, ("embedding",), rank, alpha / rank) for name in branches}
+        )
+        self.active: str | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        frozen = self.encoder(images)
+        if self.active is None:
+            return frozen
+        delta = self.branches[self.active].delta("embedding", frozen.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.training and self.perturbation > 0:
+            frozen = F.dropout(frozen, self.perturbation)
+        return frozen + delta
+
+
+LORA_PLACEMENTS = ("blocks", "output")
+
+
 def inject_lora(
     sam: Sam,
     branches: list,
@@ -134,8 +164,14 @@ def inject_lora(
     return wrapped
 
 
+def inject_output_lora(sam: Sam, branches: list, rank: int, alpha: float, perturbation: float = 0.0) -> OutputLoRA:
+    """Wrap SAM's image encoder in an ``OutputLoRA`` (the encoder itself frozen)."""
+    sam.image_encoder = OutputLoRA(sam.image_encoder, branches, rank, alpha, perturbation)
+    return sam.image_encoder
+
+
 def lora_modules(sam: Sam) -> list:
-    return [m for m in sam.image_encoder.modules() if isinstance(m, LoRALinear)]
+    return [m for m in sam.image_encoder.modules() if isinstance(m, (LoRALinear, OutputLoRA))]
 
 
 def branch_parameters(sam: Sam, name: str) -> list:
@@ -157,7 +193,12 @@ def active_branch(sam: Sam, name: str | None):
 
 
 def merged_sam(sam: Sam, name: str) -> Sam:
-    """A copy of ``sam`` with branch ``name`` merged into plain Linears: the official SAM module tree."""
+    """A copy of ``sam`` with branch ``name`` merged into plain Linears: the official SAM module tree.
+
+    Output-placed branches act after the encoder's final LayerNorm and have no plain-SAM form.
+    """
+    if isinstance(sam.image_encoder, OutputLoRA):
+        raise ConfigError("output-placed LoRA branches cannot be merged into a plain SAM; save them with the SAM")
     merged = copy.deepcopy(sam)
     for block in merged.image_encoder.blocks:
         for attr in ("qkv", "proj"):
