@@ -77,6 +77,7 @@ def derive_prompts(
     num_positive: int = 5,
     num_negative: int = 5,
     poly_epsilon: float = 0.05,
+    poly_min_epsilon: float = 3.0,
 ) -> dict:
     """WeSAM's ground-truth prompts for every instance of one image (all in the masks' pixel frame)."""
     instances = instances.astype(np.uint8)
@@ -90,5 +91,5 @@ def derive_prompts(
         "boxes": masks_to_boxes(torch.from_numpy(instances)).numpy(),
         "points": np.concatenate([positives, negatives], 1),
         "point_labels": labels,
-        "polys": polygon_masks(instances, poly_epsilon),
+        "polys": polygon_masks(instances, poly_epsilon, poly_min_epsilon),
     }

@@ -1,11 +1,12 @@
-"""What a SAM's own masks know about a domain: ``python -m experiments.sam_probe RUN_DIR [--stream target]``.
+"""What a SAM's own masks know about a domain: ``python -m experiments.sam_probe RUN_DIR [--stream target] [--task T]``.
 
 A source-free SAM method learns from its own masks, so it can only gain where they already carry the
 object. Per prompt kind this prints the masks' IoU, the share of each object they cover (recall), their
 precision, and how well the mask logits rank object above background inside the object's box (AUC;
 0.5 means the masks know nothing the prompt did not say). RUN_DIR is a finished SAM run (its
-``config.yaml`` and ``sam.pth``, e.g. the benchmark's ``_sam_source`` stage). It reads labels, so it
-analyses a benchmark's regime; no method trains on it.
+``config.yaml`` and ``sam.pth``, e.g. the benchmark's ``stages/seed0/sam_source``); ``--task`` reads the stream of
+another task (the source SAM on each of its targets). It reads labels, so it analyses a benchmark's regime; no
+method trains on it.
 """
 
 from __future__ import annotations
@@ -38,23 +39,34 @@ def box_auc(logits: torch.Tensor, instance: torch.Tensor, box: torch.Tensor) -> 
     return float(roc_auc_score(inside, logits[region].flatten().float().numpy()))
 
 
-def mask_quality(logits: torch.Tensor, instances: torch.Tensor) -> dict[str, list[float]]:
+def mask_quality(logits: torch.Tensor, instances: torch.Tensor, threshold: float = 0.0) -> dict[str, list[float]]:
     """Per instance of one image: IoU (the evaluation's ``instance_iou``), recall and precision of
-    ``logits > 0`` [N,H,W] against ``instances`` [N,H,W] (binary), and the in-box AUC (instances filling
+    ``logits > threshold`` [N,H,W] against ``instances`` [N,H,W] (binary), and the in-box AUC (instances filling
     their box have none)."""
-    predicted, truth = logits > 0, instances > 0.5
+    predicted, truth = logits > threshold, instances > 0.5
     overlap = (predicted & truth).flatten(1).sum(1).float()
     aucs = [box_auc(logit, t, b) for logit, t, b in zip(logits, truth, masks_to_boxes(truth))]
     return {
-        "iou": instance_iou(logits, instances).tolist(),
+        "iou": instance_iou(logits, instances, threshold).tolist(),
         "recall": (overlap / truth.flatten(1).sum(1).clamp(min=1)).tolist(),
         "precision": (overlap / predicted.flatten(1).sum(1).clamp(min=1)).tolist(),
         "auc": [a for a in aucs if a is not None],
     }
 
 
+def task_data(task: str) -> dict:
+    """The ``data`` config of a SAM task, composed as a run of it would be."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.run import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+method=sam_finetune", f"+task={task}", "run_dir=."])
+    return OmegaConf.to_container(cfg.data, resolve=True)
+
+
 @torch.no_grad()
-def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[str, float]]:
+def probe(run_dir: Path, stream: str, images: int, view: str, task: str | None = None) -> dict[str, dict[str, float]]:
     """Mean mask quality per prompt kind of RUN_DIR's SAM on ``images`` images of ``data.<stream>``."""
     for required in (run_dir / "config.yaml", run_dir / "sam.pth"):
         if not required.is_file():
@@ -64,7 +76,7 @@ def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[
     if images < 1:
         raise SystemExit(f"--images {images}: expected at least 1")
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    model, data = cfg["model"], cfg["data"]
+    model, data = cfg["model"], task_data(task) if task else cfg["data"]
     if data.get(stream) is None:
         raise SystemExit(f"the run's task has no data.{stream}; expected one of source, target, val")
     sam = build_configured_sam(model, run_dir / "sam.pth").eval()
@@ -84,7 +96,9 @@ def probe(run_dir: Path, stream: str, images: int, view: str) -> dict[str, dict[
         for logits, target in zip(
             predict_instances(sam, embeddings, batch["targets"], kind, model["poly_as"]), batch["targets"]
         ):
-            quality = mask_quality(unpadded(logits[:, 0], target), unpadded(target["instances"], target))
+            quality = mask_quality(
+                unpadded(logits[:, 0], target), unpadded(target["instances"], target), cfg["task"]["logit_threshold"]
+            )
             for name, values in quality.items():
                 totals.setdefault(name, []).extend(values)
         table[kind] = {name: float(np.mean(values)) if values else float("nan") for name, values in totals.items()}
@@ -97,9 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream", default="target", choices=("source", "target", "val"))
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--view", default="weak", choices=("weak", "strong"))
+    parser.add_argument("--task", help="read data.<stream> of this task instead of the run's own")
     args = parser.parse_args(argv)
-    table = probe(args.run_dir, args.stream, args.images, args.view)
-    print(f"| prompt | IoU | recall | precision | in-box AUC |  ({args.run_dir}, data.{args.stream}, {args.view} view)")
+    table = probe(args.run_dir, args.stream, args.images, args.view, args.task)
+    where = f"{args.task or 'its task'}'s data.{args.stream}"
+    print(f"| prompt | IoU | recall | precision | in-box AUC |  ({args.run_dir} on {where}, {args.view} view)")
     print("|---|---|---|---|---|")
     for kind in PROMPT_KINDS:
         if kind in table:

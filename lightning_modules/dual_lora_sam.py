@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from datamodules.errors import ConfigError
+from datamodules.files import write_atomically
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     LOSS_SCALINGS,
@@ -173,11 +174,10 @@ class DualLoRASAM(PromptedSegmentationModule):
         if not (self.trainer.is_global_zero and self.hparams.get("run_dir")):
             return
         run_dir = Path(self.hparams["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
         if self.method["lora"]["placement"] == "output":
-            torch.save(
-                {"selected_branch": self.selected_branch, "state_dict": self.sam.state_dict()},
-                run_dir / "adapted_sam.pt",
-            )
+            adapted = {"selected_branch": self.selected_branch, "state_dict": self.sam.state_dict()}
+            write_atomically(run_dir / "adapted_sam.pt", lambda path: torch.save(adapted, path))
         else:
             save_sam_checkpoint(merged_sam(self.sam, self.selected_branch), run_dir / "sam.pth")
 

@@ -25,7 +25,7 @@ TINY = {
         "data.batch_size=2",
     ],
 }
-KIND = {"synth2real": "semantic", "synth_shapes": "prompted"}
+KIND = {"synth2real": "semantic", "synth_shapes": "prompted", "synth_polyp": "prompted"}
 
 
 def tiny_overrides(method: str, task: str, run_dir: Path, *overrides: str) -> list[str]:
@@ -40,7 +40,7 @@ def tiny_overrides(method: str, task: str, run_dir: Path, *overrides: str) -> li
         "trainer.val_check_interval=2",
         "trainer.enable_progress_bar=false",
         "trainer.accelerator=cpu",
-        *TINY[KIND[task]],
+        *TINY.get(KIND.get(task), []),  # real-data tasks: the test writes a tiny dataset itself
         *overrides,
     ]
 

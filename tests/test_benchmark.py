@@ -1,6 +1,8 @@
 """The benchmark's arithmetic on constructed results: gain, gap closed, step ratio, and the flag on a
 method that does not beat source-only; its protocols only name methods and tasks that exist."""
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -140,3 +142,36 @@ def test_progress_counts_rows_and_estimates_from_the_rows_it_ran(monkeypatch, ca
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "  [1/4 rows] reused row (reused): 0:01:40 elapsed, time left unknown yet"
     assert lines[1] == "  [2/4 rows] new row: 0:01:40 elapsed, about 0:03:20 left"
+
+
+def test_per_prompt_rows_run_each_kind_alone_and_take_each_column_from_its_own_run(monkeypatch, tmp_path):
+    """WeSAM's protocol: one adaptation run per prompt kind; the row's box / point / poly come from three runs."""
+    protocol = protocols(600, 400)["synth_polyp"]
+    wesam = next(r for r in protocol.rows if r.name == "wesam")
+    assert wesam.per_prompt and not next(r for r in protocol.rows if r.role == "upper").per_prompt
+    commands = []
+
+    def fake_run(overrides, task, seed, run_dir, products):
+        commands.append(overrides)
+        (kind,) = [o.split("=[")[1].rstrip("]") for o in overrides if o.startswith("task.prompt_kinds=")]
+        run_dir.mkdir(parents=True)
+        # Each run reports only its own prompt; a different value per kind shows which run fed which column.
+        metrics = {kind: {"box": 60.0, "point": 40.0, "poly": 50.0}[kind]}
+        time_s = {"box": 0.1, "point": 0.2, "poly": 0.3}[kind]
+        payload = {
+            "metrics": {**metrics, "avg": metrics[kind]},
+            "step_time_s": time_s,
+            "peak_memory_mb": 10.0 * len(kind),
+        }
+        (run_dir / "results.json").write_text(json.dumps(payload))
+        return run_dir
+
+    monkeypatch.setattr(benchmark, "run", fake_run)
+    merged = benchmark.prompt_wise_result(wesam, protocol, 0, tmp_path / "wesam", {"sam_source": "s.pth"})
+    assert merged["metrics"] == {"box": 60.0, "point": 40.0, "poly": 50.0, "avg": 50.0}
+    assert merged["step_time_s"] == pytest.approx(0.2) and merged["peak_memory_mb"] == 50.0
+    assert [c[-2:] for c in commands] == [
+        ("task.prompt_kinds=[box]", "task.monitor=val/box"),
+        ("task.prompt_kinds=[point]", "task.monitor=val/point"),
+        ("task.prompt_kinds=[poly]", "task.monitor=val/poly"),
+    ]

@@ -27,9 +27,11 @@ from lightning_modules.networks.sam_lora import (
     branch_parameters,
     encode,
     inject_lora,
+    inject_output_lora,
     lora_modules,
     merged_sam,
 )
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -238,7 +240,9 @@ def read_metrics(run_dir: Path) -> list:
 
 
 def test_dual_lora_sam_runs_logs_roles_and_writes_the_selected_branch(run_tiny):
-    results, run_dir = run_tiny("dual_lora_sam", "synth_shapes", "trainer.log_every_n_steps=1")
+    results, run_dir = run_tiny(
+        "dual_lora_sam", "synth_shapes", "trainer.log_every_n_steps=1", "method.lora.placement=blocks"
+    )
     assert set(results["metrics"]) == {"box", "point", "poly", "avg"}
     rows = read_metrics(run_dir)
     rates = [float(r["train/alpha_teacher_rate"]) for r in rows if r.get("train/alpha_teacher_rate")]
@@ -258,6 +262,36 @@ def test_dual_lora_sam_runs_logs_roles_and_writes_the_selected_branch(run_tiny):
     assert torch.allclose(qkv[:64], expected_q, atol=1e-6)
     run_model = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model, resolve=True)
     assert set(saved) == set(build_configured_sam(run_model).state_dict())
+
+
+def test_output_placed_branches_keep_the_encoder_frozen_and_save_the_selected_branch(run_tiny):
+    results, run_dir = run_tiny("dual_lora_sam", "synth_shapes", "method.lora.placement=output")
+    assert set(results["metrics"]) == {"box", "point", "poly", "avg"}
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    saved = torch.load(run_dir / "adapted_sam.pt", weights_only=False)
+    assert saved["selected_branch"] == ("alpha", "beta")[int(state["teacher_counts"].argmax())]
+    learned = [state[f"sam.image_encoder.branches.{b}.up.embedding"].abs().sum() > 0 for b in ("alpha", "beta")]
+    assert any(learned) and set(saved["state_dict"]) == {k.removeprefix("sam.") for k in state if k.startswith("sam.")}
+
+
+def test_output_lora_starts_as_the_frozen_encoder_and_trains_only_its_branches():
+    model = compose_config("dual_lora_sam", "synth_shapes", Path("unused")).model
+    sam = build_configured_sam(OmegaConf.to_container(model, resolve=True))
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        plain = sam.image_encoder(images)
+    wrapper = inject_output_lora(sam, ["alpha", "beta"], rank=4, alpha=4, perturbation=0.5).eval()
+    with torch.no_grad():
+        assert torch.equal(encode(sam, None, images), plain)
+        assert torch.allclose(encode(sam, "alpha", images), plain)  # B = 0: every branch starts as gamma
+    wrapper.train()
+    encode(sam, "alpha", images).pow(2).mean().backward()
+    trained = {name for name, p in sam.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    # LoRA's zero-initialised B: the first gradient reaches B only; nothing of the encoder trains.
+    assert trained == {"image_encoder.branches.alpha.up.embedding"}
+    assert not any(p.requires_grad for p in wrapper.encoder.parameters())
+    with pytest.raises(ValueError, match="cannot be merged"):
+        merged_sam(sam, "alpha")
 
 
 def test_ablation_switches_and_bf16(run_tiny):

@@ -70,7 +70,7 @@ def test_polygon_of_rectangle_and_disk():
     # WeSAM's epsilon (0.05 x arc length, ~9 px here) leaves a coarse inscribed quad/pentagon of the disk
     # (area ratio 2/pi .. 0.76); a finer epsilon follows the outline closely.
     assert 0.6 < iou(polys[1], disk) < 0.8 and (polys[1] & ~disk.astype(bool)).sum() < 0.02 * disk.sum()
-    fine = derive_prompts(disk[None], np.random.default_rng(0), poly_epsilon=0.005)["polys"][0]
+    fine = derive_prompts(disk[None], np.random.default_rng(0), poly_epsilon=0.005, poly_min_epsilon=0)["polys"][0]
     assert iou(fine, disk) > 0.95
 
 
@@ -165,6 +165,7 @@ def test_build_from_config_streams():
             "num_workers": 0,
             "max_instances": 40,
             "strong_view": False,
+            "sam_views": "jitter",
         },
     }
     module = build_prompted_datamodule(cfg)

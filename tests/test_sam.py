@@ -17,6 +17,7 @@ from lightning_modules.networks.sam import (
     decode_masks,
     encode_prompts,
     predict_instances,
+    sam_architecture,
     save_sam_checkpoint,
 )
 
@@ -110,8 +111,11 @@ def test_checkpoint_errors_name_the_path(sam, tmp_path):
         build_sam("tiny", missing, image_size=SIZE, tiny=TINY)
     path = tmp_path / "other.pth"
     save_sam_checkpoint(sam, path)
-    with pytest.raises(CheckpointError, match="other.pth.*image_encoder"):
+    with pytest.raises(CheckpointError, match=r"other.pth holds a custom \(embed dim \d+, \d+ blocks\) SAM image"):
         build_sam("tiny", path, image_size=SIZE, tiny={**TINY, "embed_dim": 48})
+    official_large = {"image_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)}
+    official_large |= {f"image_encoder.blocks.{i}.norm1.weight": torch.zeros(1024) for i in range(24)}
+    assert sam_architecture(official_large) == "vit_l (embed dim 1024, 24 blocks)"
     lightning_checkpoint = tmp_path / "last.ckpt"
     torch.save({"state_dict": sam.state_dict(), "hyper_parameters": {"seed": 0}}, lightning_checkpoint)
     with pytest.raises(CheckpointError, match="last.ckpt is not a plain SAM state dict.*not a Lightning .ckpt"):

@@ -23,6 +23,7 @@ def test_mask_quality_on_constructed_masks():
     assert quality["recall"] == pytest.approx([1.0, 0.5])
     assert quality["precision"] == pytest.approx([1.0, 1.0])
     assert quality["auc"] == []  # squares fill their boxes: nothing inside the box to separate
+    assert mask_quality(half, truth, threshold=5.0)["iou"] == [0.0, 0.0]  # the task's logit threshold counts
 
 
 def test_box_auc_separates_object_from_the_rest_of_its_box():
@@ -43,6 +44,9 @@ def test_probe_prints_every_prompt_kind_of_a_finished_run(run_tiny, capsys):
     rows = capsys.readouterr().out.splitlines()[2:]
     assert [row.split(" | ")[0] for row in rows] == ["| box", "| point", "| poly"]
     assert all(0 <= float(row.split(" | ")[1]) <= 100 for row in rows)
+    main([str(run_dir), "--images", "2", "--task", "synth_polyp"])
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert "on synth_polyp's data.target" in header and len(rows) == 3
 
 
 def test_probe_names_a_run_without_a_sam(tmp_path):

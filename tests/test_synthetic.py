@@ -72,3 +72,21 @@ def test_strong_view_is_pixel_aligned_with_the_weak_view():
 def test_unlabelled_stream_carries_no_mask():
     sample = SemanticTransform(train=True, labelled=False)(SyntheticStreets(domain="real")[0], item_seeds(0, 0, 0))
     assert "mask" not in sample
+
+
+def test_diverse_source_never_camouflages_and_polyp_target_is_one_or_two_blobs():
+    def contrast(item):
+        inside = item["instances"].any(0)
+        return np.abs(item["image"][inside].mean(0) - item["image"][~inside].mean(0)).sum()
+
+    diverse = SyntheticShapes(domain="diverse", length=30, size=64)
+    camouflaged = SyntheticShapes(domain="camouflaged", length=30, size=64)
+    polyp = SyntheticShapes(domain="polyp", length=30, size=64)
+    assert np.array_equal(diverse[3]["image"], SyntheticShapes(domain="diverse", length=30, size=64)[3]["image"])
+    assert np.median([contrast(diverse[i]) for i in range(30)]) > np.median(
+        [contrast(camouflaged[i]) for i in range(30)]
+    )
+    counts = [len(polyp[i]["instances"]) for i in range(30)]
+    assert set(counts) <= {1, 2} and counts.count(1) > counts.count(2)
+    reds = [polyp[i]["image"][..., 0].mean() - polyp[i]["image"][..., 2].mean() for i in range(30)]
+    assert min(reds) > 20  # reddish tissue in every image

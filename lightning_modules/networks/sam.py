@@ -133,11 +133,30 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
         if k in expected and v.shape != expected[k].shape
     ]
     if problems:
+        held, built = sam_architecture(state), sam_architecture(expected)
+        if held and built and held != built:
+            raise CheckpointError(
+                f"SAM checkpoint {path} holds a {held} SAM image encoder, but model.variant builds a {built} one; "
+                "set model.variant (and model.image_size) to the file's variant or pass a checkpoint of this variant"
+            )
         raise CheckpointError(
             f"SAM checkpoint {path} does not fit this SAM variant ({len(problems)} mismatching keys, "
             f"first: {'; '.join(problems[:5])})"
         )
     sam.load_state_dict(state)
+
+
+OFFICIAL_VARIANTS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}
+
+
+def sam_architecture(state: Mapping) -> str | None:
+    """'vit_b (embed dim 768, 12 blocks)'-style description of a SAM state dict's image encoder, None if it has none."""
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    if patch is None:
+        return None
+    blocks = {key.split(".")[2] for key in state if key.startswith("image_encoder.blocks.")}
+    shape = (int(patch.shape[0]), len(blocks))
+    return f"{OFFICIAL_VARIANTS.get(shape, 'custom')} (embed dim {shape[0]}, {shape[1]} blocks)"
 
 
 def build_sam(
