@@ -64,7 +64,9 @@ def square_target(top: int, left: int, size: int = 32) -> dict:
 
 
 def test_sam_panel_overlays_masks_and_draws_each_prompt_kind():
-    module = Echo({"method": {"name": "echo"}, "task": {"prompt_kinds": ["box", "point", "poly"]}})
+    module = Echo(
+        {"method": {"name": "echo"}, "task": {"prompt_kinds": ["box", "point", "poly"], "logit_threshold": 0.0}}
+    )
     batch = {"img": torch.zeros(2, 3, 32, 32), "targets": [square_target(4, 4), square_target(16, 12)]}
     columns = module.panel_columns(batch)
     panel = grid(columns)

@@ -251,6 +251,7 @@ def test_broken_dataset_stops_prompted_setup(tmp_path):
             "num_workers": 0,
             "max_instances": 40,
             "strong_view": False,
+            "sam_views": "jitter",
         },
     }
     expected = f"data check of KvasirSEG val failed for 1 of 1 items: {bad} is truncated"
