@@ -15,3 +15,9 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint or weight file that is missing, unreadable, corrupt, or written for another network."""
+
+
+def require_choice(key: str, value, choices: tuple) -> None:
+    """Refuse a config value outside its fixed set of choices, naming the key and the choices."""
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}; expected one of {choices}")

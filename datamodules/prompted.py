@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from datamodules.datasets import build_from_spec
-from datamodules.errors import ConfigError, DatasetLayoutError
+from datamodules.errors import ConfigError, DatasetLayoutError, require_choice
 from datamodules.loading import (
     ResumableLoader,
     TrainingKey,
@@ -75,8 +75,7 @@ class PromptedTransform:
     """
 
     def __init__(self, train: bool, strong_view: bool, recipe: str = "jitter"):
-        if recipe not in VIEW_RECIPES:
-            raise ConfigError(f"data.sam_views={recipe!r}; expected one of {VIEW_RECIPES}")
+        require_choice("data.sam_views", recipe, VIEW_RECIPES)
         wesam = recipe == "wesam"
         self.geometry = wesam_weak_transform() if train and wesam else None
         self.weak = weak_photometric_transform() if train and not wesam else None

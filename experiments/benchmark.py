@@ -505,16 +505,14 @@ def markdown(protocol: Protocol, lines: list[dict], throughput: dict | None) -> 
 
 def loader_throughput(task: str, batches: int = 10) -> dict:
     """Images/s of one loader worker (num_workers=0) on the task's labelled training stream."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from datamodules.build import build_datamodule
-    from experiments.run import CONFIG_DIR
+    from experiments.run import compose_config
 
     method = "source_only" if task == "synth2real" else "sam_finetune"
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        # run_dir is Hydra's output directory, which exists only under hydra.main; nothing is written here.
-        cfg = compose("config", overrides=[f"+method={method}", f"+task={task}", "data.num_workers=0", "run_dir=."])
+    # Nothing is written, so run_dir is only a placeholder.
+    cfg = compose_config([f"+method={method}", f"+task={task}", "data.num_workers=0", "run_dir=."])
     datamodule = build_datamodule(OmegaConf.to_container(cfg, resolve=True))
     if hasattr(datamodule, "setup"):
         datamodule.setup("fit")

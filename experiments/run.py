@@ -24,6 +24,15 @@ def available(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
+def compose_config(overrides: list[str]):
+    """The composed project config for ``overrides``, outside ``hydra.main`` (benchmark, probe, tests). The caller
+    passes ``run_dir``: it defaults to Hydra's output directory, which exists only under ``hydra.main``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def check_choices(argv: list[str]) -> str | None:
     """One sentence when +method / +task is missing or unknown (Hydra's own message is a page)."""
     for group in ("method", "task"):

@@ -56,12 +56,9 @@ def mask_quality(logits: torch.Tensor, instances: torch.Tensor, threshold: float
 
 def task_data(task: str) -> dict:
     """The ``data`` config of a SAM task, composed as a run of it would be."""
-    from hydra import compose, initialize_config_dir
+    from experiments.run import compose_config
 
-    from experiments.run import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+method=sam_finetune", f"+task={task}", "run_dir=."])
+    cfg = compose_config(["+method=sam_finetune", f"+task={task}", "run_dir=."])
     return OmegaConf.to_container(cfg.data, resolve=True)
 
 

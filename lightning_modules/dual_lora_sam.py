@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from datamodules.errors import ConfigError
+from datamodules.errors import ConfigError, require_choice
 from datamodules.files import write_atomically
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
@@ -60,10 +60,8 @@ class DualLoRASAM(PromptedSegmentationModule):
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # prompt encoder and mask decoder stay as SAM's; only LoRA trains
         lora = method["lora"]
-        if lora["placement"] not in LORA_PLACEMENTS:
-            raise ConfigError(f"method.lora.placement={lora['placement']!r}; expected one of {LORA_PLACEMENTS}")
-        if method["loss_scaling"] not in LOSS_SCALINGS:
-            raise ConfigError(f"method.loss_scaling={method['loss_scaling']!r}; expected one of {LOSS_SCALINGS}")
+        require_choice("method.lora.placement", lora["placement"], LORA_PLACEMENTS)
+        require_choice("method.loss_scaling", method["loss_scaling"], LOSS_SCALINGS)
         if lora["placement"] == "output":
             inject_output_lora(self.sam, list(BRANCHES), lora["rank"], lora["alpha"], method["perturbation"])
         else:

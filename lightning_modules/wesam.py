@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from datamodules.errors import ConfigError
+from datamodules.errors import require_choice
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     LOSS_SCALINGS,
@@ -47,10 +47,8 @@ class WeSAM(PromptedSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         model, method = cfg["model"], self.method
-        if method["teacher"] not in TEACHERS:
-            raise ConfigError(f"method.teacher={method['teacher']!r}; expected one of {TEACHERS}")
-        if method["loss_scaling"] not in LOSS_SCALINGS:
-            raise ConfigError(f"method.loss_scaling={method['loss_scaling']!r}; expected one of {LOSS_SCALINGS}")
+        require_choice("method.teacher", method["teacher"], TEACHERS)
+        require_choice("method.loss_scaling", method["loss_scaling"], LOSS_SCALINGS)
         self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # official base_config freezes image encoder, prompt encoder, mask decoder

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from experiments.run import CONFIG_DIR, execute
+from experiments.run import compose_config as compose_overrides
+from experiments.run import execute
 
 TINY = {
     "semantic": [
@@ -46,8 +46,28 @@ def tiny_overrides(method: str, task: str, run_dir: Path, *overrides: str) -> li
 
 
 def compose_config(method: str, task: str, run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=tiny_overrides(method, task, run_dir, *overrides))
+    return compose_overrides(tiny_overrides(method, task, run_dir, *overrides))
+
+
+def prompted_datamodule_config(target: dict, val: dict, **data) -> dict:
+    """The keys ``build_prompted_datamodule`` reads, for a 32-px target-stream SAM run; ``data`` adds or replaces."""
+    return {
+        "seed": 0,
+        "model": {"image_size": 32},
+        "method": {"streams": ["tgt"]},
+        "data": {
+            "source": None,
+            "target": target,
+            "val": val,
+            "labelled_domain": "target",
+            "batch_size": 2,
+            "num_workers": 0,
+            "max_instances": 40,
+            "strong_view": False,
+            "sam_views": "jitter",
+            **data,
+        },
+    }
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ method that does not beat source-only; its protocols only name methods and tasks
 import json
 
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from experiments import benchmark
@@ -19,7 +18,7 @@ from experiments.benchmark import (
     task_plot,
     with_task,
 )
-from experiments.run import CONFIG_DIR, available
+from experiments.run import available, compose_config
 
 
 def result(row: Row, miou: float, step: float, seed: int = 0) -> dict:
@@ -80,8 +79,7 @@ def test_every_benchmark_command_composes_including_the_ablation_rows():
         placeholders = {name: f"/placeholder/{name}" for name in [s.name for s in protocol.stages] + ["row_dir"]}
         for command in commands:
             overrides = with_task(command, protocol.task, placeholders)
-            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                cfg = compose("config", overrides=[*overrides, "run_dir=x"])
+            cfg = compose_config([*overrides, "run_dir=x"])
             assert cfg.method.name == overrides[0].split("=", 1)[1]
 
 

@@ -9,18 +9,16 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, get_method
 
-from experiments.run import CONFIG_DIR, available, check_compatibility
+from experiments.run import available, check_compatibility, compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = [(method, task) for method in available("method") for task in available("task")]
 
 
 def compose_pair(method: str, task: str, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"+method={method}", f"+task={task}", "run_dir=/tmp/unused", *overrides])
+    return compose_config([f"+method={method}", f"+task={task}", "run_dir=/tmp/unused", *overrides])
 
 
 def fits(cfg) -> bool:

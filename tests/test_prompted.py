@@ -13,6 +13,7 @@ from datamodules.errors import DatasetLayoutError
 from datamodules.prompted import PromptedDataModule, PromptedDataset, build_prompted_datamodule, collate_prompted
 from datamodules.prompts import derive_prompts, masks_to_boxes
 from lightning_modules.networks.sam import build_sam
+from tests.conftest import prompted_datamodule_config
 
 
 def rectangles() -> np.ndarray:
@@ -152,22 +153,7 @@ def test_collate_and_datamodule_loaders():
 
 def test_build_from_config_streams():
     spec = {"name": "synth_shapes", "split": "train", "options": {"domain": "clear", "length": 4, "size": 32}}
-    cfg = {
-        "seed": 0,
-        "model": {"image_size": 32},
-        "method": {"streams": ["tgt"]},
-        "data": {
-            "source": None,
-            "target": spec,
-            "val": {**spec, "split": "val"},
-            "labelled_domain": "target",
-            "batch_size": 2,
-            "num_workers": 0,
-            "max_instances": 40,
-            "strong_view": False,
-            "sam_views": "jitter",
-        },
-    }
+    cfg = prompted_datamodule_config(spec, {**spec, "split": "val"})
     module = build_prompted_datamodule(cfg)
     assert "instances" not in module.train_set[(0, 0)] and "instances" in module.val_set[0]
     cfg["method"]["streams"] = ["src"]

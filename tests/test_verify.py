@@ -22,6 +22,7 @@ from datamodules.errors import DatasetLayoutError
 from datamodules.prompted import build_prompted_datamodule
 from datamodules.uda import UDADataModule
 from datamodules.verify import verify_dataset
+from tests.conftest import prompted_datamodule_config
 from tests.test_datasets import H, W, id_map, image, needs_non_root, raises_naming, truncate, write, write_palette
 
 pytestmark = pytest.mark.faults
@@ -236,24 +237,9 @@ def test_broken_dataset_stops_prompted_setup(tmp_path):
     root = kvasir(tmp_path / "data/Kvasir-SEG")
     bad = truncate(root / "masks/cju5.jpg", 0.7)  # held out: the val split
     kvasir_spec = {"name": "kvasir", "root": str(root)}
-    cfg = {
-        "seed": 0,
-        "model": {"image_size": 32},
-        "method": {"streams": ["tgt"]},
-        "data": {
-            "root": str(tmp_path / "data"),
-            "verify": True,
-            "source": None,
-            "target": {**kvasir_spec, "split": "train"},
-            "val": {**kvasir_spec, "split": "val"},
-            "labelled_domain": "target",
-            "batch_size": 2,
-            "num_workers": 0,
-            "max_instances": 40,
-            "strong_view": False,
-            "sam_views": "jitter",
-        },
-    }
+    cfg = prompted_datamodule_config(
+        {**kvasir_spec, "split": "train"}, {**kvasir_spec, "split": "val"}, root=str(tmp_path / "data"), verify=True
+    )
     expected = f"data check of KvasirSEG val failed for 1 of 1 items: {bad} is truncated"
     with pytest.raises(DatasetLayoutError, match=re.escape(expected)):
         build_prompted_datamodule(cfg).setup("fit")

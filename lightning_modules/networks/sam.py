@@ -22,6 +22,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from datamodules.errors import CheckpointError, ConfigError
+from datamodules.files import write_atomically
 from datamodules.prompts import masks_to_boxes
 
 log = logging.getLogger(__name__)
@@ -190,10 +191,12 @@ def build_configured_sam(model: Mapping, checkpoint: str | Path | None = None) -
 
 
 def save_sam_checkpoint(sam: Sam, path: str | Path) -> None:
-    """A plain state dict, the format of the official files (loadable by build_sam and sam_model_registry)."""
+    """A plain state dict, the format of the official files (loadable by build_sam and sam_model_registry), written
+    atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sam.state_dict(), path)
+    state = sam.state_dict()
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
 def poly_mask_logits(polys: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
