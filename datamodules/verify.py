@@ -103,7 +103,7 @@ def verify_dataset(dataset: Dataset, split: str, data_root: str | Path | None, w
         return
     started = time.perf_counter()
     name = f"{type(dataset).__name__} {split}"
-    paths = sorted({path for pair in dataset.file_pairs() for path in pair})
+    paths = sorted({path for pair in dataset.file_pairs() for path in pair if path is not None})
     with ThreadPoolExecutor(max_workers=workers) as pool:
         stats = list(pool.map(stat_line, paths))
     signature = digest([f"checks {CHECKS_VERSION}", *stats])

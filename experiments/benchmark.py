@@ -86,6 +86,16 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
         "+FC +BC": (True, True, False, False),
         "+y_D w/o cal.": (True, True, True, False),
     }
+    # STvM's parts: MOCM off, and MOCM replaced by plain ClassMix (classes drawn uniformly, pasted whole).
+    plain_class_mix = ("method.mocm_draw=uniform", "method.mocm_paste=whole_class")
+    mt_metric_ablation = {"w/o MOCM": ("method.mocm=false",), "plain ClassMix": plain_class_mix}
+    # The baselines STvM argues against: confidence-threshold self-training and the unweighted mean teacher, each
+    # without and with ClassMix (the mean teacher's own mixing, so the weighting is compared at equal input).
+    mt_metric_baselines = {
+        "threshold ST": ("method.weighting=threshold", "method.mocm=false"),
+        "unweighted": ("method.weighting=uniform", "method.mocm=false"),
+        "unweighted + ClassMix": ("method.weighting=uniform", *plain_class_mix),
+    }
     dual_lora_ablation = {
         "Direct": ("method.reverse_distillation=false", "method.triplet=false"),
         "+Reverse": ("method.triplet=false",),
@@ -129,18 +139,17 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
                 for name, values in bicl_ablation.items()
             ),
             Row("mt_metric", single("+method=mt_metric", "method.source_ckpt={source}", adapt)),
-            Row(
-                "mt_metric +MOCM",
-                single("+method=mt_metric", "method.source_ckpt={source}", "method.mocm=true", adapt),
-                ablation=True,
+            *(
+                Row(
+                    f"mt_metric {name}",
+                    single("+method=mt_metric", "method.source_ckpt={source}", *switches, adapt),
+                    ablation=True,
+                )
+                for name, switches in mt_metric_ablation.items()
             ),
-            Row(
-                "mt_metric (threshold ST)",
-                single("+method=mt_metric", "method.source_ckpt={source}", "method.weighting=threshold", adapt),
-            ),
-            Row(
-                "mt_metric (unweighted)",
-                single("+method=mt_metric", "method.source_ckpt={source}", "method.weighting=uniform", adapt),
+            *(
+                Row(f"mt_metric ({name})", single("+method=mt_metric", "method.source_ckpt={source}", *switches, adapt))
+                for name, switches in mt_metric_baselines.items()
             ),
             Row(
                 "seco",
@@ -503,6 +512,39 @@ def markdown(protocol: Protocol, lines: list[dict], throughput: dict | None) -> 
     return "\n".join(out)
 
 
+def reliability_auc_table(results: list[dict]) -> str:
+    """Per class, the AUC of each pixel score for telling correct from incorrect teacher pseudo-labels (mt_metric's
+    ``reliability_auc``; 0.5 = no better than chance), mean over seeds; empty when no row reports it."""
+    by_row: dict[str, list[dict]] = {}
+    for result in results:
+        if result.get("reliability_auc"):
+            by_row.setdefault(result["row"].name, []).append(result["reliability_auc"])
+    if not by_row:
+        return ""
+    classes = list(dict.fromkeys(c for seeds in by_row.values() for auc in seeds for c in auc))
+    header = ["row", "score", *classes, "mean"]
+    out = [
+        "Reliability AUC per class (correct vs incorrect teacher pseudo-labels on the target val set, mean over "
+        "seeds):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, seeds in by_row.items():
+        for score in ("metric", "confidence", "threshold"):
+            means = {
+                c: statistics.fmean(values)
+                for c in classes
+                if (values := [auc[c][score] for auc in seeds if score in auc.get(c, {})])
+            }
+            if means:
+                cells = [f"{means[c]:.3f}" if c in means else "-" for c in classes]
+                out.append(
+                    f"| {name} | {score} | " + " | ".join(cells) + f" | {statistics.fmean(means.values()):.3f} |"
+                )
+    return "\n".join(out)
+
+
 def loader_throughput(task: str, batches: int = 10) -> dict:
     """Images/s of one loader worker (num_workers=0) on the task's labelled training stream."""
     from omegaconf import OmegaConf
@@ -582,6 +624,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             throughput = None
         report = markdown(protocol, lines, throughput)
+        if auc_table := reliability_auc_table(results):
+            report += "\n\n" + auc_table
         print(report, flush=True)
         reports.append(report)
         for line in lines:

@@ -7,7 +7,8 @@ Student and teacher start from the source model; the teacher is the EMA of the s
    features, so the loss also trains them), and scores each pseudo-label's reliability;
 3. the student learns on the strong view from all pixels, each pixel's loss weighted by that reliability
    (divided by the mean reliability of its pseudo-class, so it ranks pixels within their class);
-   with MOCM the strong views are first ClassMixed, the pasted classes drawn by their mean reliability;
+   with MOCM (on by default) the student's input is instead a ClassMix of the batch's weak views: classes drawn
+   by their mean reliability, of each only its reliable pixels pasted, DACS's strong transform after the mix;
 4. the teacher takes the EMA of the student.
 ``method.weighting=threshold`` swaps step 2 for the confidence-threshold self-training baseline, and
 ``method.weighting=uniform`` for weight 1 on every pixel (the mean teacher without any weighting).
@@ -16,34 +17,45 @@ Student and teacher start from the source model; the teacher is the EMA of the s
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from datamodules.constants import IGNORE_INDEX
-from datamodules.errors import ConfigError
+from datamodules.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from datamodules.errors import ConfigError, require_choice
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.metric_learning import (
     class_normalised_weight,
     confidence_threshold_weight,
+    correctness_histograms,
+    histogram_auc,
     proxy_anchor_loss,
     reliability_weight,
+    thresholded,
     weighted_cross_entropy,
 )
 from lightning_modules.components.ops import class_means, labels_at, upsample
-from lightning_modules.components.self_training import class_mix_masks, mix
+from lightning_modules.components.self_training import class_mix_masks, mix, strong_photometric
 from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.heads import MetricHead
-from lightning_modules.panels import colourised, grey
+from lightning_modules.panels import colourised, denormalised, grey, grid, publish
 from lightning_modules.teachers import ema_update
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("metric", "threshold", "uniform")
+MOCM_DRAWS = ("reliability", "uniform")
+MOCM_PASTES = ("reliable", "whole_class")
+# Score bins of the reliability AUC: thresholds with three decimals (the 0.9 of the threshold baseline) fall on a
+# bin edge, so the thresholded score's AUC is exact.
+AUC_BINS = 1000
 
 
 class TeacherTargets(NamedTuple):
     pseudo_label: torch.Tensor  # [B, H, W] at input size
-    weight: torch.Tensor  # [B, H, W] reliability of each pseudo-label
+    weight: torch.Tensor  # [B, H, W] the weight of each pseudo-label in the student's loss
+    confidence: torch.Tensor | None = None  # [B, H, W] the teacher's max class probability
+    reliability: torch.Tensor | None = None  # [B, H, W] the metric reliability before class normalisation
     features: torch.Tensor | None = None  # [B, D, h, w] the teacher's encoder features
     feature_labels: torch.Tensor | None = None  # [B, h, w] its pseudo-labels at feature resolution
 
@@ -56,6 +68,8 @@ class MTMetric(SemanticSegmentationModule):
             raise ConfigError(
                 f"method.weighting={method['weighting']!r} is not supported; expected one of {WEIGHTINGS}"
             )
+        require_choice("method.mocm_draw", method["mocm_draw"], MOCM_DRAWS)
+        require_choice("method.mocm_paste", method["mocm_paste"], MOCM_PASTES)
         self.segmenter = self.build_segmenter(method["source_ckpt"])
         self.teacher = self.frozen_copy(self.segmenter)
         self.metric_head = None
@@ -65,37 +79,44 @@ class MTMetric(SemanticSegmentationModule):
             )
         # [sum of weights, count] of correct and of incorrect teacher pseudo-labels on the target val set
         self.weight_by_correctness = torch.zeros(4)
+        # per pseudo-class, histograms of the metric reliability and the teacher's confidence, by correctness
+        self.correctness_counts = torch.zeros(self.num_classes, 2, 2, AUC_BINS, dtype=torch.float64)
         self.pixel_weight_summary: dict = {}
+        self.reliability_auc: dict = {}
+        self.last_mix: tuple | None = None  # the latest MOCM batch (images, labels, weights), drawn at evaluation
         self.replica_difference: dict = {}
 
     def teacher_targets(self, images: torch.Tensor, across_ranks: bool = True) -> TeacherTargets:
-        """The teacher's pseudo-label for every pixel of ``images`` and its reliability weight."""
+        """The teacher's pseudo-label for every pixel of ``images``, its weight, confidence and reliability."""
         method = self.method
         with torch.no_grad():
             logits, features = self.teacher(images)
             probabilities = upsample(logits.float(), images.shape[-2:]).softmax(1)
-            pseudo_label = probabilities.argmax(1)
+            confidence, pseudo_label = probabilities.max(1)
+            reliability = None
+            if self.metric_head is not None:
+                similarity = upsample(self.metric_head(features), images.shape[-2:])
+                reliability = reliability_weight(similarity, pseudo_label, method["reliability_scale"])
             if method["weighting"] == "uniform":
-                return TeacherTargets(pseudo_label, torch.ones_like(pseudo_label, dtype=probabilities.dtype))
-            if method["weighting"] == "threshold":
-                return TeacherTargets(
-                    pseudo_label, confidence_threshold_weight(probabilities, method["confidence_threshold"])
-                )
-            similarity = upsample(self.metric_head(features), images.shape[-2:])
-            weight = reliability_weight(similarity, pseudo_label, method["reliability_scale"])
-            if method["class_normalised"]:
-                weight = class_normalised_weight(weight, pseudo_label, self.num_classes, across_ranks)
-        return TeacherTargets(pseudo_label, weight, features, logits.argmax(1))
+                weight = torch.ones_like(confidence)
+            elif method["weighting"] == "threshold":
+                weight = confidence_threshold_weight(probabilities, method["confidence_threshold"])
+            elif method["class_normalised"]:
+                weight = class_normalised_weight(reliability, pseudo_label, self.num_classes, across_ranks)
+            else:
+                weight = reliability
+        return TeacherTargets(pseudo_label, weight, confidence, reliability, features, logits.argmax(1))
 
     def training_step(self, batch: dict, batch_idx: int):
         method = self.method
         target = batch["tgt"]
         # 1-2. Teacher pseudo-labels on the weak view, weighted by their reliability.
         teacher = self.teacher_targets(target["img"])
-        # 3. The student learns on the strong view from every pixel.
+        # 3. The student learns on the strong view (with MOCM: a strong view of the mixed batch) from every pixel.
         images, pseudo_label, weight = target["img_strong"], teacher.pseudo_label, teacher.weight
-        if self.metric_head is not None and method["mocm"]:
-            images, pseudo_label, weight = self.metric_guided_class_mix(images, teacher)
+        if method["mocm"]:
+            images, pseudo_label, weight = self.metric_guided_class_mix(target["img"], teacher)
+            self.last_mix = (images.detach(), pseudo_label, weight)
         student_logits, student_features = self.segmenter(images)
         losses = {
             "self_training": weighted_cross_entropy(
@@ -119,18 +140,37 @@ class MTMetric(SemanticSegmentationModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def metric_guided_class_mix(self, images: torch.Tensor, teacher: TeacherTargets):
-        """MOCM: each image receives half of the pseudo-classes of the previous image in the batch, drawn with
-        probability proportional to their mean reliability; labels and weights are mixed alike."""
+    def metric_guided_class_mix(self, weak_images: torch.Tensor, teacher: TeacherTargets):
+        """MOCM: each weak view receives pixels of half of the pseudo-classes of the previous image in the batch.
+        The classes are drawn with probability proportional to their mean weight, the reliability
+        (``mocm_draw=uniform``: uniformly); of a drawn class only its reliable pixels are pasted, those weighing at
+        least their class's mean (``mocm_paste=whole_class``: all of them, as ClassMix). Labels and weights are
+        mixed alike, and the mixed image then gets the strong transform, in DACS's order: mixing two strong views
+        jittered apart instead pastes each class under another image's colours."""
+        method = self.method
 
         def partner(tensor):
             return tensor.roll(1, 0)
 
-        reliability = class_means(teacher.weight, teacher.pseudo_label, self.num_classes)
-        mask = class_mix_masks(partner(teacher.pseudo_label), class_preference=partner(reliability))
+        preference = None
+        if method["mocm_draw"] == "reliability":
+            preference = partner(class_means(teacher.weight, teacher.pseudo_label, self.num_classes))
+        mask = class_mix_masks(partner(teacher.pseudo_label), class_preference=preference)
+        if method["mocm_paste"] == "reliable":
+            # M(x) = 1[ŷ(x) drawn] · 1[w(x) >= mean{w(x') : ŷ(x') = ŷ(x)}]
+            # (the tolerance keeps a class of equal weights, e.g. the unweighted teacher's, whole despite rounding)
+            reliable = class_normalised_weight(teacher.weight, teacher.pseudo_label, self.num_classes) > 1 - 1e-6
+            mask = mask * partner(reliable)
         pasted = mask.bool()
+        mixed = strong_photometric(
+            mix(mask, partner(weak_images), weak_images),
+            method["color_jitter_p"],
+            method["color_jitter_strength"],
+            method["blur_p"],
+            method["blur_sigma"],
+        )
         return (
-            mix(mask, partner(images), images),
+            mixed,
             torch.where(pasted, partner(teacher.pseudo_label), teacher.pseudo_label),
             torch.where(pasted, partner(teacher.weight), teacher.weight),
         )
@@ -162,6 +202,29 @@ class MTMetric(SemanticSegmentationModule):
                 [(teacher.weight * correct).sum(), correct.sum(), (teacher.weight * incorrect).sum(), incorrect.sum()]
             ).float()
         )
+        reliability = teacher.reliability if teacher.reliability is not None else torch.zeros_like(teacher.confidence)
+        scores = torch.stack([reliability[valid], teacher.confidence[valid]])
+        self.correctness_counts = self.correctness_counts.to(self.device) + correctness_histograms(
+            scores, correct[valid], teacher.pseudo_label[valid], self.num_classes, AUC_BINS
+        )
+
+    def summarise_reliability_auc(self) -> dict:
+        """Per evaluated class, the AUC of each score for telling correct from incorrect teacher pseudo-labels: the
+        metric reliability, the teacher's confidence and the threshold baseline's 0/1 weight."""
+        counts = all_reduce_sum(self.correctness_counts.to(self.device))
+        self.correctness_counts = torch.zeros_like(self.correctness_counts)
+        auc = {
+            "confidence": histogram_auc(counts[:, 1]),
+            "threshold": histogram_auc(thresholded(counts[:, 1], self.method["confidence_threshold"])),
+        }
+        if self.metric_head is not None:
+            auc["metric"] = histogram_auc(counts[:, 0])
+        evaluated = sorted({c for classes in self.eval_subsets.values() for c in classes})
+        return {
+            self.class_names[c]: {score: values[c].item() for score, values in auc.items()}
+            for c in evaluated
+            if not auc["confidence"][c].isnan()
+        }
 
     def evaluation_step(self, batch: dict) -> None:
         super().evaluation_step(batch)
@@ -186,15 +249,41 @@ class MTMetric(SemanticSegmentationModule):
             "pseudo_label_accuracy": (correct / (correct + incorrect).clamp(min=1)).item(),
         }
         self.log_dict({f"{stage}/{name}": value for name, value in self.pixel_weight_summary.items()})
+        self.reliability_auc = self.summarise_reliability_auc()
+        for score in ("metric", "confidence", "threshold"):
+            values = [per_score[score] for per_score in self.reliability_auc.values() if score in per_score]
+            if values:
+                self.log(f"{stage}/reliability_auc_{score}", sum(values) / len(values))
         if self.trainer.is_global_zero:
             log.info("%s teacher pseudo-labels: %s", stage, self.pixel_weight_summary)
+            self.publish_mix_panel()
         super().log_evaluation(stage)
+
+    def publish_mix_panel(self) -> None:
+        """What MOCM fed the student last: mixed image | mixed pseudo-label | weight (white = the panel's largest),
+        as run_dir/predictions/mocm_step_NNNNNN.png and W&B train/mocm."""
+        panels = self.hparams["logger"]["panels"]
+        if not panels["enabled"] or self.last_mix is None:
+            return
+        images, labels, weights = (tensor[: panels["images"]] for tensor in self.last_mix)
+        columns = {
+            "mixed image": denormalised(images, IMAGENET_MEAN, IMAGENET_STD),
+            "mixed pseudo-label": colourised(labels),
+            "weight": grey(weights / weights.max().clamp(min=1e-12)),
+        }
+        path = Path(self.hparams["run_dir"]) / "predictions" / f"mocm_step_{self.global_step:06d}.png"
+        publish(self.trainer, "train/mocm", grid(columns), path)
 
     def record_results(self, stage: str, metrics: dict, extra: dict) -> None:
         super().record_results(
             stage,
             metrics,
-            {**extra, "pixel_weight": self.pixel_weight_summary, "ddp_replica_max_difference": self.replica_difference},
+            {
+                **extra,
+                "pixel_weight": self.pixel_weight_summary,
+                "reliability_auc": self.reliability_auc,
+                "ddp_replica_max_difference": self.replica_difference,
+            },
         )
 
 

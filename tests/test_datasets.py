@@ -23,6 +23,7 @@ from datamodules.datasets.coco import COCO
 from datamodules.datasets.cod10k import COD10K
 from datamodules.datasets.gta5 import GTA5
 from datamodules.datasets.kvasir import KvasirSEG
+from datamodules.datasets.nthu import NTHUCrossCity
 from datamodules.datasets.ocid import OCID
 from datamodules.datasets.synthia import Synthia
 from datamodules.datasets.voc import PascalVOC
@@ -357,10 +358,56 @@ def test_ocid_background_ids_depend_on_table_sequences(tmp_path):
         OCID(tmp_path)
 
 
+def test_cityscapes_cross_city_label_set_keeps_only_the_13_shared_classes(cityscapes):
+    # labelIds 7 road, 26 car, 0 unlabelled, 33 bicycle; 12 wall and 17 pole are not among NTHU's 13 classes
+    write(cityscapes / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png", id_map(7, 12, 17, 33))
+    assert Cityscapes(cityscapes, "train")[0]["mask"][0].tolist() == [0] * 3 + [3] * 3 + [5] * 3 + [18] * 3
+    mask = Cityscapes(cityscapes, "train", label_set="cross_city")[0]["mask"]
+    assert mask[0].tolist() == [0] * 3 + [255] * 6 + [18] * 3
+    with pytest.raises(ValueError, match="label_set='nope'"):
+        Cityscapes(cityscapes, "train", label_set="nope")
+
+
+@pytest.fixture
+def nthu(tmp_path):
+    """Two cities in the official layout: unlabelled train images, test images with *_eval.png labelIds."""
+    for city in ("Rome", "Taipei"):
+        for index in range(2):
+            write(tmp_path / city / "Images/Train" / f"pic_{index:03d}.jpg", image())
+        write(tmp_path / city / "Images/Test" / "pic_100.jpg", image())
+        write(tmp_path / city / "Labels/Test" / "pic_100_eval.png", id_map(7, 19, 22, 32))
+    return tmp_path
+
+
+def test_nthu_train_is_unlabelled_and_test_maps_the_13_classes(nthu):
+    train = NTHUCrossCity(nthu, "train", city="Taipei")
+    assert len(train) == 2 and train[0]["image"].shape == (H, W, 3)
+    assert (train[0]["mask"] == 255).all() and train[0]["meta"]["path"].endswith("Taipei/Images/Train/pic_000.jpg")
+    assert train.file_pairs()[0][1] is None
+    test = NTHUCrossCity(nthu, "test", city="Rome")
+    # 7 road -> 0, 19 traffic light -> 6, 22 terrain (not annotated by NTHU) -> ignore, 32 motorcycle -> 17
+    assert len(test) == 1 and test[0]["mask"][0].tolist() == [0] * 3 + [6] * 3 + [255] * 3 + [17] * 3
+    assert len(NTHUCrossCity(nthu, "val", city="Rome")) == 1
+
+
+def test_nthu_layout_errors_name_the_path_or_key(nthu):
+    (nthu / "Rome/Labels/Test/pic_100_eval.png").unlink()
+    with raises_naming(nthu / "Rome/Labels/Test/pic_100_eval.png"):
+        NTHUCrossCity(nthu, "test", city="Rome")
+    with raises_naming(nthu / "Tokyo"):
+        NTHUCrossCity(nthu, "train", city="Tokyo")
+    with pytest.raises(ValueError, match="city='Paris'; expected one of"):
+        NTHUCrossCity(nthu, "train", city="Paris")
+    with pytest.raises(DatasetLayoutError, match="unknown split 'extra'"):
+        NTHUCrossCity(nthu, "extra", city="Rome")
+
+
 # --- registry ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["cityscapes", "gta5", "synthia", "coco", "voc", "camo", "cod10k", "kvasir", "ocid"])
+@pytest.mark.parametrize(
+    "name", ["cityscapes", "nthu", "gta5", "synthia", "coco", "voc", "camo", "cod10k", "kvasir", "ocid"]
+)
 def test_missing_root_is_named(tmp_path, name):
     with raises_naming(tmp_path / "absent"):
         build_dataset(name, tmp_path / "absent", "train")

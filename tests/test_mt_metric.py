@@ -4,21 +4,27 @@ source-free contract, and tiny end-to-end runs (fp32, bf16, two-process DDP)."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 import datamodules.build
 import datamodules.uda
 import lightning_modules.mt_metric
+from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
 from experiments.run import check_compatibility, execute
 from lightning_modules.components.metric_learning import (
     class_normalised_weight,
     confidence_threshold_weight,
+    correctness_histograms,
+    histogram_auc,
     proxy_anchor_loss,
     proxy_similarity,
     reliability_weight,
+    thresholded,
     weighted_cross_entropy,
 )
 from lightning_modules.components.ops import class_means
@@ -173,6 +179,10 @@ def test_adapts_from_target_images_only_and_reports_weight_by_correctness(run_ti
     assert all(key in metrics for key in ("train/pixel_weight", "train/metric_loss", "val/weight_correct"))
     # image | ground truth | prediction | pseudo-label | weight, for the first val batch (4 images of 64 x 128).
     assert Image.open(run_dir / "predictions" / "step_000004.png").size == panel_size(5, 4, 64, 128)
+    # MOCM's last mixed batch: mixed image | mixed pseudo-label | weight.
+    assert Image.open(run_dir / "predictions" / "mocm_step_000004.png").size == panel_size(3, 4, 64, 128)
+    aucs = [value for scores in results["reliability_auc"].values() for value in scores.values()]
+    assert aucs and all(0 <= value <= 1 for value in aucs)
 
 
 def test_bf16_mixed_precision_runs(run_tiny, source_ckpt):
@@ -211,18 +221,77 @@ def test_class_means_and_reliability_preferring_class_mix():
     assert masks[:, 1].sum() == 0
 
 
-def test_metric_guided_class_mix_pastes_the_partner_with_its_labels_and_weights(source_ckpt):
-    module = build_module(source_ckpt)
-    images = torch.stack([torch.zeros(3, 2, 4), torch.ones(3, 2, 4)])
+def normalised(rgb: torch.Tensor) -> torch.Tensor:
+    return (rgb - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
+def test_metric_guided_class_mix_pastes_the_drawn_classes_with_their_labels_and_weights(source_ckpt):
+    module = build_module(source_ckpt, "method.color_jitter_p=0", "method.blur_p=0")
+    images = torch.stack([normalised(torch.full((3, 2, 4), 0.2)), normalised(torch.full((3, 2, 4), 0.8))])
     labels = torch.tensor([[[0, 0, 0, 0], [0, 0, 0, 0]], [[1, 1, 2, 2], [1, 1, 2, 2]]])
     weights = torch.stack([torch.full((2, 4), 0.1), torch.full((2, 4), 0.9)])
-    teacher = TeacherTargets(labels, weights)
-    mixed, mixed_labels, mixed_weights = module.metric_guided_class_mix(images, teacher)
+    mixed, mixed_labels, mixed_weights = module.metric_guided_class_mix(images, TeacherTargets(labels, weights))
     # Image 0 receives one of image 1's two classes (whole), image 1 receives image 0's only class (all of it).
-    pasted = mixed[0, 0] == 1
+    pasted = (mixed[0] - images[1]).abs().amax(0) < 1e-5
     assert pasted.sum() == 4 and (mixed_labels[0][pasted] > 0).all() and len(mixed_labels[0][pasted].unique()) == 1
+    assert torch.allclose(mixed[0][:, ~pasted], images[0][:, ~pasted], atol=1e-5)
     assert (mixed_weights[0][pasted] == 0.9).all() and (mixed_weights[0][~pasted] == 0.1).all()
-    assert (mixed[1] == 0).all() and (mixed_labels[1] == 0).all()
+    assert torch.allclose(mixed[1], images[0], atol=1e-5) and (mixed_labels[1] == 0).all()
+
+
+def test_mocm_draws_reliable_classes_and_jitters_after_mixing(source_ckpt):
+    torch.manual_seed(0)
+    # Images of 2 x 4 pixels (the blur needs two rows).
+    labels = torch.tensor([[[0, 0, 1, 1]], [[2, 2, 3, 3]]]).repeat(100, 1, 1).expand(-1, 2, -1)
+    # In every image one class is reliable (mean weight 1) and the other not (1e-6): the reliable one is pasted.
+    weights = torch.tensor([[[1.0, 1.0, 1e-6, 1e-6]], [[1e-6, 1e-6, 1.0, 1.0]]]).repeat(100, 1, 1)
+    weights = weights.expand(-1, 2, -1)
+    images = normalised(torch.rand(200, 3, 2, 4))
+    module = build_module(source_ckpt)
+    _, mixed_labels, _ = module.metric_guided_class_mix(images, TeacherTargets(labels, weights))
+    received = mixed_labels[torch.arange(200) % 2 == 0]  # the even images receive from the odd (class 3 reliable)
+    assert (received == 3).sum((1, 2)).float().mean() > 3.9 and (received == 2).sum() < 10
+    uniform = build_module(source_ckpt, "method.mocm_draw=uniform")
+    _, uniform_labels, _ = uniform.metric_guided_class_mix(images, TeacherTargets(labels, weights))
+    assert (uniform_labels[torch.arange(200) % 2 == 0] == 2).sum() > 100
+    # With jitter on, both halves of a mixed image share one colour transform: their ratio to the inputs is equal.
+    jitter = build_module(source_ckpt, "method.color_jitter_p=1", "method.color_jitter_strength=0.5", "method.blur_p=0")
+    flat = normalised(torch.full((3, 2, 4), 0.5)).expand(2, -1, -1, -1)
+    mixed, _, _ = jitter.metric_guided_class_mix(flat, TeacherTargets(labels[:2], weights[:2]))
+    assert torch.allclose(mixed[:, :, :, :1].expand_as(mixed), mixed, atol=1e-5) and not torch.allclose(mixed, flat)
+    with pytest.raises(ValueError, match="method.mocm_draw='best'"):
+        build_module(source_ckpt, "method.mocm_draw=best")
+
+
+def test_mocm_pastes_only_the_pixels_at_least_as_reliable_as_their_class(source_ckpt):
+    images = normalised(torch.rand(2, 3, 2, 4))
+    labels = torch.tensor([[[0, 0, 0, 0]], [[5, 5, 5, 5]]]).expand(-1, 2, -1)
+    # Class 5 in the batch: weights 2, 0.5, 1.5, 0 (mean 1): its first and third pixels are reliable.
+    weights = torch.tensor([[[1.0, 1.0, 1.0, 1.0]], [[2.0, 0.5, 1.5, 0.0]]]).expand(-1, 2, -1)
+    reliable = build_module(source_ckpt, "method.color_jitter_p=0", "method.blur_p=0")
+    _, mixed_labels, mixed_weights = reliable.metric_guided_class_mix(images, TeacherTargets(labels, weights))
+    assert mixed_labels[0].tolist() == [[5, 0, 5, 0]] * 2 and mixed_weights[0].tolist() == [[2.0, 1.0, 1.5, 1.0]] * 2
+    whole = build_module(source_ckpt, "method.mocm_paste=whole_class")
+    assert whole.metric_guided_class_mix(images, TeacherTargets(labels, weights))[1][0, 0].tolist() == [5] * 4
+
+
+def test_histogram_auc_on_constructed_scores():
+    # class 0: every correct score above every incorrect one; class 1: the reverse; class 2: all tied.
+    scores = torch.tensor([0.95, 0.95, 0.95, 0.6, 0.2, 0.3, 0.1, 0.2, 0.8, 0.9, 0.5, 0.5, 0.5])
+    correct = torch.tensor([1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 1, 0, 1])
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    counts = correctness_histograms(scores[None], correct, labels, 4, 1000)
+    assert counts.shape == (4, 1, 2, 1000) and counts.sum() == len(scores)
+    auc = histogram_auc(counts[:, 0])
+    assert auc[:3].tolist() == [1.0, 0.0, 0.5] and auc[3].isnan()
+    # The 0/1 score 1[s >= 0.9] on class 0: 3 of 4 correct pass, no incorrect one: AUC = (1 + 0.75 - 0) / 2.
+    assert histogram_auc(thresholded(counts[:, 0], 0.9))[0].item() == pytest.approx(0.875)
+    # On random scores it is the exact ROC AUC up to the bin width.
+    generator = torch.Generator().manual_seed(0)
+    correct = torch.rand(5000, generator=generator) < 0.7
+    scores = (torch.rand(5000, generator=generator) + 0.5 * correct).clamp(max=1)
+    counts = correctness_histograms(scores[None], correct, torch.zeros(5000, dtype=torch.long), 1, 1000)
+    assert histogram_auc(counts[:, 0])[0].item() == pytest.approx(roc_auc_score(correct, scores), abs=1e-3)
 
 
 def test_metric_loss_trains_the_student_feature_space_only_when_switched_on(source_ckpt, monkeypatch):
@@ -238,3 +307,45 @@ def test_metric_loss_trains_the_student_feature_space_only_when_switched_on(sour
         assert bool(sum(backbone_grads) > 0) == trains_student
         assert module.metric_head.proxies.grad.abs().sum() > 0
         assert all(p.grad is None for p in module.teacher.parameters())
+
+
+def write_cross_city_layouts(root, height=32, width=64):
+    """Tiny Cityscapes (source) and NTHU Rome (target) trees in their official layouts."""
+    rng = np.random.default_rng(0)
+    label_ids = np.array([7, 8, 11, 21, 23, 26], np.uint8)  # road, sidewalk, building, vegetation, sky, car
+
+    def picture(path, suffix):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path.with_suffix(suffix))
+
+    def labels(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.repeat(rng.choice(label_ids, (height, width // 8)), 8, 1)).save(path)
+
+    for index in range(4):
+        frame = f"aachen_{index:06d}_000019"
+        picture(root / "cityscapes/leftImg8bit/train/aachen" / f"{frame}_leftImg8bit", ".png")
+        labels(root / "cityscapes/gtFine/train/aachen" / f"{frame}_gtFine_labelIds.png")
+        picture(root / "NTHU_Datasets/Rome/Images/Train" / f"pic_{index:03d}", ".jpg")
+    for index in range(2):
+        picture(root / "NTHU_Datasets/Rome/Images/Test" / f"pic_{100 + index:03d}", ".jpg")
+        labels(root / "NTHU_Datasets/Rome/Labels/Test" / f"pic_{100 + index:03d}_eval.png")
+
+
+def test_cs2nthu_source_then_mt_metric_on_the_official_layouts(run_tiny, tmp_path):
+    write_cross_city_layouts(tmp_path / "data")
+    size = "[32,64]"
+    data = (
+        f"data.root={tmp_path / 'data'}",
+        "data.batch_size=2",
+        "data.crop_size=[32,32]",
+        *(f"data.{stream}.resize={size}" for stream in ("source", "target", "val")),
+    )
+    _, source_dir = run_tiny("source_only", "cs2nthu", *data, name="source")
+    results, _ = run_tiny(
+        "mt_metric", "cs2nthu", *data, f"method.source_ckpt={source_dir / 'checkpoints' / 'last.ckpt'}", name="adapt"
+    )
+    assert set(results["metrics"]) == {"mIoU13"} and 0 <= results["metrics"]["mIoU13"] <= 100
+    assert len(results["per_class_iou"]) == 13 and "terrain" not in results["per_class_iou"]
+    assert set(results["reliability_auc"]) <= set(results["per_class_iou"])
+    assert all(set(auc) == {"metric", "confidence", "threshold"} for auc in results["reliability_auc"].values())

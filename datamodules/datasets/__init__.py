@@ -15,6 +15,7 @@ from datamodules.datasets.coco import COCO
 from datamodules.datasets.cod10k import COD10K
 from datamodules.datasets.gta5 import GTA5
 from datamodules.datasets.kvasir import KvasirSEG
+from datamodules.datasets.nthu import NTHUCrossCity
 from datamodules.datasets.ocid import OCID
 from datamodules.datasets.synth_regions import SyntheticStreetRegions
 from datamodules.datasets.synth_shapes import SyntheticShapes
@@ -25,6 +26,7 @@ from datamodules.errors import ConfigError, DatasetLayoutError
 
 DATASETS = {
     "cityscapes": Cityscapes,
+    "nthu": NTHUCrossCity,
     "gta5": GTA5,
     "synthia": Synthia,
     "coco": COCO,

@@ -205,7 +205,8 @@ def interleaved_split(files: Sequence, train_per_eval: int, split: str) -> list:
 
 
 class SemanticDataset(Dataset):
-    """Image/label pairs mapped to train ids by ``to_train_ids``; subclasses only discover files."""
+    """Image/label pairs mapped to train ids by ``to_train_ids``; subclasses only discover files. A pair whose
+    label is None is an unlabelled image (a target train split released without labels): its mask is all ignore."""
 
     layout: str = ""
 
@@ -219,6 +220,8 @@ class SemanticDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, label_path = self.pairs[index]
         image = read_rgb(image_path)
+        if label_path is None:
+            return {"image": image, "mask": np.full(image.shape[:2], IGNORE_INDEX), "meta": {"path": str(image_path)}}
         label = self.to_train_ids(self.read_raw_label(label_path), label_path)
         check_same_size(image.shape[:2], label.shape, image_path, label_path)
         return {"image": image, "mask": label, "meta": {"path": str(image_path)}}
@@ -234,6 +237,8 @@ class SemanticDataset(Dataset):
         """What ``__getitem__`` would refuse, with the image read from its header only (datamodules/verify.py)."""
         image_path, label_path = self.pairs[index]
         size = image_size(image_path)
+        if label_path is None:
+            return
         label = self.read_raw_label(require_pair(image_path, label_path, self.layout))
         self.to_train_ids.check(label, label_path)
         check_same_size(size, label.shape[:2], image_path, label_path)

@@ -50,3 +50,10 @@ ALL_19 = tuple(range(19))
 # SYNTHIA has no terrain, truck, train; the 13-class protocol also drops wall, fence, pole.
 SYNTHIA_16 = tuple(c for c in ALL_19 if c not in (9, 14, 16))
 SYNTHIA_13 = tuple(c for c in SYNTHIA_16 if c not in (3, 4, 5))
+# NTHU cross-city (Chen et al., ICCV 2017) annotates 13 classes, exactly the 13 of SYNTHIA's 13-class protocol:
+# road, sidewalk, building, traffic light, traffic sign, vegetation, sky, person, rider, car, bus, motorcycle,
+# bicycle. Its label PNGs hold Cityscapes labelIds; the other Cityscapes classes are ignore in that protocol.
+CROSS_CITY_13 = SYNTHIA_13
+CROSS_CITY_LABELID_TO_TRAINID = {
+    label_id: train_id for label_id, train_id in CITYSCAPES_LABELID_TO_TRAINID.items() if train_id in CROSS_CITY_13
+}

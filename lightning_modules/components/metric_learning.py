@@ -68,3 +68,34 @@ def weighted_cross_entropy(logits: torch.Tensor, pseudo_label: torch.Tensor, wei
     """Self-training loss on every pixel, each pixel's gradient scaled by its weight (mean over all pixels)."""
     # L_st = 1/N Σ_x w(x) · CE(f_student(x), ŷ(x))
     return (weight * F.cross_entropy(logits.float(), pseudo_label, reduction="none")).mean()
+
+
+def correctness_histograms(
+    scores: torch.Tensor, correct: torch.Tensor, pseudo_label: torch.Tensor, num_classes: int, bins: int
+) -> torch.Tensor:
+    """Counts [C, K, 2, bins] of K per-pixel scores in [0, 1] ([K, N]), by pseudo-class, incorrect (0) / correct (1)
+    pseudo-label and score bin (bin b holds [b / bins, (b + 1) / bins)); one bincount, no loop over pixels."""
+    kinds = scores.shape[0]
+    score_bin = (scores.float().clamp(0, 1) * bins).long().clamp(max=bins - 1)
+    kind = torch.arange(kinds, device=scores.device)[:, None]
+    index = ((pseudo_label[None] * kinds + kind) * 2 + correct[None].long()) * bins + score_bin
+    counts = torch.bincount(index.flatten(), minlength=num_classes * kinds * 2 * bins)
+    return counts.reshape(num_classes, kinds, 2, bins).double()
+
+
+def histogram_auc(histograms: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve of a score for telling correct from incorrect pseudo-labels, from the counts
+    [..., 2, bins] of ``correctness_histograms``; NaN where either outcome never occurs."""
+    # AUC = P(s_correct > s_incorrect) + 1/2 P(s_correct = s_incorrect), a bin's scores counted as tied
+    incorrect, correct = histograms[..., 0, :], histograms[..., 1, :]
+    incorrect_below = incorrect.cumsum(-1) - incorrect
+    pairs = (correct * (incorrect_below + 0.5 * incorrect)).sum(-1)
+    total = correct.sum(-1) * incorrect.sum(-1)
+    return torch.where(total > 0, pairs / total.clamp(min=1), torch.full_like(pairs, float("nan")))
+
+
+def thresholded(histograms: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The counts of the binary score 1[s >= threshold] in two bins, from counts of s [..., bins]."""
+    bins = histograms.shape[-1]
+    cut = int(round(threshold * bins))
+    return torch.stack([histograms[..., :cut].sum(-1), histograms[..., cut:].sum(-1)], -1)
