@@ -30,7 +30,9 @@ from lightning_modules.components.metric_learning import (
     confidence_threshold_weight,
     correctness_histograms,
     histogram_auc,
+    normalised_softmax_loss,
     proxy_anchor_loss,
+    proxy_nca_loss,
     reliability_weight,
     thresholded,
     weighted_cross_entropy,
@@ -44,6 +46,7 @@ from lightning_modules.teachers import ema_update
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("metric", "threshold", "uniform")
+METRIC_LOSSES = ("proxy_anchor", "normalised_softmax", "proxy_nca")
 MOCM_DRAWS = ("reliability", "uniform")
 MOCM_PASTES = ("reliable", "whole_class")
 # Score bins of the reliability AUC: thresholds with three decimals (the 0.9 of the threshold baseline) fall on a
@@ -68,6 +71,7 @@ class MTMetric(SemanticSegmentationModule):
             raise ConfigError(
                 f"method.weighting={method['weighting']!r} is not supported; expected one of {WEIGHTINGS}"
             )
+        require_choice("method.metric_loss", method["metric_loss"], METRIC_LOSSES)
         require_choice("method.mocm_draw", method["mocm_draw"], MOCM_DRAWS)
         require_choice("method.mocm_paste", method["mocm_paste"], MOCM_PASTES)
         self.segmenter = self.build_segmenter(method["source_ckpt"])
@@ -131,14 +135,20 @@ class MTMetric(SemanticSegmentationModule):
                 if method["metric_trains_student"]
                 else (teacher.features, teacher.feature_labels)
             )
-            losses["metric"] = proxy_anchor_loss(
-                self.metric_head(features), labels, method["proxy_anchor_scale"], method["proxy_anchor_margin"]
-            )
+            losses["metric"] = self.metric_loss(self.metric_head(features), labels)
         loss = sum(losses.values())
         self.log_dict({f"train/{name}_loss": value for name, value in losses.items()})
         self.log("train/pixel_weight", teacher.weight.mean(), sync_dist=True)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def metric_loss(self, similarity: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        method = self.method
+        if method["metric_loss"] == "proxy_anchor":
+            return proxy_anchor_loss(similarity, labels, method["proxy_anchor_scale"], method["proxy_anchor_margin"])
+        if method["metric_loss"] == "normalised_softmax":
+            return normalised_softmax_loss(similarity, labels, method["softmax_loss_scale"])
+        return proxy_nca_loss(similarity, labels, method["softmax_loss_scale"])
 
     def metric_guided_class_mix(self, weak_images: torch.Tensor, teacher: TeacherTargets):
         """MOCM: each weak view receives pixels of half of the pseudo-classes of the previous image in the batch.

@@ -21,7 +21,9 @@ from lightning_modules.components.metric_learning import (
     confidence_threshold_weight,
     correctness_histograms,
     histogram_auc,
+    normalised_softmax_loss,
     proxy_anchor_loss,
+    proxy_nca_loss,
     proxy_similarity,
     reliability_weight,
     thresholded,
@@ -77,18 +79,31 @@ def test_class_normalised_weight_ranks_pixels_within_their_class():
     )
 
 
-def test_proxy_anchor_loss_matches_its_formula_and_pulls_pixels_to_their_proxy():
-    similarity = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
-    loss = proxy_anchor_loss(similarity, torch.zeros(1, 1, 1, dtype=torch.long), alpha=32.0, delta=0.1)
-    positive = math.log1p(math.exp(-32 * (1.0 - 0.1)))  # class 0: the one proxy with a positive
-    negative = (0.0 + math.log1p(math.exp(32 * (0.0 + 0.1)))) / 2  # class 0 has no negative, class 1 one
-    assert loss.item() == pytest.approx(positive + negative, rel=1e-5)
+def test_softmax_proxy_losses_match_their_formulas():
+    similarity = torch.tensor([0.5, -0.2, 0.1]).view(1, 3, 1, 1)
+    label = torch.zeros(1, 1, 1, dtype=torch.long)
+    logits = 16 * torch.tensor([0.5, -0.2, 0.1])
+    assert normalised_softmax_loss(similarity, label, 16).item() == pytest.approx(
+        (logits.logsumexp(0) - logits[0]).item(), abs=1e-5
+    )
+    # Proxy-NCA leaves the positive out of the denominator.
+    assert proxy_nca_loss(similarity, label, 16).item() == pytest.approx(
+        (logits[1:].logsumexp(0) - logits[0]).item(), abs=1e-5
+    )
 
+
+@pytest.mark.parametrize("loss", ["proxy_anchor", "normalised_softmax", "proxy_nca"])
+def test_proxy_losses_pull_pixels_to_their_proxy(loss):
     torch.manual_seed(0)
     head = MetricHead(in_channels=3, num_classes=3, hidden_dim=8, embedding_dim=5)
     labels = torch.randint(0, 3, (2, 3, 3))
     features = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() + 0.1 * torch.randn(2, 3, 3, 3)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.01)
+    losses = {
+        "proxy_anchor": lambda similarity: proxy_anchor_loss(similarity, labels, alpha=32.0, delta=0.1),
+        "normalised_softmax": lambda similarity: normalised_softmax_loss(similarity, labels, 16.0),
+        "proxy_nca": lambda similarity: proxy_nca_loss(similarity, labels, 16.0),
+    }
 
     def margin():  # similarity to the own proxy minus the closest other proxy
         similarity = head(features).detach()
@@ -98,9 +113,17 @@ def test_proxy_anchor_loss_matches_its_formula_and_pulls_pixels_to_their_proxy()
     before = margin()
     for _ in range(30):
         optimizer.zero_grad()
-        proxy_anchor_loss(head(features), labels, alpha=32.0, delta=0.1).backward()
+        losses[loss](head(features)).backward()
         optimizer.step()
     assert margin() > before + 0.1
+
+
+def test_proxy_anchor_loss_matches_its_formula():
+    similarity = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
+    loss = proxy_anchor_loss(similarity, torch.zeros(1, 1, 1, dtype=torch.long), alpha=32.0, delta=0.1)
+    positive = math.log1p(math.exp(-32 * (1.0 - 0.1)))  # class 0: the one proxy with a positive
+    negative = (0.0 + math.log1p(math.exp(32 * (0.0 + 0.1)))) / 2  # class 0 has no negative, class 1 one
+    assert loss.item() == pytest.approx(positive + negative, rel=1e-5)
 
 
 def test_threshold_weight_and_weighted_loss_ignore_what_weighs_nothing():

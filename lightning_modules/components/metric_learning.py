@@ -38,6 +38,23 @@ def proxy_anchor_loss(similarity: torch.Tensor, labels: torch.Tensor, alpha: flo
     return positive_term + negative_term
 
 
+def normalised_softmax_loss(similarity: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """Normalised-softmax (NormFace, Wang et al. 2017; Zhai & Wu, BMVC 2019) proxy loss over all pixels,
+    ``similarity`` [B, C, h, w], ``labels`` [B, h, w]."""
+    # l = -log( exp(σ s(x, p_ŷ)) / Σ_c exp(σ s(x, p_c)) )
+    return F.cross_entropy(scale * similarity.float(), labels)
+
+
+def proxy_nca_loss(similarity: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    """Proxy-NCA (Movshovitz-Attias et al., ICCV 2017) on unit vectors, the positive proxy left out of the
+    denominator; ``scale`` is ProxyNCA++'s inverse temperature (Teh et al., ECCV 2020)."""
+    # l = -log( exp(-σ d(x, p_ŷ)) / Σ_{c≠ŷ} exp(-σ d(x, p_c)) ), d = |x̂ - p̂|² = 2 - 2 s(x, p)
+    logits = scale * similarity.float()
+    positive = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    negatives = logits.masked_fill(F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).bool(), float("-inf"))
+    return (negatives.logsumexp(1) - positive).mean()
+
+
 def reliability_weight(similarity: torch.Tensor, pseudo_label: torch.Tensor, scale: float) -> torch.Tensor:
     """Per-pixel weight [B, H, W] in (0, 1) from similarities [B, C, H, W] and pseudo-labels [B, H, W]."""
     # w(x) = exp(scale·s(x, p_ŷ)) / Σ_c exp(scale·s(x, p_c)), ŷ the teacher's pseudo-label of x
