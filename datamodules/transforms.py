@@ -78,10 +78,12 @@ class SemanticTransform:
             seed_pipeline(self.geometry, geometry_seeds)
             if self.strong is not None:
                 seed_pipeline(self.strong, strong_seeds)
-        out = self.geometry(image=item["image"], mask=item["mask"].astype(np.int64))
+        # An unlabelled stream's dataset reads no label; the geometry draws the same crop and flip either way.
+        labelled = self.labelled and "mask" in item
+        out = self.geometry(image=item["image"], **({"mask": item["mask"]} if labelled else {}))
         sample = {"img": to_tensor(out["image"])}
         if self.strong is not None:
             sample["img_strong"] = to_tensor(self.strong(image=out["image"])["image"])
-        if self.labelled:
+        if labelled:
             sample["mask"] = torch.from_numpy(np.ascontiguousarray(out["mask"])).long()
         return sample

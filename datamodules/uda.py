@@ -14,7 +14,7 @@ from typing import Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.datasets import build_from_spec
+from datamodules.datasets import SemanticDataset, build_from_spec
 from datamodules.datasets.pseudo_labelled import PseudoLabelled
 from datamodules.errors import ConfigError
 from datamodules.loading import (
@@ -87,6 +87,8 @@ class UDADataModule(L.LightningDataModule):
         dataset = build_from_spec(spec, split)
         if self.verify:
             verify_dataset(dataset, split, self.data_root)
+        if (not labelled or label_dir is not None) and isinstance(dataset, SemanticDataset):
+            dataset = dataset.unlabelled()
         if label_dir is not None:
             dataset = PseudoLabelled(dataset, label_dir)
         transform = SemanticTransform(

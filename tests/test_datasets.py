@@ -85,9 +85,19 @@ def test_cityscapes_maps_label_ids_to_train_ids(cityscapes):
     dataset = Cityscapes(cityscapes, "train")
     assert len(dataset) == 2
     item = dataset[0]
-    assert item["image"].shape == (H, W, 3) and item["mask"].dtype == np.int64
+    assert item["image"].shape == (H, W, 3) and item["mask"].dtype == np.uint8
     assert item["mask"][0].tolist() == [0] * 3 + [13] * 3 + [255] * 3 + [18] * 3
     assert item["meta"]["path"].endswith("aachen_000000_000019_leftImg8bit.png")
+
+
+def test_unlabelled_view_reads_no_label(cityscapes):
+    dataset = Cityscapes(cityscapes, "train")
+    (cityscapes / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png").unlink()
+    images_only = dataset.unlabelled()
+    item = images_only[0]
+    assert "mask" not in item and item["image"].shape == (H, W, 3) and len(images_only) == len(dataset)
+    with raises_naming(cityscapes / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png"):
+        dataset[0]  # the labelled dataset itself is unchanged
 
 
 def test_cityscapes_errors_name_the_path(cityscapes):

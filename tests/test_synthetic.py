@@ -69,9 +69,15 @@ def test_strong_view_is_pixel_aligned_with_the_weak_view():
     assert torch.corrcoef(torch.stack([weak, strong]))[0, 1] > 0.5
 
 
-def test_unlabelled_stream_carries_no_mask():
-    sample = SemanticTransform(train=True, labelled=False)(SyntheticStreets(domain="real")[0], item_seeds(0, 0, 0))
+def test_unlabelled_stream_carries_no_mask_and_draws_the_labelled_crop():
+    item = SyntheticStreets(domain="real")[0]
+    sample = SemanticTransform(train=True, labelled=False)(item, item_seeds(0, 0, 0))
     assert "mask" not in sample
+    # An item read without its label (an unlabelled stream's dataset) gets the same crop and flip.
+    geometry = {"resize": (32, 64), "crop": (24, 24), "train": True}
+    without_label = SemanticTransform(**geometry, labelled=False)({"image": item["image"]}, item_seeds(0, 0, 5))
+    with_label = SemanticTransform(**geometry, labelled=True)(item, item_seeds(0, 0, 5))
+    assert torch.equal(without_label["img"], with_label["img"]) and "mask" in with_label
 
 
 def test_diverse_source_never_camouflages_and_polyp_target_is_one_or_two_blobs():

@@ -1,6 +1,6 @@
 """What every dataset file shares: the error type, image/label reading and the two item contracts.
 
-Semantic datasets return ``{"image": uint8[H,W,3] RGB, "mask": int64[H,W] train ids (255 = ignore),
+Semantic datasets return ``{"image": uint8[H,W,3] RGB, "mask": uint8[H,W] train ids (255 = ignore),
 "meta": {"path": str}}``. Instance datasets (the SAM tasks) return ``{"image": uint8[H,W,3],
 "instances": uint8[N,H,W] (one binary mask per instance), "meta": {"path": str}}``.
 Prompts and tensors are made later (``datamodules/prompted.py``, ``datamodules/transforms.py``).
@@ -8,6 +8,7 @@ Prompts and tensors are made later (``datamodules/prompted.py``, ``datamodules/t
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -161,8 +162,9 @@ def check_same_size(image: tuple[int, int], label: tuple[int, int], image_path: 
 
 
 def lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
-    """Dense id -> train id table; ids not in ``mapping`` become IGNORE_INDEX."""
-    table = np.full(size, IGNORE_INDEX, dtype=np.int64)
+    """Dense id -> train id table (uint8: masks stay one byte a pixel until they become tensors); ids not in
+    ``mapping`` become IGNORE_INDEX."""
+    table = np.full(size, IGNORE_INDEX, dtype=np.uint8)
     for source_id, train_id in mapping.items():
         table[source_id] = train_id
     return table
@@ -206,13 +208,20 @@ def interleaved_split(files: Sequence, train_per_eval: int, split: str) -> list:
 
 class SemanticDataset(Dataset):
     """Image/label pairs mapped to train ids by ``to_train_ids``; subclasses only discover files. A pair whose
-    label is None is an unlabelled image (a target train split released without labels): its mask is all ignore."""
+    label is None is an unlabelled image (a target train split released without labels): its mask is all ignore.
+    ``unlabelled()`` is the same images without masks, for streams that never use them (no label is read)."""
 
     layout: str = ""
 
     def __init__(self, pairs: list[tuple[Path, Path]], to_train_ids: IdMapper):
         self.pairs = pairs
         self.to_train_ids = to_train_ids
+        self.with_labels = True
+
+    def unlabelled(self) -> SemanticDataset:
+        images_only = copy.copy(self)
+        images_only.with_labels = False
+        return images_only
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -220,11 +229,14 @@ class SemanticDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, label_path = self.pairs[index]
         image = read_rgb(image_path)
+        meta = {"path": str(image_path)}
+        if not self.with_labels:
+            return {"image": image, "meta": meta}
         if label_path is None:
-            return {"image": image, "mask": np.full(image.shape[:2], IGNORE_INDEX), "meta": {"path": str(image_path)}}
+            return {"image": image, "mask": np.full(image.shape[:2], IGNORE_INDEX, np.uint8), "meta": meta}
         label = self.to_train_ids(self.read_raw_label(label_path), label_path)
         check_same_size(image.shape[:2], label.shape, image_path, label_path)
-        return {"image": image, "mask": label, "meta": {"path": str(image_path)}}
+        return {"image": image, "mask": label, "meta": meta}
 
     def read_raw_label(self, path: Path) -> np.ndarray:
         return read_id_map(path)

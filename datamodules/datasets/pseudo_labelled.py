@@ -36,10 +36,10 @@ class PseudoLabelled(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
-        mask = read_label(pseudo_label_path(self.label_dir, index)).astype(item["mask"].dtype)
-        if mask.shape != item["mask"].shape:
+        mask = read_label(pseudo_label_path(self.label_dir, index))
+        if mask.shape != item["image"].shape[:2]:
             raise DatasetLayoutError(
                 f"{pseudo_label_path(self.label_dir, index)} is {mask.shape[0]}x{mask.shape[1]}, "
-                f"the image is {item['mask'].shape[0]}x{item['mask'].shape[1]}"
+                f"the image is {item['image'].shape[0]}x{item['image'].shape[1]}"
             )
         return {**item, "mask": mask}
