@@ -102,3 +102,11 @@ def run_ddp(method: str, task: str, run_dir: Path, *overrides: str, timeout: int
         text=True,
         timeout=timeout,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def source_ckpt(tmp_path_factory):
+    """A tiny source model for the methods that adapt one: the last.ckpt of a 2-step source_only run."""
+    run_dir = tmp_path_factory.mktemp("source_only")
+    execute(compose_config("source_only", "synth2real", run_dir, "trainer.max_steps=2"))
+    return run_dir / "checkpoints" / "last.ckpt"

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from datamodules.constants import IGNORE_INDEX as IGN
+from experiments.run import execute
 from lightning_modules.components.prototypes import (
     batch_prototypes,
     calibrated_source_prototypes,
@@ -22,7 +23,7 @@ from lightning_modules.components.prototypes import (
     static_pseudo_labels,
 )
 from lightning_modules.panels import panel_size
-from tests.conftest import run_ddp
+from tests.conftest import compose_config, run_ddp
 
 FAST = [
     "data.source.options.length=8",
@@ -140,8 +141,13 @@ def read_metrics(run_dir):
     return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
 
 
-def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny):
-    results, run_dir = run_tiny("bicl", "synth2real", *FAST)
+def test_running_without_a_source_checkpoint_says_how_to_make_one(tmp_path):
+    with pytest.raises(SystemExit, match=r"set method.source_ckpt=PATH.*\+method=source_only \+task=synth2real"):
+        execute(compose_config("bicl", "synth2real", tmp_path))
+
+
+def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny, source_ckpt):
+    results, run_dir = run_tiny("bicl", "synth2real", *FAST, f"method.source_ckpt={source_ckpt}")
     assert 0 <= results["metrics"]["mIoU"] <= 100
     metrics = read_metrics(run_dir)
     for kind in ("static", "dynamic_uncalibrated", "dynamic", "hybrid"):
@@ -155,11 +161,12 @@ def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny):
     assert Image.open(run_dir / "predictions" / "step_000002.png").size == panel_size(4, 2, 64, 128)
 
 
-def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny):
+def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny, source_ckpt):
     results, run_dir = run_tiny(
         "bicl",
         "synth2real",
         *FAST,
+        f"method.source_ckpt={source_ckpt}",
         "trainer.precision=bf16-mixed",
         "method.use_fc=false",
         "method.use_bc=false",
@@ -171,10 +178,10 @@ def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny):
     assert math.isfinite(metrics["val/mIoU"])
 
 
-def test_two_process_ddp_ranks_hold_identical_memories(tmp_path):
+def test_two_process_ddp_ranks_hold_identical_memories(tmp_path, source_ckpt):
     result = run_ddp(
         "bicl", "synth2real", tmp_path, "data.source.options.length=8", "data.target.options.length=8",
-        "data.val.options.length=4", "data.batch_size=2", timeout=300,
+        "data.val.options.length=4", "data.batch_size=2", f"method.source_ckpt={source_ckpt}", timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path)

@@ -15,7 +15,7 @@ import datamodules.build
 import datamodules.uda
 import lightning_modules.mt_metric
 from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
-from experiments.run import check_compatibility, execute
+from experiments.run import check_compatibility
 from lightning_modules.components.metric_learning import (
     class_normalised_weight,
     confidence_threshold_weight,
@@ -35,14 +35,6 @@ from lightning_modules.mt_metric import MTMetric, TeacherTargets
 from lightning_modules.networks.heads import MetricHead
 from lightning_modules.panels import panel_size
 from tests.conftest import compose_config, run_ddp
-
-
-@pytest.fixture(scope="module")
-def source_ckpt(tmp_path_factory):
-    """A tiny source model: the last.ckpt of a 2-step source_only run."""
-    run_dir = tmp_path_factory.mktemp("source_only")
-    execute(compose_config("source_only", "synth2real", run_dir, "trainer.max_steps=2"))
-    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def build_module(source_ckpt, *overrides) -> MTMetric:

@@ -169,14 +169,6 @@ def training_losses(run_dir: Path, first_step: int) -> dict[int, float]:
     return {int(row["step"]): float(row["train/loss"]) for row in rows if int(row["step"]) >= first_step}
 
 
-@pytest.fixture(scope="module")
-def source_ckpt(tmp_path_factory):
-    """A tiny source model for mt_metric: the last.ckpt of a 2-step source_only run."""
-    run_dir = tmp_path_factory.mktemp("source_only")
-    execute(compose_config("source_only", "synth2real", run_dir, "trainer.max_steps=2"))
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
 @pytest.mark.parametrize(
     ("method", "num_workers"), [("source_only", 0), ("source_only", 2), ("mt_metric", 0), ("mt_metric", 2)]
 )

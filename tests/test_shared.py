@@ -128,7 +128,7 @@ def test_method_that_needs_a_checkpoint_is_refused_in_one_sentence(tmp_path):
     ],
 )
 def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(
-    run_tiny, monkeypatch, tmp_path, method, module_path, attribute
+    run_tiny, monkeypatch, request, method, module_path, attribute
 ):
     # Lightning keeps the modes a module was built with and restores them after validation; a teacher must
     # label without dropout, normalising with the labelled batch's statistics (DAFormer's mean teacher).
@@ -151,9 +151,8 @@ def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(
 
     monkeypatch.setattr(cls, "training_step", recording_step)
     overrides = []
-    if method == "mt_metric":
-        run_tiny("source_only", "synth2real", name="source")
-        overrides.append(f"method.source_ckpt={tmp_path / 'source' / 'checkpoints' / 'last.ckpt'}")
+    if method in ("mt_metric", "bicl"):
+        overrides.append(f"method.source_ckpt={request.getfixturevalue('source_ckpt')}")
     run_tiny(method, "synth2real", *overrides)
     assert modes == [(True, False, True)] * 4  # steps 2 and 3 follow a validation
 
