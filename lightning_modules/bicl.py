@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.constants import IGNORE_INDEX
+from datamodules.errors import require_choice
 from lightning_modules.base import SemanticSegmentationModule
+from lightning_modules.components.losses import pixel_entropy
 from lightning_modules.components.ops import labels_at, pixels
 from lightning_modules.components.prototypes import (
     batch_prototypes,
@@ -32,20 +34,28 @@ from lightning_modules.networks.heads import ProjectionHead
 from lightning_modules.panels import colourised
 
 PSEUDO_LABEL_KINDS = ("static", "dynamic_uncalibrated", "dynamic", "hybrid")
+CONTRAST_FEATURES = ("projection", "aspp")
+ENTROPY_READINGS = ("paper", "code", "shannon")
 
 
 class BiCL(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
+        require_choice("method.contrast_features", self.method["contrast_features"], CONTRAST_FEATURES)
+        require_choice("method.entropy", self.method["entropy"], ENTROPY_READINGS)
         self.segmenter = self.build_segmenter(self.method["source_ckpt"])
-        channels = self.segmenter.feature_channels
-        self.projector = ProjectionHead(channels, self.method["projection_hidden_dim"], self.method["projection_dim"])
-        # Without either contrast nothing trains the projection (the "base" ablation row); freezing it
-        # keeps DDP from waiting for its gradients.
-        self.projector.requires_grad_(self.method["use_fc"] or self.method["use_bc"])
+        self.projector = None
+        dim, classes = self.method["projection_dim"], self.num_classes
+        if self.method["contrast_features"] == "projection":
+            channels, hidden = self.segmenter.feature_channels, self.method["projection_hidden_dim"]
+            self.projector = ProjectionHead(channels, hidden, dim)
+            # Without either contrast nothing trains the projection (the "base" ablation row); freezing it
+            # keeps DDP from waiting for its gradients.
+            self.projector.requires_grad_(self.method["use_fc"] or self.method["use_bc"])
+        else:
+            dim = len(self.segmenter.classifier.branches) * classes
         # Static labels y_F come from the model frozen at the start of each self-training round (CBST).
         self.static_labeler = self.frozen_copy(self.segmenter)
-        dim, classes = self.method["projection_dim"], self.num_classes
         self.register_buffer("memory_source", torch.zeros(classes, dim))
         self.register_buffer("memory_target", torch.zeros(classes, dim))
         self.register_buffer("memory_source_seen", torch.zeros(classes, dtype=torch.bool))
@@ -60,9 +70,14 @@ class BiCL(SemanticSegmentationModule):
         self.register_buffer("valid_pixel_count", torch.zeros((), dtype=torch.long), persistent=False)
 
     def embed(self, images: torch.Tensor):
-        """Class logits and flattened projected pixel features f (L2-normalised) at the feature grid."""
-        logits, features = self.segmenter(images)
-        return logits, F.normalize(pixels(self.projector(features)).float(), dim=1)
+        """Class logits and flattened pixel features f (L2-normalised) at the feature grid: the projected backbone
+        features, or (``contrast_features=aspp``) the concatenated ASPP branch logits."""
+        if self.projector is None:
+            logits, features = self.segmenter.forward_branches(images)
+        else:
+            logits, backbone_features = self.segmenter(images)
+            features = self.projector(backbone_features)
+        return logits, F.normalize(pixels(features).float(), dim=1)
 
     @torch.no_grad()
     def static_labels(self, images: torch.Tensor, accumulate: bool) -> torch.Tensor:
@@ -133,6 +148,14 @@ class BiCL(SemanticSegmentationModule):
             else logits_target.sum() * 0.0
         )
         loss = loss_source + self.method["target_loss_weight"] * loss_target
+        if self.method["entropy"] != "paper":
+            # L_ent = lamb (H(p_S) + lambt H(p_T)), as the public code adds it (damnet_trainer.py iter)
+            reading = self.method["entropy"]
+            loss_entropy = pixel_entropy(logits_source, reading) + self.method["target_loss_weight"] * pixel_entropy(
+                logits_target, reading
+            )
+            loss = loss + self.method["entropy_weight"] * loss_entropy
+            self.log("train/loss_entropy", loss_entropy)
 
         # Step 3: target prototypes rho_T; forward (target -> rho_S) and backward (source -> rho_T) contrast.
         target_prototypes, target_present = batch_prototypes(features_target, labels_target, self.num_classes)

@@ -6,10 +6,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules.constants import IGNORE_INDEX as IGN
 from experiments.run import execute
+from lightning_modules.bicl import BiCL
+from lightning_modules.components.losses import pixel_entropy
+from lightning_modules.components.ops import pixels
 from lightning_modules.components.prototypes import (
     batch_prototypes,
     calibrated_source_prototypes,
@@ -141,6 +146,32 @@ def read_metrics(run_dir):
     return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
 
 
+def test_aspp_contrast_features_are_the_concatenated_branch_logits(source_ckpt):
+    cfg = compose_config(
+        "bicl", "synth2real", "unused", f"method.source_ckpt={source_ckpt}", "method.contrast_features=aspp"
+    )
+    module = BiCL(OmegaConf.to_container(cfg, resolve=True)).eval()
+    images = torch.randn(2, 3, 32, 64)
+    logits, features = module.embed(images)
+    segmenter_logits, backbone_features = module.segmenter(images)
+    branches = module.segmenter.classifier.branch_logits(backbone_features)
+    assert module.projector is None and module.memory_source.shape == (19, 4 * 19)
+    assert torch.allclose(logits, segmenter_logits, atol=1e-5)
+    assert torch.allclose(features, F.normalize(pixels(branches), dim=1), atol=1e-5) and features.shape[1] == 76
+    with pytest.raises(ValueError, match="method.contrast_features='pooled'"):
+        BiCL(OmegaConf.to_container(compose_config("bicl", "synth2real", "unused", "method.contrast_features=pooled")))
+
+
+def test_entropy_readings_on_constructed_logits():
+    uniform, peaked = torch.zeros(1, 4, 2, 2), torch.tensor([20.0, 0, 0, 0]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    assert pixel_entropy(uniform).item() == pytest.approx(math.log(4), rel=1e-5)
+    assert pixel_entropy(peaked).item() < 1e-6
+    # The public code's function: -sum p log softmax(p); at p uniform (1/4 each) softmax(p) is uniform too.
+    assert pixel_entropy(uniform, "code").item() == pytest.approx(math.log(4), rel=1e-5)
+    p = torch.tensor([1.0, 0, 0, 0])
+    assert pixel_entropy(peaked, "code").item() == pytest.approx(-(p * p.log_softmax(0)).sum().item(), rel=1e-4)
+
+
 def test_running_without_a_source_checkpoint_says_how_to_make_one(tmp_path):
     with pytest.raises(SystemExit, match=r"set method.source_ckpt=PATH.*\+method=source_only \+task=synth2real"):
         execute(compose_config("bicl", "synth2real", tmp_path))
@@ -154,9 +185,10 @@ def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny, s
         assert 0 <= metrics[f"val/pseudo_labels/{kind}_density"] <= 100
         assert 0 <= metrics[f"val/pseudo_labels/{kind}_accuracy"] <= 100
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    assert state["memory_source_seen"].any() and state["memory_target"].shape == (19, 256)
+    # The official contrast features by default: the 4 ASPP branches' logits, 4 x 19 = 76-d, no projection head.
+    assert state["memory_source_seen"].any() and state["memory_target"].shape == (19, 76)
     assert state["memory_source"].abs().sum() > 0 and state["static_confidence_histogram"].sum() > 0
-    assert any(k.startswith("projector.") for k in state)
+    assert not any(k.startswith("projector.") for k in state)
     # The 2 val images (64 x 128): image | ground truth | prediction | pseudo-label.
     assert Image.open(run_dir / "predictions" / "step_000002.png").size == panel_size(4, 2, 64, 128)
 
@@ -171,10 +203,13 @@ def test_base_ablation_freezes_the_projection_and_bf16_run_works(run_tiny, sourc
         "method.use_fc=false",
         "method.use_bc=false",
         "method.use_dynamic=false",
+        "method.entropy=code",
+        "method.contrast_features=projection",
+        "trainer.log_every_n_steps=1",
     )
     assert results["metrics"]["mIoU"] >= 0
     metrics = read_metrics(run_dir)
-    assert "train/loss_fc" not in metrics and "train/loss_bc" not in metrics
+    assert "train/loss_fc" not in metrics and "train/loss_bc" not in metrics and "train/loss_entropy" in metrics
     assert math.isfinite(metrics["val/mIoU"])
 
 

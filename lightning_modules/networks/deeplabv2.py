@@ -30,6 +30,10 @@ class ASPPClassifier(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.stack([branch(features) for branch in self.branches]).sum(0)
 
+    def branch_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Each dilated branch's class logits, concatenated: [B, branches x classes, h, w] (their sum is forward's)."""
+        return torch.cat([branch(features) for branch in self.branches], 1)
+
 
 class DeepLabV2(nn.Module):
     """``forward`` returns class logits at 1/8 resolution and the backbone features they come from."""
@@ -52,6 +56,11 @@ class DeepLabV2(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(images)[-1]
         return self.classifier(features), features
+
+    def forward_branches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class logits and the concatenated ASPP branch logits they are the sum of (BiCL's official features)."""
+        branches = self.classifier.branch_logits(self.backbone(images)[-1])
+        return branches.unflatten(1, (len(self.classifier.branches), -1)).sum(1), branches
 
     def train(self, mode: bool = True):
         # DeepLabV2 UDA recipes train with batch 1-2 per domain and keep ImageNet BN statistics fixed.
