@@ -1,10 +1,12 @@
 """BiCL: bi-directional pixel-prototype contrastive learning (Lee, Eom, Lee, Park, Ham; ECCV 2022).
 
-DeepLabV2 with a projection head. Each step: source CE + target CE on hybrid pseudo-labels y_T
-(L_base); batch prototypes rho_S (source labels) and rho_T (y_T); forward contrast (target pixels
-vs rho_S) and backward contrast (source pixels vs rho_T). y_T takes the dynamic label y_D (pixel
-matched to a calibrated source prototype rho_S + mu_T - mu_S above the threshold T) and falls back to the static
-CBST label y_F of a frozen labeler (the model at the start of the self-training round).
+DeepLabV2; the pixel features of the contrast are its four ASPP branches' logits, concatenated (the
+authors' code), or a projection head on the backbone features (``method.contrast_features``). Each step:
+source CE + target CE on hybrid pseudo-labels y_T (L_base); batch prototypes rho_S (source labels) and
+rho_T (y_T); forward contrast (target pixels vs rho_S) and backward contrast (source pixels vs rho_T).
+y_T takes the dynamic label y_D (pixel matched to a calibrated source prototype rho_S + mu_T - mu_S above
+the threshold T) and falls back to the static CBST label y_F of a frozen labeler (the model at the start
+of the self-training round).
 """
 
 from __future__ import annotations
