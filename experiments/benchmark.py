@@ -532,11 +532,8 @@ def reliability_auc_table(results: list[dict]) -> str:
     ]
     for name, seeds in by_row.items():
         for score in ("metric", "confidence", "threshold"):
-            means = {
-                c: statistics.fmean(values)
-                for c in classes
-                if (values := [auc[c][score] for auc in seeds if score in auc.get(c, {})])
-            }
+            stats = aggregate([{"values": {c: auc[c].get(score) for c in auc}} for auc in seeds], classes)
+            means = {c: stat[0] for c, stat in stats.items()}
             if means:
                 cells = [f"{means[c]:.3f}" if c in means else "-" for c in classes]
                 out.append(

@@ -75,6 +75,7 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         self.num_classes = task["num_classes"]
         self.class_names = list(CITYSCAPES_CLASSES)
         self.eval_subsets = {name: list(classes) for name, classes in task["eval_subsets"].items()}
+        self.evaluated_classes = sorted({c for classes in self.eval_subsets.values() for c in classes})
         self.confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX)
 
     def build_segmenter(self, checkpoint: str | None) -> nn.Module:
@@ -128,8 +129,7 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
             )
         iou = per_class_iou(confusion)
         metrics = {name: 100 * mean_iou(iou, classes) for name, classes in self.eval_subsets.items()}
-        evaluated = sorted({c for classes in self.eval_subsets.values() for c in classes})
-        per_class = {self.class_names[c]: 100 * iou[c].item() for c in evaluated}
+        per_class = {self.class_names[c]: 100 * iou[c].item() for c in self.evaluated_classes}
         self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False, prog_bar=True)
         self.log_dict({f"{stage}/IoU/{k}": (v if not math.isnan(v) else 0.0) for k, v in per_class.items()})
         self.record_results(stage, metrics, {"per_class_iou": per_class})

@@ -46,10 +46,14 @@ class BiCL(SemanticSegmentationModule):
         require_choice("method.contrast_features", self.method["contrast_features"], CONTRAST_FEATURES)
         require_choice("method.entropy", self.method["entropy"], ENTROPY_READINGS)
         self.segmenter = self.build_segmenter(self.method["source_ckpt"])
+        classes = self.num_classes
         self.projector = None
-        dim, classes = self.method["projection_dim"], self.num_classes
         if self.method["contrast_features"] == "projection":
-            channels, hidden = self.segmenter.feature_channels, self.method["projection_hidden_dim"]
+            channels, hidden, dim = (
+                self.segmenter.feature_channels,
+                self.method["projection_hidden_dim"],
+                self.method["projection_dim"],
+            )
             self.projector = ProjectionHead(channels, hidden, dim)
             # Without either contrast nothing trains the projection (the "base" ablation row); freezing it
             # keeps DDP from waiting for its gradients.
@@ -153,9 +157,11 @@ class BiCL(SemanticSegmentationModule):
         if self.method["entropy"] != "paper":
             # L_ent = lamb (H(p_S) + lambt H(p_T)), as the public code adds it (damnet_trainer.py iter)
             reading = self.method["entropy"]
-            loss_entropy = pixel_entropy(logits_source, reading) + self.method["target_loss_weight"] * pixel_entropy(
-                logits_target, reading
+            entropy_source, entropy_target = (
+                pixel_entropy(logits_source, reading),
+                pixel_entropy(logits_target, reading),
             )
+            loss_entropy = entropy_source + self.method["target_loss_weight"] * entropy_target
             loss = loss + self.method["entropy_weight"] * loss_entropy
             self.log("train/loss_entropy", loss_entropy)
 

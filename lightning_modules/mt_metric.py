@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from datamodules.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-from datamodules.errors import ConfigError, require_choice
+from datamodules.errors import require_choice
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.metric_learning import (
     class_normalised_weight,
@@ -41,7 +41,7 @@ from lightning_modules.components.ops import class_means, labels_at, upsample
 from lightning_modules.components.self_training import class_mix_masks, mix, strong_photometric
 from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.heads import MetricHead
-from lightning_modules.panels import colourised, denormalised, grey, grid, publish
+from lightning_modules.panels import colourised, denormalised, grid, publish, relative_grey
 from lightning_modules.teachers import ema_update
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,7 @@ class MTMetric(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         method = self.method
-        if method["weighting"] not in WEIGHTINGS:
-            raise ConfigError(
-                f"method.weighting={method['weighting']!r} is not supported; expected one of {WEIGHTINGS}"
-            )
+        require_choice("method.weighting", method["weighting"], WEIGHTINGS)
         require_choice("method.metric_loss", method["metric_loss"], METRIC_LOSSES)
         require_choice("method.mocm_draw", method["mocm_draw"], MOCM_DRAWS)
         require_choice("method.mocm_paste", method["mocm_paste"], MOCM_PASTES)
@@ -229,10 +226,9 @@ class MTMetric(SemanticSegmentationModule):
         }
         if self.metric_head is not None:
             auc["metric"] = histogram_auc(counts[:, 0])
-        evaluated = sorted({c for classes in self.eval_subsets.values() for c in classes})
         return {
             self.class_names[c]: {score: values[c].item() for score, values in auc.items()}
-            for c in evaluated
+            for c in self.evaluated_classes
             if not auc["confidence"][c].isnan()
         }
 
@@ -245,7 +241,7 @@ class MTMetric(SemanticSegmentationModule):
         columns = super().panel_columns(batch)
         teacher = self.teacher_targets(batch["img"], across_ranks=False)
         columns["pseudo-label"] = colourised(teacher.pseudo_label)
-        columns["weight"] = grey(teacher.weight / teacher.weight.max().clamp(min=1e-12))
+        columns["weight"] = relative_grey(teacher.weight)
         return columns
 
     def log_evaluation(self, stage: str) -> None:
@@ -279,7 +275,7 @@ class MTMetric(SemanticSegmentationModule):
         columns = {
             "mixed image": denormalised(images, IMAGENET_MEAN, IMAGENET_STD),
             "mixed pseudo-label": colourised(labels),
-            "weight": grey(weights / weights.max().clamp(min=1e-12)),
+            "weight": relative_grey(weights),
         }
         path = Path(self.hparams["run_dir"]) / "predictions" / f"mocm_step_{self.global_step:06d}.png"
         publish(self.trainer, "train/mocm", grid(columns), path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.errors import ConfigError
+from datamodules.errors import require_choice
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def poly_lr_lambda(max_steps: int, power: float, warmup_steps: int):
@@ -27,17 +29,16 @@ def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int):
         {"params": [p for p in head_params if p.requires_grad], "lr": optim["lr"] * optim["head_lr_mult"]},
     ]
     groups = [g for g in groups if g["params"]]
+    require_choice("optim.name", optim["name"], OPTIMIZERS)
     if optim["name"] == "sgd":
         optimizer = torch.optim.SGD(
             groups, lr=optim["lr"], momentum=optim["momentum"], weight_decay=optim["weight_decay"]
         )
-    elif optim["name"] in ("adam", "adamw"):
+    else:
         adam = torch.optim.Adam if optim["name"] == "adam" else torch.optim.AdamW
         optimizer = adam(
             groups, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim.get("betas", (0.9, 0.999)))
         )
-    else:
-        raise ConfigError(f"optim.name={optim['name']!r} is not supported; expected 'sgd', 'adam' or 'adamw'")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"])
     )

@@ -45,6 +45,11 @@ def grey(values: torch.Tensor) -> np.ndarray:
     return np.repeat(levels[..., None], 3, axis=-1)
 
 
+def relative_grey(values: torch.Tensor) -> np.ndarray:
+    """Non-negative maps [B, H, W] as RGB, white = the largest value among them (e.g. pixel weights)."""
+    return grey(values / values.max().clamp(min=1e-12))
+
+
 def denormalised(images: torch.Tensor, mean, std, peak: float = 1.0) -> np.ndarray:
     """Normalised images [B, 3, H, W] back to RGB [B, H, W, 3]; ``mean`` / ``std`` on a 0..``peak`` scale."""
     mean = images.new_tensor(mean)[:, None, None]

@@ -151,7 +151,7 @@ def test_teachers_predict_in_eval_mode_throughout_a_lightning_run(
 
     monkeypatch.setattr(cls, "training_step", recording_step)
     overrides = []
-    if method in ("mt_metric", "bicl"):
+    if compose_config(method, "synth2real", "unused").method.get("requires_checkpoint"):
         overrides.append(f"method.source_ckpt={request.getfixturevalue('source_ckpt')}")
     run_tiny(method, "synth2real", *overrides)
     assert modes == [(True, False, True)] * 4  # steps 2 and 3 follow a validation
