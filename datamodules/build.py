@@ -24,5 +24,8 @@ def build_datamodule(cfg: dict):
             pseudo_label_dir=data.get("pseudo_label_dir"),
             verify=data["verify"],
             data_root=data["root"],
+            rare_class_sampling=method.get("rare_class_sampling"),
+            num_classes=task["num_classes"],
+            target_labelled_fraction=data.get("target_labelled_fraction"),
         )
     return build_prompted_datamodule(cfg)

@@ -2,9 +2,11 @@
 
 A method asks for the training streams it needs (``streams``): ``"src"`` is the labelled stream (the
 source domain, or the target domain for the oracle: ``labelled_domain=target``), ``"tgt"`` the target
-train images without labels. A stream that is not asked for is never built, so a source-free method
-cannot touch source data. Batches follow the data contract of docs/data_contract.md#training-batch:
-``{"src": {"img", "mask"}, "tgt": {"img", ("img_strong")}}`` in training, ``{"img", "mask"}`` in val/test.
+train images without labels, ``"tgt_labelled"`` the labelled fraction of them (``target_labelled_fraction``,
+which also restricts a target-labelled ``"src"`` stream: fine-tuning on a fraction of the target labels).
+A stream that is not asked for is never built, so a source-free method cannot touch source data. Batches follow
+the data contract of docs/data_contract.md#training-batch: ``{"src": {"img", "mask"}, "tgt": {"img",
+("img_strong")}, "tgt_labelled": {"img", "mask"}}`` in training, ``{"img", "mask"}`` in val/test.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.datasets import SemanticDataset, build_from_spec
@@ -25,12 +28,47 @@ from datamodules.loading import (
     evaluation_indices,
     training_sampler,
 )
+from datamodules.rare_class_sampling import RareClassSampled
 from datamodules.transforms import SemanticTransform
 from datamodules.verify import verify_dataset
 
 # "pl": target train images with pseudo-labels read from ``pseudo_label_dir`` (written by a method's
-# pseudo-label stage), a labelled stream of the target domain for self-training.
-STREAMS = ("src", "tgt", "pl")
+# pseudo-label stage), a labelled stream of the target domain for self-training. "tgt_labelled": the labelled
+# fraction of the target train images with their labels (the fine-tuning setting).
+STREAMS = ("src", "tgt", "pl", "tgt_labelled")
+
+
+def labelled_indices(length: int, fraction: float) -> list[int]:
+    """The ``fraction`` of a split that keeps its labels: evenly spaced over the sorted items, at least one, the
+    same for every run seed."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"data.target_labelled_fraction must be in (0, 1], got {fraction}")
+    count = max(1, round(fraction * length))
+    return sorted({int(i) for i in np.linspace(0, length - 1, count).round()})
+
+
+class LabelledFraction(Dataset):
+    """The items of ``labelled_indices`` of a dataset: the rest (and their label files) are never read."""
+
+    def __init__(self, dataset: Dataset, fraction: float):
+        self.dataset, self.indices = dataset, labelled_indices(len(dataset), fraction)
+        self.procedural = getattr(dataset, "procedural", False)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[self.indices[index]]
+
+    def file_pairs(self) -> list:
+        pairs = self.dataset.file_pairs()
+        return [pairs[i] for i in self.indices]
+
+    def verify_item(self, index: int) -> None:
+        self.dataset.verify_item(self.indices[index])
+
+    def train_ids(self, index: int) -> np.ndarray:
+        return self.dataset.train_ids(self.indices[index])
 
 
 class UDADataModule(L.LightningDataModule):
@@ -55,6 +93,9 @@ class UDADataModule(L.LightningDataModule):
         pseudo_label_dir: str | None = None,
         verify: bool = True,
         data_root: str | None = None,
+        rare_class_sampling: dict | None = None,
+        num_classes: int | None = None,
+        target_labelled_fraction: float | None = None,
     ):
         super().__init__()
         unknown = set(streams) - set(STREAMS)
@@ -72,6 +113,13 @@ class UDADataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.pseudo_label_dir = pseudo_label_dir
         self.verify, self.data_root = verify, data_root
+        self.rare_class_sampling, self.num_classes = rare_class_sampling, num_classes
+        if "tgt_labelled" in streams and target_labelled_fraction is None:
+            raise ConfigError(
+                "the 'tgt_labelled' stream needs data.target_labelled_fraction: the share of the target train "
+                "images whose labels the fine-tuning setting may read, e.g. 0.1"
+            )
+        self.target_labelled_fraction = target_labelled_fraction
         self.train_sets: dict[str, Dataset] = {}
         self.val_set: Dataset | None = None
 
@@ -83,8 +131,12 @@ class UDADataModule(L.LightningDataModule):
         labelled: bool,
         strong_view: bool = False,
         label_dir: str | None = None,
+        rare_class_sampling: dict | None = None,
+        labelled_fraction: float | None = None,
     ) -> Dataset:
         dataset = build_from_spec(spec, split)
+        if labelled_fraction is not None:
+            dataset = LabelledFraction(dataset, labelled_fraction)
         if self.verify:
             verify_dataset(dataset, split, self.data_root)
         if (not labelled or label_dir is not None) and isinstance(dataset, SemanticDataset):
@@ -98,6 +150,10 @@ class UDADataModule(L.LightningDataModule):
             strong_view=strong_view,
             labelled=labelled,
         )
+        if rare_class_sampling:
+            return RareClassSampled(
+                dataset, transform, self.seed, self.num_classes, rare_class_sampling, self.data_root
+            )
         return TransformedDataset(dataset, transform, seed=self.seed if train else None)
 
     def setup(self, stage: str | None = None) -> None:
@@ -109,7 +165,12 @@ class UDADataModule(L.LightningDataModule):
             labelled_spec = self.specs[self.labelled_domain]
             if "src" in self.streams:
                 self.train_sets["src"] = self.build(
-                    labelled_spec, labelled_spec.get("split", "train"), train=True, labelled=True
+                    labelled_spec,
+                    labelled_spec.get("split", "train"),
+                    train=True,
+                    labelled=True,
+                    rare_class_sampling=self.rare_class_sampling,
+                    labelled_fraction=self.target_labelled_fraction if self.labelled_domain == "target" else None,
                 )
             if "tgt" in self.streams:
                 self.train_sets["tgt"] = self.build(
@@ -118,6 +179,15 @@ class UDADataModule(L.LightningDataModule):
                     train=True,
                     labelled=False,
                     strong_view=self.strong_view,
+                )
+            if "tgt_labelled" in self.streams:
+                target = self.specs["target"]
+                self.train_sets["tgt_labelled"] = self.build(
+                    target,
+                    target.get("split", "train"),
+                    train=True,
+                    labelled=True,
+                    labelled_fraction=self.target_labelled_fraction,
                 )
             if "pl" in self.streams:
                 if not self.pseudo_label_dir:
@@ -131,12 +201,18 @@ class UDADataModule(L.LightningDataModule):
                 )
 
     def train_dataloader(self) -> dict[str, ResumableLoader]:
-        return {
-            name: build_training_loader(
-                dataset, training_sampler(dataset, self, self.seed), self.batch_size, self.num_workers
-            )
-            for name, dataset in self.train_sets.items()
-        }
+        loaders = {}
+        for name, dataset in self.train_sets.items():
+            sampler = training_sampler(dataset, self, self.seed)
+            if len(sampler) < self.batch_size:
+                # drop_last would leave the stream without a batch, and the training loop waiting on it for ever.
+                raise ConfigError(
+                    f"the '{name}' training stream has {len(sampler)} items per process, fewer than "
+                    f"data.batch_size={self.batch_size}; expected at least one full batch (a larger split or "
+                    "data.target_labelled_fraction, or a smaller batch)"
+                )
+            loaders[name] = build_training_loader(dataset, sampler, self.batch_size, self.num_workers)
+        return loaders
 
     def eval_loader(self) -> DataLoader:
         return build_evaluation_loader(

@@ -135,10 +135,16 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
         self.record_results(stage, metrics, {"per_class_iou": per_class})
 
     def configure_optimizers(self):
-        backbone = list(self.segmenter.backbone.parameters())
-        backbone_ids = {id(p) for p in backbone}
+        """Backbone at lr, every other trainable parameter (head, method modules) at the head's rate; backbone
+        parameters whose name holds one of ``optim.no_decay_keys`` (mmcv's ``decay_mult=0`` keys) without decay."""
+        optim = self.hparams["optim"]
+        exempt_keys = optim.get("no_decay_keys") or ()
+        backbone, undecayed = [], []
+        for name, parameter in self.segmenter.backbone.named_parameters():
+            (undecayed if any(key in name for key in exempt_keys) else backbone).append(parameter)
+        backbone_ids = {id(p) for p in backbone + undecayed}
         head = [p for p in self.parameters() if id(p) not in backbone_ids]
-        return build_optimizer(backbone, head, self.hparams["optim"], self.trainer.max_steps)
+        return build_optimizer(backbone, head, optim, self.trainer.max_steps, undecayed)
 
 
 class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):

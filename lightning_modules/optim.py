@@ -10,22 +10,33 @@ from datamodules.errors import require_choice
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-def poly_lr_lambda(max_steps: int, power: float, warmup_steps: int):
-    """Linear warm-up, then DeepLab's poly decay (1 - t/T)^power."""
+def poly_lr_lambda(max_steps: int, power: float, warmup_steps: int, warmup_ratio: float | None = None):
+    """Linear warm-up, then DeepLab's poly decay (1 - t/T)^power.
+
+    ``warmup_ratio`` None: the rate climbs as (t + 1) / W and the decay starts after it. A ratio r: mmcv's linear
+    warm-up (DAFormer), the poly rate scaled by 1 - (1 - t/W)(1 - r), so it starts at r x the rate.
+    """
+
+    def poly(step: int) -> float:
+        return max(0.0, 1 - step / max(1, max_steps)) ** power
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
+        if step >= warmup_steps:
+            return poly(step)
+        if warmup_ratio is None:
             return (step + 1) / warmup_steps
-        return max(0.0, 1 - step / max(1, max_steps)) ** power
+        return poly(step) * (1 - (1 - step / warmup_steps) * (1 - warmup_ratio))
 
     return factor
 
 
-def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int):
+def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int, undecayed_params=()):
     """SGD (DeepLabV2 papers), Adam (WeSAM; L2 weight decay added to the gradient) or AdamW (DAFormer family,
-    decoupled weight decay); the head runs at ``head_lr_mult`` x lr."""
+    decoupled weight decay); the head runs at ``head_lr_mult`` x lr; ``undecayed_params`` (backbone parameters
+    exempt from weight decay, DAFormer's norm layers) at lr without decay."""
     groups = [
         {"params": [p for p in backbone_params if p.requires_grad], "lr": optim["lr"]},
+        {"params": [p for p in undecayed_params if p.requires_grad], "lr": optim["lr"], "weight_decay": 0.0},
         {"params": [p for p in head_params if p.requires_grad], "lr": optim["lr"] * optim["head_lr_mult"]},
     ]
     groups = [g for g in groups if g["params"]]
@@ -40,6 +51,6 @@ def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int):
             groups, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim.get("betas", (0.9, 0.999)))
         )
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"])
+        optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"], optim.get("warmup_ratio"))
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -6,28 +6,38 @@ Per iteration (``training_step``):
      each region's transferability, spread back to a dense map T.
   2. TMA: the student's encoder attention logits get the bias M = -lambda T per key, in the configured
      stages; source images are learnt with cross-entropy under their own map.
-  3. DAFormer self-training: teacher pseudo-labels on the target weighted by their confidence quality,
-     ClassMix of source into target (images, labels and transferability maps alike), colour jitter and
-     blur, weighted cross-entropy on the mixed images.
+  3. DAFormer self-training: teacher pseudo-labels on the target weighted by their confidence quality (zero
+     on the pseudo-label crop's border rows), ClassMix of source into target (images, labels and
+     transferability maps alike), colour jitter and blur, weighted cross-entropy on the mixed images; the
+     source images also pull the student's encoder towards the reference encoder on thing classes (FD).
   4. The region discriminator learns source-vs-target on the (detached) region features.
   5. EMA update of the teacher.
-``method.transferability_guidance=false`` skips 1, 2 and 4: the plain DAFormer-style base.
+``method.transferability_guidance=false`` skips 1, 4 and the guidance of 2 and 3: the plain DAFormer base.
+``method.setting=finetune`` (configs/method/tmt_finetune.yaml) is the abstract's transfer setting instead: the
+labelled target fraction learnt with cross-entropy, guided by ACTE's map between source and target
+(``finetuning_step``). Rare class sampling, DAFormer's
+third part, acts in the data (datamodules/rare_class_sampling.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from datamodules.constants import IGNORE_INDEX
+from datamodules.errors import ConfigError, require_choice
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.ops import upsample
 from lightning_modules.components.self_training import (
     class_mix_masks,
+    downscale_labels,
     ema_momentum,
+    ignore_border_rows,
+    masked_feature_distance,
     mix,
     pseudo_labels_with_quality,
     strong_photometric,
@@ -42,16 +52,27 @@ from lightning_modules.components.transferability import (
     transferability_attention_bias,
     transferability_map,
 )
+from lightning_modules.networks.factory import build_network
 from lightning_modules.networks.heads import RegionDomainDiscriminator
-from lightning_modules.panels import colourised, grey
+from lightning_modules.panels import colourised, grey, relative_grey
 from lightning_modules.teachers import ema_update
 
 log = logging.getLogger(__name__)
+
+# uda: DAFormer self-training with source labels and unlabelled target images; finetune: the labelled fraction of
+# the target (data.target_labelled_fraction) trains a source-pretrained model.
+SETTINGS = ("uda", "finetune")
 
 
 class TMT(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
+        require_choice("method.setting", self.method["setting"], SETTINGS)
+        if self.method["setting"] == "finetune" and "tgt_labelled" not in self.method["streams"]:
+            raise ConfigError(
+                "tmt's fine-tuning setting learns from the labelled target images: method.streams must hold "
+                f"'tgt_labelled' (got {list(self.method['streams'])}); use +method=tmt_finetune"
+            )
         self.segmenter = self.build_segmenter(self.method["source_ckpt"])
         self.teacher = self.frozen_copy(self.segmenter)
         self.guided = self.method["transferability_guidance"]
@@ -59,8 +80,18 @@ class TMT(SemanticSegmentationModule):
             self.discriminator = RegionDomainDiscriminator(
                 cfg["model"]["decoder_embed_dim"], self.method["discriminator_hidden"]
             )
+        self.reference_encoder = self.build_reference_encoder() if self.method["feature_distance"] else None
         self.transferability_correct = MeanMetric()
         self.transferability_incorrect = MeanMetric()
+
+    def build_reference_encoder(self):
+        """The frozen encoder of the feature distance: the ImageNet one (``model.pretrained``), as DAFormer's, or
+        without ImageNet weights the encoder the run starts from."""
+        model = self.hparams["model"]
+        if model.get("pretrained"):
+            return self.frozen_copy(build_network(model, self.num_classes).backbone)
+        log.info("feature distance: model.pretrained is not set, so the reference is the frozen initial encoder")
+        return self.frozen_copy(self.segmenter.backbone)
 
     # ACTE -------------------------------------------------------------------------------------------
     def estimate_transferability(self, features: torch.Tensor, images: torch.Tensor):
@@ -82,39 +113,76 @@ class TMT(SemanticSegmentationModule):
         return transferability_attention_bias(dense_map, self.method["attention_strength"])
 
     def student(self, images: torch.Tensor, dense_map: torch.Tensor | None):
-        return self.segmenter(images, self.attention_bias(dense_map), self.method["guided_stages"])
+        """(logits, encoder features) of the student, its attention guided by ``dense_map`` when given."""
+        encoder_features = self.segmenter.backbone(images, self.attention_bias(dense_map), self.method["guided_stages"])
+        logits, _ = self.segmenter.decode_head(encoder_features)
+        return logits, encoder_features
+
+    # DAFormer's parts ---------------------------------------------------------------------------------
+    def thing_feature_distance(self, images: torch.Tensor, labels: torch.Tensor, features: torch.Tensor):
+        """lambda_FD * d_FD on the cells of thing classes (DAFormer Eq. 7-8) of the last encoder stage."""
+        settings = self.method["feature_distance"]
+        with torch.no_grad():
+            reference = self.reference_encoder(images)[-1]
+        cells = downscale_labels(
+            labels, labels.shape[-1] // features.shape[-1], settings["min_ratio"], self.num_classes
+        )
+        things = torch.isin(cells, torch.tensor(settings["classes"], device=cells.device)).float()
+        self.log("train/feature_distance_cells", things.mean())
+        return settings["weight"] * masked_feature_distance(features, reference, things)
+
+    def cropped_pseudo_weight(self, quality: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The pseudo-label weight map: the batch's quality everywhere, 0 on the crop's rows (scaled to the task)."""
+        weight = quality.expand(shape)
+        crop = self.method["pseudo_label_crop"]
+        if not crop:
+            return weight
+        scale = shape[-2] / crop["reference_height"]
+        return ignore_border_rows(weight, round(crop["top"] * scale), round(crop["bottom"] * scale))
 
     # Training ---------------------------------------------------------------------------------------
+    def transferability_maps(self, source_images, target_images, target_teacher_features, losses: dict):
+        """Steps 1 and 4: ACTE on the teacher's view of both domains and the region discriminator's loss (into
+        ``losses``); returns the (source, target) transferability maps. The source gets a teacher pass of its own
+        because the teacher normalises with the statistics of the batch it sees."""
+        batch_size = source_images.shape[0]
+        with torch.no_grad():
+            _, source_teacher_features = self.teacher(source_images)
+        assignment, domain_logits, transferability, dense = self.estimate_transferability(
+            torch.cat([source_teacher_features, target_teacher_features]), torch.cat([source_images, target_images])
+        )
+        is_source = torch.arange(2 * batch_size, device=dense.device) < batch_size
+        # The discriminator's estimate is detached from the maps.
+        losses["domain"] = self.method["domain_loss_weight"] * region_domain_loss(
+            domain_logits, is_source, assignment.sum(-1)
+        )
+        self.log("train/transferability_source", transferability[:batch_size].mean())
+        self.log("train/transferability_target", transferability[batch_size:].mean())
+        return dense.split(batch_size)
+
+    def total_loss(self, losses: dict) -> torch.Tensor:
+        loss = sum(losses.values())
+        self.log_dict({f"train/loss_{k}": v for k, v in losses.items()})
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
     def training_step(self, batch: dict, batch_idx: int):
+        if self.method["setting"] == "finetune":
+            return self.finetuning_step(batch["src"]["img"], batch["tgt_labelled"])
         method = self.method
         source, target = batch["src"], batch["tgt"]
-        batch_size = source["img"].shape[0]
-
-        # The base needs the teacher on the target only; ACTE also needs its view of the source, in a pass of
-        # its own because the teacher normalises with the statistics of the batch it labels.
         with torch.no_grad():
             teacher_logits, teacher_features = self.teacher(target["img"])
         source_map = target_map = None
         losses = {}
         if self.guided:
-            # 1. ACTE on the teacher's view of both domains.
-            with torch.no_grad():
-                _, source_teacher_features = self.teacher(source["img"])
-            assignment, domain_logits, transferability, dense = self.estimate_transferability(
-                torch.cat([source_teacher_features, teacher_features]), torch.cat([source["img"], target["img"]])
-            )
-            source_map, target_map = dense.split(batch_size)
-            is_source = torch.arange(2 * batch_size, device=dense.device) < batch_size
-            # 4. The region discriminator (its estimate is detached from the maps above).
-            losses["domain"] = method["domain_loss_weight"] * region_domain_loss(
-                domain_logits, is_source, assignment.sum(-1)
-            )
-            self.log("train/transferability_source", transferability[:batch_size].mean())
-            self.log("train/transferability_target", transferability[batch_size:].mean())
+            source_map, target_map = self.transferability_maps(source["img"], target["img"], teacher_features, losses)
 
-        # 2. Supervised source loss through the (guided) student.
-        source_logits, _ = self.student(source["img"], source_map)
+        # 2. Supervised source loss through the (guided) student, and DAFormer's feature distance on its encoder.
+        source_logits, source_features = self.student(source["img"], source_map)
         losses["source"] = self.supervised_loss(source_logits, source["mask"])
+        if self.reference_encoder is not None:
+            losses["feature_distance"] = self.thing_feature_distance(source["img"], source["mask"], source_features[-1])
 
         # 3. Pseudo-labels, ClassMix, strong augmentation, quality-weighted CE.
         target_logits = upsample(teacher_logits, target["img"].shape[-2:])
@@ -126,9 +194,11 @@ class TMT(SemanticSegmentationModule):
             method["color_jitter_strength"],
             method["blur_p"],
             method["blur_sigma"],
+            method["color_jitter_hue"],
+            jitter_together=True,
         )
         mixed_labels = torch.where(mask.bool(), source["mask"], pseudo)
-        mixed_weight = torch.where(mask.bool(), torch.ones_like(mask), quality.expand_as(mask))
+        mixed_weight = torch.where(mask.bool(), torch.ones_like(mask), self.cropped_pseudo_weight(quality, mask.shape))
         mixed_map = None
         if self.guided:
             feature_mask = F.interpolate(
@@ -140,12 +210,22 @@ class TMT(SemanticSegmentationModule):
             upsample(mixed_logits, mixed_labels.shape[-2:]), mixed_labels, ignore_index=IGNORE_INDEX, reduction="none"
         )
         losses["target"] = (pixel_loss * mixed_weight).mean()
-
-        loss = sum(losses.values())
-        self.log_dict({f"train/loss_{k}": v for k, v in losses.items()})
         self.log("train/pseudo_quality", quality)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        return self.total_loss(losses)
+
+    def finetuning_step(self, source_images: torch.Tensor, target: dict):
+        """The transfer setting of the TMT abstract: the source-pretrained student learns the labelled target
+        images, its attention guided by ACTE's map between the source and the target (unguided: vanilla
+        fine-tuning). The source images only feed the estimator."""
+        losses = {}
+        target_map = None
+        if self.guided:
+            with torch.no_grad():
+                _, target_teacher_features = self.teacher(target["img"])
+            _, target_map = self.transferability_maps(source_images, target["img"], target_teacher_features, losses)
+        logits, _ = self.student(target["img"], target_map)
+        losses["target"] = self.supervised_loss(logits, target["mask"])
+        return self.total_loss(losses)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # 5. Mean teacher.
@@ -180,14 +260,21 @@ class TMT(SemanticSegmentationModule):
             self.transferability_incorrect.update(transferability[labelled & ~correct])
 
     def panel_columns(self, batch: dict) -> dict:
-        """The base panel, the teacher's pseudo-labels and, when guided, the transferability map (white =
-        transferable) at the feature resolution the attention bias uses."""
+        """The base panel, the teacher's pseudo-labels and, when guided, the paper's Fig. 1 views: the transferability
+        map (white = transferable) at feature resolution and the attention mask, exp(M) on the key grid of the
+        first guided stage, the factor by which each key's attention is scaled (white = the most attended)."""
         columns = super().panel_columns(batch)
         images = batch["img"]
         teacher_logits, _ = self.teacher(images)
         columns["pseudo-label"] = colourised(upsample(teacher_logits, images.shape[-2:]).argmax(1))
         if self.guided:
-            columns["transferability"] = grey(self.guided_forward(images)[3][:, 0])
+            dense = self.guided_forward(images)[3]
+            columns["transferability"] = grey(dense[:, 0])
+            stage = min(self.method["guided_stages"])
+            stride = 4 * 2**stage * self.hparams["model"]["sr_ratios"][stage]
+            key_grid = (math.ceil(images.shape[-2] / stride), math.ceil(images.shape[-1] / stride))
+            mask = F.adaptive_avg_pool2d(self.attention_bias(dense), key_grid).exp()
+            columns["attention mask"] = relative_grey(mask[:, 0])
         return columns
 
     def log_evaluation(self, stage: str) -> None:

@@ -238,15 +238,17 @@ def test_tmt_end_to_end_draws_its_maps_and_region_transferability(run_tiny):
         "tmt", "synth2real", "trainer.max_steps=2", "logger.panels.images=2", "trainer.log_every_n_steps=1"
     )
     assert 0 <= results["metrics"]["mIoU"] <= 100
-    # Two 64 x 128 images: image | ground truth | prediction | pseudo-label | transferability.
+    # Two 64 x 128 images: image | ground truth | prediction | pseudo-label | transferability | attention mask.
     panel = Image.open(run_dir / "predictions" / "step_000002.png")
-    assert panel.size == panel_size(5, 2, 64, 128)
+    assert panel.size == panel_size(6, 2, 64, 128)
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     for name in (
         "val/transferability_correct_regions",
         "val/transferability_incorrect_regions",
         "train/loss_domain",
         "train/pseudo_quality",
+        "train/loss_feature_distance",
+        "train/feature_distance_cells",
     ):
         assert name in header
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

@@ -241,6 +241,13 @@ class SemanticDataset(Dataset):
     def read_raw_label(self, path: Path) -> np.ndarray:
         return read_id_map(path)
 
+    def train_ids(self, index: int) -> np.ndarray:
+        """The item's train-id map alone (no image read); empty for an unlabelled image."""
+        _, label_path = self.pairs[index]
+        if label_path is None:
+            return np.zeros(0, np.uint8)
+        return self.to_train_ids(self.read_raw_label(label_path), label_path)
+
     def file_pairs(self) -> list[tuple[Path, Path]]:
         """Every (image, label) file an epoch reads; the pre-flight check keys its cache on them."""
         return list(self.pairs)

@@ -164,3 +164,6 @@ class SyntheticStreets(Dataset):
             )
         image = np.clip(image, 0, 255).astype(np.uint8)
         return {"image": image, "mask": labels, "meta": {"path": f"synth_streets/{self.domain}/{self.split}/{index}"}}
+
+    def train_ids(self, index: int) -> np.ndarray:
+        return self[index]["mask"]

@@ -60,21 +60,39 @@ def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
     return kernels / kernels.sum(1, keepdim=True)
 
 
+def rotate_hue(rgb: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Hue shift by ``turns`` [B, 1, 1, 1] of the colour circle: a rotation of the chroma plane of YIQ."""
+    to_yiq = rgb.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, rgb)
+    cos, sin = torch.cos(2 * torch.pi * turns), torch.sin(2 * torch.pi * turns)
+    i, q = yiq[:, 1:2] * cos - yiq[:, 2:3] * sin, yiq[:, 1:2] * sin + yiq[:, 2:3] * cos
+    rotated = torch.cat([yiq[:, :1], i, q], 1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), rotated).clamp(0, 1)
+
+
 def strong_photometric(
-    images: torch.Tensor, jitter_p: float, jitter_strength: float, blur_p: float, blur_sigma: tuple[float, float]
+    images: torch.Tensor,
+    jitter_p: float,
+    jitter_strength: float,
+    blur_p: float,
+    blur_sigma: tuple[float, float],
+    hue_strength: float = 0.0,
+    jitter_together: bool = False,
 ) -> torch.Tensor:
-    """DACS/DAFormer strong transform on normalised images: colour jitter (brightness, contrast, saturation
-    by up to +-strength) with probability ``jitter_p`` and Gaussian blur with probability ``blur_p``,
-    drawn independently per image."""
+    """DACS/DAFormer strong transform on normalised images, drawn per image: colour jitter (brightness, contrast,
+    saturation by up to +-strength, hue by up to +-``hue_strength`` of the circle) and Gaussian blur with
+    probability ``blur_p``. ``jitter_together``: the factors are applied together with probability ``jitter_p``,
+    as DACS's code does; otherwise each factor on its own with that probability."""
     batch, channels, height, width = images.shape
     mean = images.new_tensor(IMAGENET_MEAN)[None, :, None, None]
     std = images.new_tensor(IMAGENET_STD)[None, :, None, None]
     rgb = images * std + mean
+    jitter_all = torch.rand(batch, 1, 1, 1, device=images.device) < jitter_p if jitter_together else None
 
-    def factor():
-        apply = torch.rand(batch, 1, 1, 1, device=images.device) < jitter_p
-        drawn = 1 + (2 * torch.rand(batch, 1, 1, 1, device=images.device) - 1) * jitter_strength
-        return torch.where(apply, drawn, torch.ones_like(drawn))
+    def factor(strength: float = jitter_strength, centre: float = 1.0):
+        apply = jitter_all if jitter_together else torch.rand(batch, 1, 1, 1, device=images.device) < jitter_p
+        drawn = centre + (2 * torch.rand(batch, 1, 1, 1, device=images.device) - 1) * strength
+        return torch.where(apply, drawn, torch.full_like(drawn, centre))
 
     rgb = (rgb * factor()).clamp(0, 1)
     grey = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
@@ -83,6 +101,8 @@ def strong_photometric(
     saturation = factor()
     grey = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
     rgb = (grey * (1 - saturation) + rgb * saturation).clamp(0, 1)
+    if hue_strength > 0:
+        rgb = rotate_hue(rgb, factor(hue_strength, centre=0.0))
 
     # Kernel size from the image size as DACS does (about 10% of the side, odd).
     size = max(3, int(0.1 * min(height, width)) | 1)
@@ -98,3 +118,25 @@ def strong_photometric(
     apply_blur = torch.rand(batch, 1, 1, 1, device=images.device) < blur_p
     rgb = torch.where(apply_blur, blurred, rgb)
     return (rgb - mean) / std
+
+
+def ignore_border_rows(weight: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+    """DAFormer's pseudo-label crop: weight 0 on the ``top`` first and ``bottom`` last rows of [B, H, W], where
+    Cityscapes' rectification borders and ego-vehicle make the teacher's labels unreliable."""
+    rows = torch.arange(weight.shape[-2], device=weight.device)[:, None]
+    return weight * ((rows >= top) & (rows < weight.shape[-2] - bottom))
+
+
+def downscale_labels(labels: torch.Tensor, factor: int, min_ratio: float, num_classes: int, ignore_index: int = 255):
+    """[B, H, W] -> [B, H/f, W/f]: each cell's majority class, ignore where that class covers less than
+    ``min_ratio`` of the cell (DAFormer's downscale_label_ratio, ignore counted as a class of its own)."""
+    one_hot = F.one_hot(torch.where(labels == ignore_index, num_classes, labels), num_classes + 1)
+    shares = F.avg_pool2d(one_hot.permute(0, 3, 1, 2).float(), factor)
+    share, label = shares.max(1)
+    return torch.where((label == num_classes) | (share < min_ratio), ignore_index, label)
+
+
+def masked_feature_distance(features: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """d_FD = mean over masked cells of ||F_theta(x) - F_ImageNet(x)||_2 (DAFormer Eq. 7-8); 0 for an empty mask."""
+    distance = (features.float() - reference.float()).norm(dim=1)
+    return (distance * mask).sum() / mask.sum().clamp(min=1)
