@@ -13,10 +13,10 @@ Per iteration (``training_step``):
   4. The region discriminator learns source-vs-target on the (detached) region features.
   5. EMA update of the teacher.
 ``method.transferability_guidance=false`` skips 1, 4 and the guidance of 2 and 3: the plain DAFormer base.
+Rare class sampling, DAFormer's third part, acts in the data (datamodules/rare_class_sampling.py).
 ``method.setting=finetune`` (configs/method/tmt_finetune.yaml) is the abstract's transfer setting instead: the
 labelled target fraction learnt with cross-entropy, guided by ACTE's map between source and target
-(``finetuning_step``). Rare class sampling, DAFormer's
-third part, acts in the data (datamodules/rare_class_sampling.py).
+(``finetuning_step``).
 """
 
 from __future__ import annotations
