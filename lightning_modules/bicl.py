@@ -28,6 +28,8 @@ from lightning_modules.components.prototypes import (
     dynamic_pseudo_labels,
     ema_prototype_memory,
     hybrid_pseudo_labels,
+    image_prototypes,
+    paired_prototype_contrast_loss,
     prototype_contrast_loss,
     static_pseudo_labels,
 )
@@ -38,6 +40,8 @@ from lightning_modules.panels import colourised
 PSEUDO_LABEL_KINDS = ("static", "dynamic_uncalibrated", "dynamic", "hybrid")
 CONTRAST_FEATURES = ("projection", "aspp")
 ENTROPY_READINGS = ("paper", "code", "shannon")
+# batch: prototypes of the whole batch, pooled over ranks; image: per source / target image pair (the authors' code).
+PROTOTYPE_PAIRINGS = ("batch", "image")
 
 
 class BiCL(SemanticSegmentationModule):
@@ -45,6 +49,7 @@ class BiCL(SemanticSegmentationModule):
         super().__init__(cfg)
         require_choice("method.contrast_features", self.method["contrast_features"], CONTRAST_FEATURES)
         require_choice("method.entropy", self.method["entropy"], ENTROPY_READINGS)
+        require_choice("method.prototype_pairing", self.method["prototype_pairing"], PROTOTYPE_PAIRINGS)
         self.segmenter = self.build_segmenter(self.method["source_ckpt"])
         classes = self.num_classes
         self.projector = None
@@ -168,16 +173,21 @@ class BiCL(SemanticSegmentationModule):
         # Step 3: target prototypes rho_T; forward (target -> rho_S) and backward (source -> rho_T) contrast.
         target_prototypes, target_present = batch_prototypes(features_target, labels_target, self.num_classes)
         temperature = self.method["contrast_temperature"]
+        if self.method["prototype_pairing"] == "image":
+            images = source["img"].shape[0]
+            contrast = paired_prototype_contrast_loss
+            source_contrast = image_prototypes(features_source, labels_source, self.num_classes, images)
+            target_contrast = image_prototypes(features_target, labels_target, self.num_classes, images)
+        else:
+            contrast = prototype_contrast_loss
+            source_contrast = (source_prototypes, source_present)
+            target_contrast = (target_prototypes, target_present)
         if self.method["use_fc"]:
-            loss_fc = prototype_contrast_loss(
-                features_target, labels_target, source_prototypes, source_present, temperature
-            )
+            loss_fc = contrast(features_target, labels_target, *source_contrast, temperature)
             loss = loss + self.method["forward_contrast_weight"] * loss_fc
             self.log("train/loss_fc", loss_fc)
         if self.method["use_bc"]:
-            loss_bc = prototype_contrast_loss(
-                features_source, labels_source, target_prototypes, target_present, temperature
-            )
+            loss_bc = contrast(features_source, labels_source, *target_contrast, temperature)
             loss = loss + self.method["backward_contrast_weight"] * loss_bc
             self.log("train/loss_bc", loss_bc)
 

@@ -24,6 +24,8 @@ from lightning_modules.components.prototypes import (
     dynamic_pseudo_labels,
     ema_prototype_memory,
     hybrid_pseudo_labels,
+    image_prototypes,
+    paired_prototype_contrast_loss,
     prototype_contrast_loss,
     static_pseudo_labels,
 )
@@ -223,3 +225,30 @@ def test_two_process_ddp_ranks_hold_identical_memories(tmp_path, source_ckpt):
     assert metrics["val/memory_rank_spread"] == 0.0
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert state["memory_target_seen"].any() and state["memory_source"].abs().sum() > 0
+
+
+def test_image_pairing_contrasts_each_pixel_with_its_paired_image_prototypes():
+    torch.manual_seed(0)
+    features = torch.randn(12, 4)
+    labels = torch.tensor([0, 0, 1, 1, IGN, 2, 0, 1, 1, 1, IGN, IGN])  # image 1 has no class 2
+    prototypes, present = image_prototypes(features, labels, 3, 2)
+    assert torch.allclose(prototypes[0, 0], features[:2].mean(0)) and torch.allclose(
+        prototypes[1, 1], features[7:10].mean(0)
+    )
+    assert present.tolist() == [[True, True, True], [True, True, False]]
+    # Other-domain pixels of pair b see only pair b's prototypes; the loss is the mean of the pairs' own losses.
+    others = torch.randn(12, 4)
+    other_labels = torch.tensor([2, 2, 0, 1, 1, 0, 2, 0, 0, 1, 1, IGN])
+    paired = paired_prototype_contrast_loss(others, other_labels, prototypes, present, 0.1)
+    per_pair = [
+        prototype_contrast_loss(
+            others[6 * b : 6 * b + 6], other_labels[6 * b : 6 * b + 6], prototypes[b], present[b], 0.1
+        )
+        for b in range(2)
+    ]
+    assert paired.item() == pytest.approx(sum(per_pair).item() / 2, rel=1e-5)
+    # Batch prototypes mix both images: a different loss.
+    pooled, pooled_present = batch_prototypes(features, labels, 3)
+    assert prototype_contrast_loss(others, other_labels, pooled, pooled_present, 0.1).item() != pytest.approx(
+        paired.item()
+    )

@@ -53,6 +53,40 @@ def prototype_contrast_loss(
         return F.cross_entropy(logits[has_positive], labels[has_positive])
 
 
+def image_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int, images: int):
+    """rho_b(c) of each image b alone (the authors' pairing), rank-local; features / labels image-major [B*N, D] /
+    [B*N]; returns (prototypes [B, C, D], present [B, C])."""
+    image = torch.arange(images, device=labels.device).repeat_interleave(labels.numel() // images)
+    ids = torch.where(labels == IGNORE_INDEX, IGNORE_INDEX, image * num_classes + labels)
+    with float32(features.device):
+        sums, counts = class_feature_sums(features.float(), ids, images * num_classes)
+        prototypes = sums / counts.clamp(min=1).unsqueeze(1)
+        return prototypes.view(images, num_classes, -1), (counts > 0).view(images, num_classes)
+
+
+def paired_prototype_contrast_loss(
+    features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Eqs. 3-4 within each image pair: the pixels of image b against the other domain's prototypes of image b
+    ([B, C, D], present [B, C]), each pair's loss a mean over its pixels with a positive, the pairs averaged
+    (the authors' code: metric_loss per source / target pair, the two pairs' losses averaged)."""
+    images, num_classes, dim = prototypes.shape
+    with float32(features.device):
+        pixels_per_image = F.normalize(features.float(), dim=1).view(images, -1, dim)
+        logits = torch.bmm(pixels_per_image, F.normalize(prototypes.float(), dim=2).transpose(1, 2)) / tau
+        logits = logits.masked_fill(~present.unsqueeze(1), float("-inf"))
+        labels = labels.view(images, -1)
+        has_positive = (labels != IGNORE_INDEX) & present.gather(1, labels.clamp(max=num_classes - 1))
+        if not has_positive.any():
+            return features.sum() * 0.0
+        pixel_loss = F.cross_entropy(logits[has_positive], labels[has_positive], reduction="none")
+        image = torch.arange(images, device=labels.device).unsqueeze(1).expand_as(labels)[has_positive]
+        per_image = torch.zeros(images, device=labels.device).index_add_(0, image, pixel_loss)
+        counts = has_positive.sum(1)
+        paired = counts > 0
+        return (per_image[paired] / counts[paired]).mean()
+
+
 @torch.no_grad()
 def ema_prototype_memory(
     memory: torch.Tensor, initialised: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor, momentum: float
