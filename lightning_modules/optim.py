@@ -10,14 +10,27 @@ from datamodules.errors import require_choice
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
-def poly_lr_lambda(max_steps: int, power: float, warmup_steps: int, warmup_ratio: float | None = None):
+def poly_lr_lambda(
+    max_steps: int,
+    power: float,
+    warmup_steps: int,
+    warmup_ratio: float | None = None,
+    round_steps: int | None = None,
+    round_decay: float = 0.5,
+    round_poly_length: float = 1.2,
+):
     """Linear warm-up, then DeepLab's poly decay (1 - t/T)^power.
 
     ``warmup_ratio`` None: the rate climbs as (t + 1) / W and the decay starts after it. A ratio r: mmcv's linear
     warm-up (DAFormer), the poly rate scaled by 1 - (1 - t/W)(1 - r), so it starts at r x the rate.
+    ``round_steps`` R: self-training rounds (BiCL's code): round k = t // R restarts the poly over
+    ``round_poly_length`` x R steps at ``round_decay``^k x the rate.
     """
 
     def poly(step: int) -> float:
+        if round_steps:
+            completed, within = divmod(step, round_steps)
+            return round_decay**completed * max(0.0, 1 - within / (round_poly_length * round_steps)) ** power
         return max(0.0, 1 - step / max(1, max_steps)) ** power
 
     def factor(step: int) -> float:
@@ -51,6 +64,15 @@ def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int, u
             groups, lr=optim["lr"], weight_decay=optim["weight_decay"], betas=tuple(optim.get("betas", (0.9, 0.999)))
         )
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(max_steps, optim["poly_power"], optim["warmup_steps"], optim.get("warmup_ratio"))
+        optimizer,
+        poly_lr_lambda(
+            max_steps,
+            optim["poly_power"],
+            optim["warmup_steps"],
+            optim.get("warmup_ratio"),
+            optim.get("round_steps"),
+            optim.get("round_decay", 0.5),
+            optim.get("round_poly_length", 1.2),
+        ),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

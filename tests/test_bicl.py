@@ -29,6 +29,7 @@ from lightning_modules.components.prototypes import (
     prototype_contrast_loss,
     static_pseudo_labels,
 )
+from lightning_modules.optim import poly_lr_lambda
 from lightning_modules.panels import panel_size
 from tests.conftest import compose_config, run_ddp
 
@@ -252,3 +253,13 @@ def test_image_pairing_contrasts_each_pixel_with_its_paired_image_prototypes():
     assert prototype_contrast_loss(others, other_labels, pooled, pooled_present, 0.1).item() != pytest.approx(
         paired.item()
     )
+
+
+def test_round_schedule_restarts_the_poly_each_round_at_half_the_rate():
+    factor = poly_lr_lambda(30000, 0.9, 0, round_steps=10000)
+    assert factor(0) == 1.0 and factor(10000) == 0.5 and factor(20000) == 0.25
+    # Within a round the poly runs over 1.2 x its length, so it has not reached 0 at the round's end.
+    assert factor(9999) == pytest.approx((1 - 9999 / 12000) ** 0.9)
+    assert factor(15000) == pytest.approx(0.5 * (1 - 5000 / 12000) ** 0.9)
+    # Without rounds: one poly over the run.
+    assert poly_lr_lambda(30000, 0.9, 0)(15000) == pytest.approx(0.5**0.9)
