@@ -99,18 +99,20 @@ class RareClassSampled(Dataset):
         self.min_pixels = settings["min_pixels"] * areas / REFERENCE_AREA
         self.min_crop_ratio = settings["min_crop_ratio"]
         classes, probabilities = class_probabilities(counts, settings["class_temp"])
-        examples = {c: np.flatnonzero(counts[:, c] > self.min_pixels) for c in classes}
-        lacking = [int(c) for c in classes if not len(examples[c])]
-        if len(lacking) == len(classes):
+        qualifies = counts > self.min_pixels[:, None]  # [N, C]
+        keep = qualifies[:, classes].any(0)
+        if not keep.any():
             raise ConfigError(
                 f"rare class sampling: no source image holds more than min_pixels={settings['min_pixels']} "
                 "(scaled to its size) of any class; expected labelled source images"
             )
-        if lacking:
-            log.warning("rare class sampling: no image holds enough pixels of classes %s; they are not drawn", lacking)
-        keep = np.array([bool(len(examples[c])) for c in classes])
+        if not keep.all():
+            log.warning(
+                "rare class sampling: no image holds enough pixels of classes %s; they are not drawn",
+                classes[~keep].tolist(),
+            )
         self.classes, self.probabilities = classes[keep], probabilities[keep] / probabilities[keep].sum()
-        self.examples = examples
+        self.examples = {c: np.flatnonzero(qualifies[:, c]) for c in self.classes}
         log.info(
             "rare class sampling: P(class) %s",
             ", ".join(f"{c}: {p:.3f}" for c, p in zip(self.classes, self.probabilities)),
