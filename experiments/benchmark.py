@@ -113,6 +113,40 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
         "method.psa.everything_mode.stability_score_thresh=0.8",
         "method.psa.everything_mode.stability_score_offset=0.1",
     )
+    # SeCo as a plug-in: the same self-training (seco's training stage, same budget) on the base model's own
+    # labels (labels=pixel at mt_metric's threshold 0.9) and on SeCo's labels, for two bases, UDA and source-free.
+    seco_bases = {"source_only": "source", "mt_metric": "mt_metric_base"}
+    seco_labels = {"base labels": ("method.labels=pixel", "method.pixel_threshold=0.9"), "SeCo labels": seco_sam}
+    seco_stages = tuple(
+        Stage(
+            label_stage(base, kind),
+            (
+                "+method=seco",
+                "stage=pseudo_label",
+                f"method.base_ckpt={{{base}}}",
+                *overrides,
+                "method.label_dir={stage_dir}/pseudo_labels",
+            ),
+            "pseudo_labels",
+        )
+        for base in seco_bases.values()
+        for kind, overrides in seco_labels.items()
+    )
+    seco_rows = tuple(
+        Row(
+            f"seco [{base_name}, {setting}] {kind}",
+            single(
+                "+method=seco",
+                f"method.base_ckpt={{{base}}}",
+                f"method.label_dir={{{label_stage(base, kind)}}}",
+                *streams,
+                adapt,
+            ),
+        )
+        for base_name, base in seco_bases.items()
+        for setting, streams in (("UDA", ()), ("source-free", ("method.streams=[pl]",)))
+        for kind in seco_labels
+    )
     tmt_finetune = (
         "+method=tmt_finetune",
         "method.source_ckpt={source_segformer}",
@@ -126,6 +160,8 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
             Stage("source", ("+method=source_only", source), "checkpoints/last.ckpt"),
             Stage("source_segformer", ("+method=source_only", segformer, source), "checkpoints/last.ckpt"),
             Stage("region_sam", ("+method=sam_finetune", "+task=synth_regions", *sam_from_scratch), "sam.pth"),
+            Stage("mt_metric_base", ("+method=mt_metric", "method.source_ckpt={source}", adapt), "checkpoints/last.ckpt"),
+            *seco_stages,
         ),
         rows=(
             Row("source_only", single("+method=source_only", "method.source_ckpt={source}", adapt), "source"),
@@ -156,19 +192,7 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
                 Row(f"mt_metric ({name})", single("+method=mt_metric", "method.source_ckpt={source}", *switches, adapt))
                 for name, switches in mt_metric_baselines.items()
             ),
-            Row(
-                "seco",
-                (
-                    (
-                        "+method=seco",
-                        "stage=pseudo_label",
-                        "method.base_ckpt={source}",
-                        *seco_sam,
-                        "method.label_dir={row_dir}/pseudo_labels",
-                    ),
-                    ("+method=seco", "method.base_ckpt={source}", "method.label_dir={row_dir}/pseudo_labels", adapt),
-                ),
-            ),
+            *seco_rows,
             Row("oracle", single("+method=oracle", source), "upper"),
             Row(
                 "source_only",
@@ -259,6 +283,11 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
 COMMON = ("logger=csv", "trainer.enable_progress_bar=false")
 
 
+def label_stage(base: str, kind: str) -> str:
+    """Name of the stage that writes ``kind`` labels ("base labels" / "SeCo labels") from the ``base`` stage."""
+    return f"{slug(kind).lower()}_of_{base}"
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 
@@ -335,15 +364,17 @@ def run_protocol(
     base = out / protocol.task / f"seed{seed}"
     rows = selected_rows(protocol, methods, ablations)
     needed = {name for r in rows for command in r.commands for o in command for name in stage_refs(o)}
+    for stage in reversed(protocol.stages):  # a stage may use an earlier stage's product
+        if stage.name in needed:
+            needed |= {name for o in stage.overrides for name in stage_refs(o)}
     products = {}
     for stage in protocol.stages:
         if stage.name in needed:
+            stage_dir = out / "stages" / f"seed{seed}" / stage.name
             try:
-                products[stage.name] = str(
-                    run(stage.overrides, protocol.task, seed, out / "stages" / f"seed{seed}" / stage.name, {})
-                    / stage.product
-                )
-            except RuntimeError as error:
+                run(stage.overrides, protocol.task, seed, stage_dir, {**products, "stage_dir": str(stage_dir)})
+                products[stage.name] = str(stage_dir / stage.product)
+            except (RuntimeError, KeyError) as error:
                 print(f"  stage {stage.name} failed: {error}", flush=True)
     results = []
     for row in rows:
@@ -526,6 +557,38 @@ def markdown(protocol: Protocol, lines: list[dict], throughput: dict | None) -> 
     return "\n".join(out)
 
 
+def pseudo_label_table(out: Path, seeds: range, protocol: Protocol) -> str:
+    """The labels each labelling stage wrote (seco's pixel -> PSA -> SCC), measured on the target train labels that
+    only this table reads: precision (pixel accuracy of the labelled pixels), density (labelled share) and mIoU, and
+    the precision of the base model's own most confident pixels at the final labels' density; mean ± std over seeds;
+    empty when no stage wrote labels."""
+    stages: dict[str, list[dict]] = {}
+    for seed in seeds:
+        for stage in protocol.stages:
+            path = out / "stages" / f"seed{seed}" / stage.name / "pseudo_label_results.json"
+            if path.is_file():
+                stages.setdefault(stage.name, []).append(json.loads(path.read_text())["metrics"])
+    if not stages:
+        return ""
+    out_lines = [
+        "Pseudo-labels on the target train split (precision / density %, mIoU; mean over seeds):",
+        "",
+        "| labels | pixel precision | pixel density | PSA precision | PSA density | SCC precision | SCC density "
+        "| SCC mIoU | base's most confident pixels at SCC's density: precision |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, seeds_metrics in stages.items():
+        cells = [
+            fmt([m[stage][key] for m in seeds_metrics])
+            for stage in ("pixel", "psa", "scc")
+            for key in ("pixel_accuracy", "density")
+        ]
+        cells.append(fmt([m["scc"]["mIoU"] for m in seeds_metrics if m["scc"]["mIoU"] is not None]))
+        cells.append(fmt([m["base_at_scc_density"]["pixel_accuracy"] for m in seeds_metrics]))
+        out_lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out_lines)
+
+
 def reliability_auc_table(results: list[dict]) -> str:
     """Per class, the AUC of each pixel score for telling correct from incorrect teacher pseudo-labels (mt_metric's
     ``reliability_auc``; 0.5 = no better than chance), mean over seeds; empty when no row reports it."""
@@ -637,6 +700,8 @@ def main(argv: list[str] | None = None) -> None:
         report = markdown(protocol, lines, throughput)
         if auc_table := reliability_auc_table(results):
             report += "\n\n" + auc_table
+        if label_table := pseudo_label_table(args.out, seeds, protocol):
+            report += "\n\n" + label_table
         print(report, flush=True)
         reports.append(report)
         for line in lines:

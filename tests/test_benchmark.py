@@ -68,15 +68,19 @@ def test_protocols_name_existing_methods_and_tasks():
             named = [o.split("=", 1)[1] for o in command if o.startswith("+method=")]
             assert named and named[0] in methods
             assert all(o.split("=", 1)[1] in tasks for o in command if o.startswith("+task="))
-        stage_names = {s.name for s in protocol.stages} | {"row_dir"}
+        stage_names = {s.name for s in protocol.stages} | {"row_dir", "stage_dir"}
         assert {ref for c in commands for o in c for ref in stage_refs(o)} <= stage_names
+        for index, stage in enumerate(protocol.stages):  # a stage uses only the stages before it
+            earlier = {s.name for s in protocol.stages[:index]} | {"stage_dir"}
+            assert {ref for o in stage.overrides for ref in stage_refs(o)} <= earlier
 
 
 def test_every_benchmark_command_composes_including_the_ablation_rows():
     for protocol in protocols(600, 400).values():
         assert any(r.ablation for r in protocol.rows)
         commands = [c for r in protocol.rows for c in r.commands] + [s.overrides for s in protocol.stages]
-        placeholders = {name: f"/placeholder/{name}" for name in [s.name for s in protocol.stages] + ["row_dir"]}
+        names = [s.name for s in protocol.stages] + ["row_dir", "stage_dir"]
+        placeholders = {name: f"/placeholder/{name}" for name in names}
         for command in commands:
             overrides = with_task(command, protocol.task, placeholders)
             cfg = compose_config([*overrides, "run_dir=x"])

@@ -1,5 +1,6 @@
-"""seco: component extraction, Pixel Semantic Aggregation, GMM split and correction on constructed inputs;
-the resumable pseudo-label stage with a tiny SAM; self-training on its labels; the GMM split under DDP."""
+"""seco: component extraction, Pixel Semantic Aggregation, the region classifier, the quantile / class-rank / GMM
+splits and correction on constructed inputs; the resumable pseudo-label stage with a tiny SAM; the base model's own
+labels; self-training (cross-entropy and UniMatch) on the labels; SCC under DDP."""
 
 import json
 import os
@@ -16,25 +17,38 @@ from PIL import Image
 from datamodules.constants import IGNORE_INDEX
 from datamodules.errors import ConfigError
 from lightning_modules.components.connectivity import (
+    class_rank_keep,
+    classifier_scores,
     component_losses,
     connected_components,
     correct_components,
+    crop_windows,
     fit_noise_gmm,
+    kept_components,
     label_confusion,
     paint_in_order,
     purest_points,
+    quantile_keep,
+    region_windows,
     relabel,
     semantic_alignment,
+    smoothed_cross_entropy,
     spatial_purity,
     unclipped_boxes,
 )
+from lightning_modules.components.self_training import consistency_loss, cutmix_boxes
 from lightning_modules.networks.factory import build_network
+from lightning_modules.networks.region_classifier import RegionClassifier
 from lightning_modules.networks.sam import build_sam, save_sam_checkpoint
 from lightning_modules.panels import panel_size
 from tests.conftest import compose_config
 
 IGN = IGNORE_INDEX
-TINY_PSA = ["method.sam.variant=tiny", "method.psa.everything_mode.points_per_side=4"]
+TINY_PSA = [
+    "method.sam.variant=tiny",
+    "method.psa.everything_mode.points_per_side=4",
+    "method.scc.classifier.epochs=1",
+]
 
 
 def two_squares_and_a_bar() -> np.ndarray:
@@ -119,6 +133,112 @@ def test_gmm_marks_the_high_loss_mode_noisy_and_correction_relabels_or_ignores()
     assert label_confusion(np.array([[0, 1, IGN]]), np.array([[0, 0, 1]]), 2).tolist() == [[1, 1], [0, 0]]
 
 
+def test_region_windows_follow_the_official_patch_rule():
+    # A quarter of each side, centred on the box, shifted inside the image; a larger box grows the window.
+    boxes = np.array([[10, 5, 20, 8], [100, 40, 127, 63], [0, 0, 63, 47]], np.float32)
+    windows = region_windows(boxes, (64, 128), (0.25, 0.25))
+    # 16 x 32 at the corner; a 24 x 28 box grows it 1.5x and it is shifted left; a 48 x 64 box grows it 3x.
+    assert windows.tolist() == [[0, 16, 0, 32], [40, 64, 80, 128], [0, 48, 0, 96]]
+    planes = torch.arange(64 * 128, dtype=torch.float32).reshape(1, 64, 128)
+    crops = crop_windows(planes, torch.from_numpy(windows).float(), (16, 32), "nearest")
+    assert torch.equal(crops[0, 0], planes[0, :16, :32])
+    assert torch.equal(crops[2, 0], planes[0, 1:48:3, 1:96:3])  # nearest samples at the 3x cells' centres
+
+
+def test_quantile_rule_keeps_exactly_the_ratio_and_class_scope_thresholds_each_class():
+    losses = np.array([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.05])
+    assert quantile_keep(losses, np.zeros(10), 0.5, "global").sum() == 5
+    assert (quantile_keep(losses, np.zeros(10), 0.5, "global") == (losses <= 0.4)).all()
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])  # each class keeps its own lower half
+    per_class = quantile_keep(losses, groups, 0.5, "class")
+    assert per_class.tolist() == [False, True, False, True, False, True, False, True, False, True]
+    either = quantile_keep(losses, groups, 0.5, "class_or_global")
+    assert (either >= per_class).all()
+    # SeCoV2: per label class the ceil(ratio n) lowest (ratio 0.6: 2 of 3, 2 of 2); kept ones relabelled when confident.
+    keep = class_rank_keep(losses[:5], np.array([3, 3, 3, 4, 4]), 0.6)
+    assert keep.tolist() == [False, True, True, True, True]
+    final = kept_components(np.array([3, 3, 3, 4, 4]), keep, np.full(5, 7), np.array([1, 1, 0.5, 0.96, 0.9]), 0.95)
+    assert final.tolist() == [IGN, 7, 3, 7, 4]
+
+
+def test_region_classifier_flags_the_wrongly_labelled_component():
+    """Red windows are class 1, blue windows class 2; one red component carries label 2. Trained with the official
+    label-smoothed loss on all components (the wrong one included), the classifier gives the wrong one the highest
+    loss; the quantile rule drops it, and would relabel it to class 1 if kept."""
+    torch.manual_seed(0)
+    colours = torch.tensor([[1.0, -1.0, -1.0], [-1.0, -1.0, 1.0]])
+    true_class = torch.arange(40) % 2
+    images = colours[true_class][:, :, None, None] + 0.3 * torch.randn(40, 3, 16, 32)
+    masks = torch.zeros(40, 1, 16, 32)
+    masks[:, :, 4:12, 8:24] = 1
+    labels = true_class + 1
+    labels[6] = 2  # component 6 is red (class 1) but labelled 2
+    classifier = RegionClassifier(4, "resnet18", backbone_kwargs={"channels": [8, 16, 32, 64], "stem_width": 8})
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    for _ in range(8):
+        for batch in torch.randperm(40).split(8):
+            loss = smoothed_cross_entropy(classifier(images[batch], masks[batch]), labels[batch], 0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    classifier.eval()
+    with torch.no_grad():
+        losses, prediction, confidence = (t.numpy() for t in classifier_scores(classifier(images, masks), labels))
+    assert losses.argmax() == 6 and prediction[6] == 1
+    keep = quantile_keep(losses, prediction, 0.5, "global")
+    assert not keep[6] and keep.sum() == 20
+    assert kept_components(labels.numpy(), np.ones(40, bool), prediction, confidence, 0.0)[6] == 1
+
+
+def test_precision_at_density_reads_the_most_confident_pixels():
+    from lightning_modules.components.connectivity import precision_at_density
+
+    counts = np.zeros((2, 10))  # incorrect / correct pixels per confidence bin
+    counts[1, 9], counts[0, 5], counts[1, 5] = 50, 30, 20
+    assert precision_at_density(counts, 0.5) == (100.0, 50.0)  # the top bin alone
+    assert precision_at_density(counts, 0.6) == (70.0, 100.0)  # whole bins: the next one comes in full
+
+
+def test_pooled_batches_keep_every_window_with_its_mask_and_label():
+    from lightning_modules.seco import pooled_batches
+
+    def new_pass():  # three images with 5, 3 and 9 components; each window's pixels and mask hold its label
+        for start, count in ((0, 5), (5, 3), (8, 9)):
+            labels = torch.arange(start, start + count)
+            yield {
+                "img": labels[:, None, None, None].float().expand(-1, 3, 2, 2),
+                "mask": (labels % 2 == 0)[:, None, None, None].expand(-1, 1, 2, 2),
+                "label": labels,
+            }
+
+    batches = pooled_batches(new_pass, 4, torch.Generator().manual_seed(0))
+    seen = []
+    for _ in range(8):  # two passes of 17 components: the remainder is carried over
+        batch = next(batches)
+        assert len(batch["label"]) == 4
+        assert torch.equal(batch["img"][:, 0, 0, 0].long(), batch["label"])
+        assert torch.equal(batch["mask"][:, 0, 0, 0], batch["label"] % 2 == 0)
+        seen += batch["label"].tolist()
+    assert sorted(seen[:16]) != list(range(16)) and set(seen) == set(range(17))
+
+
+def test_unimatch_pieces_cutmix_box_and_consistency_on_constructed_inputs():
+    torch.manual_seed(0)
+    boxes = cutmix_boxes(2000, 32, 64, p=0.5)
+    share = boxes.float().mean((1, 2))
+    assert 0.4 < (share > 0).float().mean() < 0.6
+    assert share[share > 0].min() >= 0.005 and share.max() <= 0.45
+    assert (boxes.sum(1).amax(1)[share > 0] > 0).all()  # one rectangle: every box row is a run
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1] = 5.0
+    label = torch.tensor([[[1, 1], [2, 0]]])
+    confident = torch.tensor([[[True, True], [True, False]]])
+    region = torch.tensor([[[True, False], [True, True]]])
+    per_pixel = F.cross_entropy(logits, label, reduction="none")[0]
+    expected = (per_pixel[0, 0] + per_pixel[1, 0]) / 3
+    assert torch.isclose(consistency_loss(logits, label, confident, region), expected)
+
+
 @pytest.fixture(scope="module")
 def pseudo_label_run(tmp_path_factory):
     """A base checkpoint, a tiny SAM checkpoint and one finished pseudo-label stage on 6 target images."""
@@ -147,8 +267,11 @@ def test_pseudo_label_stage_writes_every_label_and_measures_each_step(pseudo_lab
     root, _, results = pseudo_label_run
     labels = sorted((root / "labels").glob("*.png"))
     assert [p.name for p in labels] == [f"{i:06d}.png" for i in range(6)]
-    assert set(results["metrics"]) == {"pixel", "psa", "scc"}
+    assert set(results["metrics"]) == {"pixel", "psa", "scc", "base_at_scc_density"}
     assert results["metrics"]["pixel"]["labelled_pixels"] == 6 * 64 * 128
+    assert results["metrics"]["pixel"]["density"] == 100.0  # pixel_threshold 0: every pixel labelled
+    # the base's most confident pixels at SCC's density: whole confidence bins, so at least that density
+    assert results["metrics"]["base_at_scc_density"]["density"] >= results["metrics"]["scc"]["density"] - 1e-9
     assert results["psa_images"] == 6 and results["psa_images_per_second"] > 0
     assert json.loads((root / "pl" / "pseudo_label_results.json").read_text())["components"]["total"] > 0
     # image | ground truth | pixel | PSA | SCC for the first 4 target images (64 x 128).
@@ -167,6 +290,32 @@ def test_interrupted_pseudo_label_stage_resumes_without_rewriting_finished_files
     assert results["psa_images"] == 1 and results["labels_written_by_rank0"] == 1
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in finished.items())
     assert (root / "labels" / "000002.png").is_file() and not list((root / "labels").rglob(".*tmp*"))
+
+
+def test_a_finished_stage_reuses_its_region_classifier_and_scores(pseudo_label_run):
+    from experiments.run import execute
+
+    root, overrides, _ = pseudo_label_run
+    scc = {p: p.stat().st_mtime_ns for p in (root / "labels" / "scc").iterdir()}
+    assert {p.name for p in scc} == {"classifier.pt", "scores-rank0-of1.npz"}
+    results = execute(compose_config("seco", "synth2real", root / "pl_again", *overrides))
+    assert results["psa_images"] == 0 and results["labels_written_by_rank0"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (root / "labels" / "scc").iterdir()} == scc
+
+
+def test_pixel_labels_are_the_base_models_own_labels_unchanged(pseudo_label_run, tmp_path):
+    """labels=pixel (the plug-in claim's baseline) writes the thresholded pixel labels: no PSA, no SCC."""
+    from experiments.run import execute
+
+    root, overrides, _ = pseudo_label_run
+    pixel = [o for o in overrides if not o.startswith("method.label_dir")]
+    pixel += [f"method.label_dir={tmp_path / 'labels'}", "method.labels=pixel"]
+    results = execute(compose_config("seco", "synth2real", tmp_path / "run", *pixel))
+    metrics = results["metrics"]
+    assert metrics["pixel"] == metrics["psa"] == metrics["scc"] and metrics["scc"]["density"] == 100.0
+    assert metrics["base_at_scc_density"]["pixel_accuracy"] == pytest.approx(metrics["scc"]["pixel_accuracy"])
+    assert results["components"]["kept"] == results["components"]["total"] > 0
+    assert results["components"]["relabelled"] == 0 and not (tmp_path / "labels" / "scc").exists()
 
 
 def test_a_label_dir_of_another_producer_is_refused_and_empty_labels_fail(pseudo_label_run, tmp_path):
@@ -199,6 +348,11 @@ def test_self_training_on_the_written_labels_uda_and_source_free(pseudo_label_ru
         "seco", "synth2real", *common, "method.streams=[pl]", "trainer.precision=bf16-mixed", name="sfda"
     )
     assert results["global_step"] == 2
+    unimatch = ("method.final=unimatch", "trainer.log_every_n_steps=1")
+    results, run_dir = run_tiny("seco", "synth2real", *common, *unimatch, name="unimatch")
+    logged = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for term in ("labelled", "strong_1", "strong_2", "feature_perturbation"):
+        assert f"train/loss_{term}" in logged
 
 
 def test_training_stage_without_label_dir_or_base_ckpt_is_refused(pseudo_label_run, run_tiny):
@@ -214,7 +368,9 @@ def test_training_stage_without_label_dir_or_base_ckpt_is_refused(pseudo_label_r
     assert result.returncode != 0 and "set method.base_ckpt=PATH" in result.stderr
 
 
-def test_gmm_split_is_identical_on_both_ddp_ranks(pseudo_label_run, tmp_path):
+def test_region_classifier_and_split_are_identical_on_both_ddp_ranks(pseudo_label_run, tmp_path):
+    """The region classifier trains on both ranks' components with averaged gradients and the split runs on the
+    gathered losses: both ranks reach the same final class for every component."""
     root, _, _ = pseudo_label_run
     # Unbuffered: the two ranks share the pipes, and each log record must reach them as one write.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
@@ -247,7 +403,7 @@ def test_gmm_split_is_identical_on_both_ddp_ranks(pseudo_label_run, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     splits = re.findall(
-        r"rank (\d): GMM split of (\d+) components: (\d+) noisy, digest ([0-9a-f]{16})",
+        r"rank (\d): SCC over (\d+) components: (\d+) kept, (\d+) relabelled, digest ([0-9a-f]{16})",
         result.stdout + "\n" + result.stderr,
     )
     assert sorted(rank for rank, *_ in splits) == ["0", "1"]

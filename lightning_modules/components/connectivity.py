@@ -5,8 +5,11 @@ Pixel Semantic Aggregation (PSA) turns speckled pixel pseudo-labels into regions
 holds the largest share of its labelled pixels, if that share exceeds a threshold), "things" by prompting
 SAM with a box + points per connected component of the class. Semantic Connectivity Correction (SCC)
 treats every connected component of the aggregated labels as one sample, scores it by the loss of the
-mask-pooled prediction against its label, splits clean from noisy with a two-component Gaussian mixture on
-those losses, and relabels (confident) or ignores (otherwise) the noisy ones.
+prediction against its label, splits clean from noisy on those losses and relabels or drops components.
+The scorer is either the official region classifier (SeCo v1 ``SCC/``: a CNN trained on a window around
+each component, the component's mask applied to its stem features) or the base segmenter's mask-pooled
+logits; the split is either the official loss quantile (v1), the per-class keep ratio of SeCoV2, or the
+seed slides' two-component Gaussian mixture.
 
 Connected components come from OpenCV (one call per class present), everything per component is a
 scatter / bincount / lexsort over pixels: no Python loop runs over pixels or components.
@@ -14,6 +17,7 @@ scatter / bincount / lexsort over pixels: no Python loop runs over pixels or com
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -172,6 +176,86 @@ def component_losses(logits: torch.Tensor, components: Components) -> tuple[torc
     return losses, prediction, confidence
 
 
+def region_windows(boxes: np.ndarray, image_size, window_fraction) -> np.ndarray:
+    """The official SCC crop (SeCo ``SCC/datasets/Cityscapes.py`` get_patch_region), int64[K,4] (y0, y1, x0, x1):
+    a window of ``window_fraction`` of the image's height and width (256 x 512 of 1024 x 2048) centred on each
+    component's box, scaled up at constant aspect to hold a larger box, shifted inside the image."""
+    height, width = image_size
+    x0, y0, x1, y1 = boxes.T.astype(np.float64)
+    box_w, box_h = x1 - x0 + 1, y1 - y0 + 1
+    base_h, base_w = height * window_fraction[0], width * window_fraction[1]
+    scale = np.maximum(1.0, np.maximum(box_h / base_h, box_w / base_w))
+    win_h = np.minimum(np.floor(base_h * scale), height).astype(np.int64)
+    win_w = np.minimum(np.floor(base_w * scale), width).astype(np.int64)
+    top = np.clip(((y0 + box_h / 2).astype(np.int64)) - win_h // 2, 0, height - win_h)
+    left = np.clip(((x0 + box_w / 2).astype(np.int64)) - win_w // 2, 0, width - win_w)
+    return np.stack([top, top + win_h, left, left + win_w], 1)
+
+
+def crop_windows(planes: torch.Tensor, windows: torch.Tensor, size, mode: str) -> torch.Tensor:
+    """Each window (y0, y1, x0, x1) of ``planes`` [C,H,W] resized to ``size``: [K,C,h,w] in one grid_sample.
+    ``mode`` "bilinear" for images, "nearest" for label / index maps (values kept exactly)."""
+    channels, height, width = planes.shape
+    out_h, out_w = size
+    # pixel centres of the output grid inside each window, in align_corners=False normalised coordinates
+    ys = windows[:, :1] + (torch.arange(out_h, device=planes.device) + 0.5) / out_h * (windows[:, 1:2] - windows[:, :1])
+    xs = windows[:, 2:3] + (torch.arange(out_w, device=planes.device) + 0.5) / out_w * (windows[:, 3:4] - windows[:, 2:3])
+    grid_y = (2 * ys / height - 1)[:, :, None].expand(-1, out_h, out_w)
+    grid_x = (2 * xs / width - 1)[:, None, :].expand(-1, out_h, out_w)
+    grid = torch.stack([grid_x, grid_y], -1).to(planes.dtype)
+    return F.grid_sample(
+        planes[None].expand(len(windows), -1, -1, -1), grid, mode=mode, padding_mode="border", align_corners=False
+    )
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """L = -sum_c q_c log p_c with q = (1 - eps) onehot(y) + eps / C (SeCo ``SCC/train_src.py``, SmoothCE)."""
+    return F.cross_entropy(logits, targets, label_smoothing=epsilon)
+
+
+def classifier_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per component l_k = CE(z_k, y_k) (SeCo ``SCC/evaluate.py``: plain CE, no smoothing), argmax and its softmax."""
+    confidence, prediction = logits.float().softmax(1).max(1)
+    return F.cross_entropy(logits.float(), targets, reduction="none"), prediction, confidence
+
+
+def quantile_threshold(losses: np.ndarray, ratio: float) -> float:
+    """The ceil(n * ratio)-th smallest loss, so that l <= t keeps exactly that share of distinct losses. (SeCo's
+    ``SCC/convert_json_2input.py`` determine_threshold takes index int(n * ratio), one more for even n.)"""
+    ordered = np.sort(losses)
+    return float(ordered[max(math.ceil(len(ordered) * ratio) - 1, 0)])
+
+
+def quantile_keep(losses: np.ndarray, groups: np.ndarray, ratio: float, scope: str) -> np.ndarray:
+    """Kept components under SeCo v1's loss quantile: ``global`` l_k <= t; ``class`` l_k <= t_{g_k}, one threshold per
+    group (the classifier's predicted class); ``class_or_global`` either, with the global threshold the mean of the
+    per-component class thresholds (vis_json.py "both_loss", the mode of the authors' commands)."""
+    if len(losses) == 0:
+        return np.zeros(0, dtype=bool)
+    global_threshold = quantile_threshold(losses, ratio)
+    class_threshold = np.zeros(len(losses))
+    for group in np.unique(groups):  # one sort per class present, not per component
+        members = groups == group
+        class_threshold[members] = quantile_threshold(losses[members], ratio)
+    if scope == "global":
+        return losses <= global_threshold
+    if scope == "class":
+        return losses <= class_threshold
+    return (losses <= class_threshold) | (losses <= class_threshold.mean())
+
+
+def class_rank_keep(losses: np.ndarray, classes: np.ndarray, ratio: float) -> np.ndarray:
+    """SeCoV2's selection (``SCC_V2/test_id.py`` filter_correct_and_assemble): within each label class, the
+    ceil(ratio * n) components of lowest score are kept."""
+    order = np.lexsort((losses, classes))  # by class, then by score within the class
+    sorted_classes = classes[order]
+    first = np.searchsorted(sorted_classes, sorted_classes, side="left")
+    count = np.searchsorted(sorted_classes, sorted_classes, side="right") - first
+    keep = np.zeros(len(losses), dtype=bool)
+    keep[order] = np.arange(len(order)) - first < np.ceil(ratio * count)
+    return keep
+
+
 def fit_noise_gmm(losses: np.ndarray, max_iter: int, tol: float, reg_covar: float, seed: int = 0) -> np.ndarray:
     """w_k = p(noisy | l_k) under a two-component 1-D GMM fit on min-max normalised losses (noisy = larger mean)."""
     losses = np.asarray(losses, dtype=np.float64).reshape(-1, 1)
@@ -195,6 +279,26 @@ def correct_components(
     noisy = noisy_probability > noise_threshold
     corrected = np.where(confidence > correction_threshold, prediction, IGNORE_INDEX)
     return np.where(noisy, corrected, classes).astype(np.int64)
+
+
+def kept_components(
+    classes: np.ndarray, keep: np.ndarray, prediction: np.ndarray, confidence: np.ndarray, relabel_threshold: float
+) -> np.ndarray:
+    """Final class of each component: dropped (ignore) unless kept; a kept one takes the classifier's prediction
+    where its confidence >= the threshold, else keeps its label (v1: threshold 0, always relabelled; V2: 0.95)."""
+    relabelled = np.where(confidence >= relabel_threshold, prediction, classes)
+    return np.where(keep, relabelled, IGNORE_INDEX).astype(np.int64)
+
+
+def precision_at_density(histogram: np.ndarray, density: float) -> tuple[float, float]:
+    """Precision and density (%) of the most confident ``density`` share of the pixels, from the counts [2, bins] of
+    incorrect / correct labels by confidence bin: a confidence threshold's labels at that density (whole bins)."""
+    incorrect, correct = histogram[0][::-1], histogram[1][::-1]
+    total = histogram.sum()
+    from_top = np.cumsum(incorrect + correct)
+    bins = min(int(np.searchsorted(from_top, density * total)) + 1, len(from_top))
+    kept = from_top[bins - 1] if len(from_top) else 0.0
+    return 100 * float(correct[:bins].sum()) / max(kept, 1), 100 * float(kept) / max(total, 1)
 
 
 def relabel(component_index: np.ndarray, new_classes: np.ndarray) -> np.ndarray:

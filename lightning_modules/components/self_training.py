@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
+from lightning_modules.components.ops import upsample
 
 
 def ema_momentum(step: int, alpha: float) -> float:
@@ -140,3 +141,33 @@ def masked_feature_distance(features: torch.Tensor, reference: torch.Tensor, mas
     """d_FD = mean over masked cells of ||F_theta(x) - F_ImageNet(x)||_2 (DAFormer Eq. 7-8); 0 for an empty mask."""
     distance = (features.float() - reference.float()).norm(dim=1)
     return (distance * mask).sum() / mask.sum().clamp(min=1)
+
+
+def cutmix_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    p: float,
+    area: tuple[float, float] = (0.02, 0.4),
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+    device=None,
+) -> torch.Tensor:
+    """UniMatch's CutMix box (Yang et al. CVPR 2023, ``obtain_cutmix_box``), bool [B, H, W]: with probability p a
+    box of U(area) of the image and aspect U(aspect) at a uniform position, else empty."""
+    size = torch.empty(batch, device=device).uniform_(*area) * height * width
+    ratio = torch.empty(batch, device=device).uniform_(*aspect)
+    box_w = (size / ratio).sqrt().clamp(1, width).long()
+    box_h = (size * ratio).sqrt().clamp(1, height).long()
+    left = (torch.rand(batch, device=device) * (width - box_w + 1)).long()
+    top = (torch.rand(batch, device=device) * (height - box_h + 1)).long()
+    rows = torch.arange(height, device=device)[None, :, None]
+    cols = torch.arange(width, device=device)[None, None, :]
+    inside = (rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
+    inside = inside & (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None])
+    return inside & (torch.rand(batch, device=device) < p)[:, None, None]
+
+
+def consistency_loss(logits: torch.Tensor, pseudo_label: torch.Tensor, confident: torch.Tensor, region: torch.Tensor):
+    """FixMatch / UniMatch unlabelled loss: sum over ``region`` of CE(z, y_w) * 1[max p_w >= tau] / |region|."""
+    per_pixel = F.cross_entropy(upsample(logits, pseudo_label.shape[-2:]), pseudo_label, reduction="none")
+    return (per_pixel * (confident & region)).sum() / region.sum().clamp(min=1)

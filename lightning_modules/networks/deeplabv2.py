@@ -57,6 +57,10 @@ class DeepLabV2(nn.Module):
         features = self.backbone(images)[-1]
         return self.classifier(features), features
 
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits of (possibly perturbed) backbone features: UniMatch's feature-perturbation stream."""
+        return self.classifier(features)
+
     def forward_branches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Class logits and the concatenated ASPP branch logits they are the sum of (BiCL's official features)."""
         branches = self.classifier.branch_logits(self.backbone(images)[-1])
