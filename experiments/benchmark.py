@@ -160,7 +160,9 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
             Stage("source", ("+method=source_only", source), "checkpoints/last.ckpt"),
             Stage("source_segformer", ("+method=source_only", segformer, source), "checkpoints/last.ckpt"),
             Stage("region_sam", ("+method=sam_finetune", "+task=synth_regions", *sam_from_scratch), "sam.pth"),
-            Stage("mt_metric_base", ("+method=mt_metric", "method.source_ckpt={source}", adapt), "checkpoints/last.ckpt"),
+            Stage(
+                "mt_metric_base", ("+method=mt_metric", "method.source_ckpt={source}", adapt), "checkpoints/last.ckpt"
+            ),
             *seco_stages,
         ),
         rows=(

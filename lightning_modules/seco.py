@@ -52,7 +52,6 @@ from datamodules.files import file_digest, save_json, save_label_png, save_npz, 
 from datamodules.labelling import TargetTrainImages, collate_images
 from datamodules.loading import build_evaluation_loader
 from lightning_modules.base import SemanticSegmentationModule
-from lightning_modules.components.ops import upsample
 from lightning_modules.components.connectivity import (
     Components,
     class_rank_keep,
@@ -77,6 +76,7 @@ from lightning_modules.components.connectivity import (
     unclipped_boxes,
 )
 from lightning_modules.components.metric_learning import correctness_histograms
+from lightning_modules.components.ops import upsample
 from lightning_modules.components.self_training import consistency_loss, cutmix_boxes, mix, strong_photometric
 from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from lightning_modules.metrics import mean_iou, per_class_iou
@@ -156,7 +156,12 @@ class SeCo(SemanticSegmentationModule):
         for view, (view_logits, (label, view_confident, region)) in enumerate(zip(both.chunk(2), strong_targets)):
             losses[f"loss_strong_{view + 1}"] = consistency_loss(view_logits, label, view_confident, region)
         # L = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 (UniMatch's unimatch.py)
-        weights = {"loss_labelled": 0.5, "loss_strong_1": 0.125, "loss_strong_2": 0.125, "loss_feature_perturbation": 0.25}
+        weights = {
+            "loss_labelled": 0.5,
+            "loss_strong_1": 0.125,
+            "loss_strong_2": 0.125,
+            "loss_feature_perturbation": 0.25,
+        }
         return {name: weights[name] * value for name, value in losses.items()}
 
     # ----------------------------------------------------------------- stage=pseudo_label
@@ -281,16 +286,24 @@ class SeCo(SemanticSegmentationModule):
                 confusion_pixel=label_confusion(pixel_labels[i], truth, self.num_classes),
                 confusion_psa=label_confusion(psa_labels, truth, self.num_classes),
                 truth_pixels=int(((truth != IGNORE_INDEX) & (truth < self.num_classes)).sum()),
-                confidence_histogram=self.confidence_histogram(pixel_confidence[i], pixel_prediction[i], batch["mask"][i]),
+                confidence_histogram=self.confidence_histogram(
+                    pixel_confidence[i], pixel_prediction[i], batch["mask"][i]
+                ),
             )
 
-    def confidence_histogram(self, confidence: torch.Tensor, prediction: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    def confidence_histogram(
+        self, confidence: torch.Tensor, prediction: torch.Tensor, truth: torch.Tensor
+    ) -> np.ndarray:
         """Counts [2, bins] of the base model's confidence on the pixels with a true label, incorrect / correct
         argmax: the labels a confidence threshold gives at any density are read from it."""
         truth = truth.to(prediction.device)
         valid = (truth != IGNORE_INDEX) & (truth < self.num_classes)
         counts = correctness_histograms(
-            confidence[valid][None], prediction[valid] == truth[valid], torch.zeros_like(truth[valid]), 1, HISTOGRAM_BINS
+            confidence[valid][None],
+            prediction[valid] == truth[valid],
+            torch.zeros_like(truth[valid]),
+            1,
+            HISTOGRAM_BINS,
         )
         return counts[0, 0].cpu().numpy()
 
@@ -352,7 +365,9 @@ class SeCo(SemanticSegmentationModule):
         mine = list(range(rank, len(TargetTrainImages(self.hparams["data"]["target"])), world))
         local = self.component_scores(mine)
         counts = all_gather_cat(torch.tensor([len(local["classes"])], device=device)).cpu().numpy()
-        scores = {name: all_gather_cat(torch.from_numpy(value).to(device)).cpu().numpy() for name, value in local.items()}
+        scores = {
+            name: all_gather_cat(torch.from_numpy(value).to(device)).cpu().numpy() for name, value in local.items()
+        }
         final = self.split_components(**scores)
         log.info(
             "rank %d: SCC over %d components: %d kept, %d relabelled, digest %s",
@@ -455,7 +470,11 @@ class SeCo(SemanticSegmentationModule):
         losses, prediction, confidence = (
             torch.cat([part[i] for part in parts]).cpu().numpy() if parts else np.zeros(0) for i in range(3)
         )
-        scores = {"losses": losses.astype(np.float32), "prediction": prediction.astype(np.int64), "confidence": confidence.astype(np.float32)}
+        scores = {
+            "losses": losses.astype(np.float32),
+            "prediction": prediction.astype(np.int64),
+            "confidence": confidence.astype(np.float32),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         save_npz(path, **scores)
         return scores
@@ -498,7 +517,9 @@ class SeCo(SemanticSegmentationModule):
                 flip = (torch.rand(len(windows["label"]), generator=generator) < 0.5)[:, None, None, None]
                 images = torch.where(flip, windows["img"].flip(-1), windows["img"]).to(device)
                 masks = torch.where(flip, windows["mask"].flip(-1), windows["mask"]).to(device)
-                loss = smoothed_cross_entropy(classifier(images, masks), windows["label"].to(device), rules["label_smoothing"])
+                loss = smoothed_cross_entropy(
+                    classifier(images, masks), windows["label"].to(device), rules["label_smoothing"]
+                )
             optimizer.zero_grad()
             loss.backward()
             for parameter in classifier.parameters():

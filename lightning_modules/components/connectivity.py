@@ -199,7 +199,9 @@ def crop_windows(planes: torch.Tensor, windows: torch.Tensor, size, mode: str) -
     out_h, out_w = size
     # pixel centres of the output grid inside each window, in align_corners=False normalised coordinates
     ys = windows[:, :1] + (torch.arange(out_h, device=planes.device) + 0.5) / out_h * (windows[:, 1:2] - windows[:, :1])
-    xs = windows[:, 2:3] + (torch.arange(out_w, device=planes.device) + 0.5) / out_w * (windows[:, 3:4] - windows[:, 2:3])
+    xs = windows[:, 2:3] + (torch.arange(out_w, device=planes.device) + 0.5) / out_w * (
+        windows[:, 3:4] - windows[:, 2:3]
+    )
     grid_y = (2 * ys / height - 1)[:, :, None].expand(-1, out_h, out_w)
     grid_x = (2 * xs / width - 1)[:, None, :].expand(-1, out_h, out_w)
     grid = torch.stack([grid_x, grid_y], -1).to(planes.dtype)

@@ -52,5 +52,7 @@ class RegionClassifier(nn.Module):
 
 def build_region_classifier(network: dict, num_classes: int) -> RegionClassifier:
     if not network.get("pretrained"):
-        log.info("the SCC region classifier (%s) starts from random init (no ImageNet weights set)", network["backbone"])
+        log.info(
+            "the SCC region classifier (%s) starts from random init (no ImageNet weights set)", network["backbone"]
+        )
     return RegionClassifier(num_classes, network["backbone"], network.get("pretrained"), network.get("backbone_kwargs"))
