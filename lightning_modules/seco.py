@@ -415,7 +415,7 @@ class SeCo(SemanticSegmentationModule):
         caches = [np.load(self.cache_path(index)) for index in mine]
         classes = np.concatenate([c["classes"] for c in caches] or [np.zeros(0, np.int64)]).astype(np.int64)
         if self.method["labels"] == "seco" and self.method["scc"]["scorer"] == "classifier":
-            return {"classes": classes, **self.region_classifier_scores(mine)}
+            return {"classes": classes, **self.region_classifier_scores(mine, len(classes))}
         joined = {
             name: np.concatenate([c[name] for c in caches] or [np.zeros(0, dtype)])
             for name, dtype in (("losses", np.float32), ("prediction", np.int64), ("confidence", np.float32))
@@ -445,13 +445,13 @@ class SeCo(SemanticSegmentationModule):
         )
 
     # ----------------------------------------------------------------- SCC's region classifier
-    def region_classifier_scores(self, mine: list[int]) -> dict:
-        """Train the region classifier (or load it), then score this rank's components; cached per rank."""
+    def region_classifier_scores(self, mine: list[int], local: int) -> dict:
+        """Train the region classifier (or load it), then score this rank's ``local`` components; cached per rank."""
         rank, world = self.trainer.global_rank, self.trainer.world_size
         path = self.scc_dir / f"scores-rank{rank}-of{world}.npz"
         if path.is_file():
             return dict(np.load(path))
-        classifier = self.train_region_classifier(mine)
+        classifier = self.train_region_classifier(mine, local)
         classifier.eval()
         rules, device = self.method["scc"]["classifier"], self.device
         parts = []
@@ -479,7 +479,7 @@ class SeCo(SemanticSegmentationModule):
         save_npz(path, **scores)
         return scores
 
-    def train_region_classifier(self, mine: list[int]) -> RegionClassifier:
+    def train_region_classifier(self, mine: list[int], local: int) -> RegionClassifier:
         """SeCo v1 ``SCC/train_src.py``: label-smoothed CE on the component windows, random mirror, SGD (nesterov)
         with the backbone at 0.1 x lr and lr_t = lr (1 + 10 t / T)^-0.75, for ``epochs`` passes over the largest
         rank's components. Gradients are averaged over DDP ranks, so every rank holds the same classifier."""
@@ -489,7 +489,6 @@ class SeCo(SemanticSegmentationModule):
         if path.is_file():
             classifier.load_state_dict(torch.load(path, map_location=device))
             return classifier
-        local = sum(len(np.load(self.cache_path(index))["classes"]) for index in mine)
         largest = int(all_gather_cat(torch.tensor([local], device=device)).max())
         steps = rules["epochs"] * math.ceil(largest / rules["batch_size"])
         optimizer = torch.optim.SGD(
