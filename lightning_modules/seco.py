@@ -96,7 +96,14 @@ PROGRESS_SECONDS = 30  # PSA logs images done / total at most this often
 class SeCo(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
+        require_choice("method.final", self.method["final"], ("ce", "unimatch"))
         self.segmenter = self.build_segmenter(self.method["base_ckpt"])
+        if self.method["final"] == "unimatch" and not hasattr(self.segmenter, "decode"):
+            raise ConfigError(
+                "method.final=unimatch perturbs the features between backbone and head, which "
+                f"{self.hparams['model']['name']} does not expose; expected a network with decode(features), e.g. "
+                "DeepLabV2 (arch=deeplabv2)"
+            )
         self.label_dir = Path(self.method["label_dir"] or Path(cfg["run_dir"]) / "pseudo_labels")
         self.cache_dir = self.label_dir / "psa"
         self.scc_dir = self.label_dir / "scc"

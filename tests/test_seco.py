@@ -357,6 +357,8 @@ def test_self_training_on_the_written_labels_uda_and_source_free(pseudo_label_ru
 
 def test_training_stage_without_label_dir_or_base_ckpt_is_refused(pseudo_label_run, run_tiny):
     root, _, _ = pseudo_label_run
+    with pytest.raises(ConfigError, match=r"method.final='plain'; expected one of \('ce', 'unimatch'\)"):
+        run_tiny("seco", "synth2real", f"method.base_ckpt={root / 'base.ckpt'}", "method.final=plain", name="final")
     with pytest.raises(ValueError, match="data.pseudo_label_dir"):
         run_tiny("seco", "synth2real", f"method.base_ckpt={root / 'base.ckpt'}", "trainer.max_steps=1")
     result = subprocess.run(
