@@ -51,11 +51,15 @@ def seed_pipeline(pipeline: A.Compose, seeds: np.random.SeedSequence) -> None:
     pipeline.set_random_state(numpy_generator, random.Random(int(numpy_generator.integers(2**63))))
 
 
+PIXEL_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) * 255
+PIXEL_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1) * 255
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HWC RGB -> float CHW normalised with ImageNet statistics (timm backbones' convention)."""
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255
-    std = np.asarray(IMAGENET_STD, dtype=np.float32) * 255
-    return torch.from_numpy(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())
+    # The uint8 planes are transposed before the float conversion: a quarter of the bytes moved, the same values.
+    planes = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+    return (planes - PIXEL_MEAN) / PIXEL_STD
 
 
 class SemanticTransform:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from datamodules.datasets import build_dataset
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes over them per measurement")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
+    torch.set_num_threads(1)  # as in a DataLoader worker
     print("| dataset | stream | raw decode + resize (images/s) | project loader (images/s) | loader / raw |")
     print("|---|---|---|---|---|")
     for row in measure(args.frames, args.repeats):
