@@ -29,7 +29,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     Under DDP every rank holds the same student after the gradient all-reduce (and DDP broadcasts
     buffers from rank 0), so the teachers stay identical across ranks without communication.
     """
-    for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
-        teacher_param.lerp_(student_param.detach(), 1 - momentum)
-    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
-        teacher_buffer.copy_(student_buffer)
+    # One foreach kernel per list instead of one per tensor: the same lerp, elementwise.
+    torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - momentum)
+    torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))

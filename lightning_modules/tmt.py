@@ -122,13 +122,15 @@ class TMT(SemanticSegmentationModule):
     def thing_feature_distance(self, images: torch.Tensor, labels: torch.Tensor, features: torch.Tensor):
         """lambda_FD * d_FD on the cells of thing classes (DAFormer Eq. 7-8) of the last encoder stage."""
         settings = self.method["feature_distance"]
-        with torch.no_grad():
-            reference = self.reference_encoder(images)[-1]
         cells = downscale_labels(
             labels, labels.shape[-1] // features.shape[-1], settings["min_ratio"], self.num_classes
         )
         things = torch.isin(cells, torch.tensor(settings["classes"], device=cells.device)).float()
         self.log("train/feature_distance_cells", things.mean())
+        if not things.any():  # the distance and its gradient are 0: the reference pass would be wasted
+            return features.new_zeros(())
+        with torch.no_grad():
+            reference = self.reference_encoder(images)[-1]
         return settings["weight"] * masked_feature_distance(features, reference, things)
 
     def cropped_pseudo_weight(self, quality: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from datamodules.datasets.cityscapes import Cityscapes
@@ -140,6 +141,28 @@ def test_feature_distance_is_masked_to_thing_cells():
     assert masked_feature_distance(features, reference, things).item() == pytest.approx(2.5)
     assert masked_feature_distance(features, reference, torch.zeros_like(things)).item() == 0
 
+
+
+def test_feature_distance_skips_the_reference_pass_only_when_no_cell_is_a_thing():
+    """A batch without a thing cell gives the loss and gradient of the full computation (0) without the pass."""
+    cfg = compose_config("tmt", "synth2real", "unused", "method.transferability_guidance=false")
+    module = TMT(OmegaConf.to_container(cfg, resolve=True))
+    passes = []
+    module.reference_encoder.register_forward_hook(lambda *args: passes.append(1))
+    images = torch.randn(2, 3, 64, 128)
+    features = module.segmenter.backbone(images)[-1]
+    road = torch.zeros(2, 64, 128, dtype=torch.long)
+    skipped = module.thing_feature_distance(images, road, features)
+    assert passes == [] and skipped.item() == 0
+    with torch.no_grad():
+        reference = module.reference_encoder(images)[-1]
+    full = masked_feature_distance(features, reference, torch.zeros_like(features[:, 0]))
+    (gradient,) = torch.autograd.grad(full, features, retain_graph=True)
+    assert full.item() == 0 and not gradient.any()
+    passes.clear()
+    cars = torch.full((2, 64, 128), 13, dtype=torch.long)
+    # the reference is the initial encoder (no ImageNet weights), so a moved student is what it measures
+    assert module.thing_feature_distance(images, cars, features + 1).item() > 0 and passes == [1]
 
 def test_dacs_jitter_runs_with_probability_0_8_with_hue():
     torch.manual_seed(0)
