@@ -142,7 +142,6 @@ def test_feature_distance_is_masked_to_thing_cells():
     assert masked_feature_distance(features, reference, torch.zeros_like(things)).item() == 0
 
 
-
 def test_feature_distance_skips_the_reference_pass_only_when_no_cell_is_a_thing():
     """A batch without a thing cell gives the loss and gradient of the full computation (0) without the pass."""
     cfg = compose_config("tmt", "synth2real", "unused", "method.transferability_guidance=false")
@@ -163,6 +162,7 @@ def test_feature_distance_skips_the_reference_pass_only_when_no_cell_is_a_thing(
     cars = torch.full((2, 64, 128), 13, dtype=torch.long)
     # the reference is the initial encoder (no ImageNet weights), so a moved student is what it measures
     assert module.thing_feature_distance(images, cars, features + 1).item() > 0 and passes == [1]
+
 
 def test_dacs_jitter_runs_with_probability_0_8_with_hue():
     torch.manual_seed(0)
