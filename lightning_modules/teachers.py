@@ -31,4 +31,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """
     # One foreach kernel per list instead of one per tensor: the same lerp, elementwise.
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - momentum)
-    torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))
+    teacher_buffers = list(teacher.buffers())
+    if teacher_buffers:  # LoRA branches have none, and a foreach op refuses an empty list
+        torch._foreach_copy_(teacher_buffers, list(student.buffers()))
