@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
-import resource
 import statistics
 import time
 from typing import Sequence
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from experiments.profiling import peak_memory_mb
+from experiments.run import CONFIG_DIR
 from lightning_modules.networks.segformer import build_segformer
 
 # MiT sizes (NVlabs mix_transformer.py mit_b0 / mit_b5) and HuggingFace's decoder width for each.
@@ -50,31 +51,30 @@ def daformer_head_flops(
     return 2 * (embed + aspp + bottleneck + embed_dim * num_classes * grid)
 
 
+def network_config(size: str) -> dict:
+    """configs/network/segformer_paper.yaml (MiT-B5, DAFormer head) with the encoder widths and depths of ``size``."""
+    config = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "network" / "segformer_paper.yaml"))
+    config.update(embed_dims=SIZES[size]["embed_dims"], depths=SIZES[size]["depths"])
+    return config
+
+
 def build(kind: str, size: str):
-    layout = SIZES[size]
+    config = network_config(size)
     if kind == "project":
-        config = OmegaConf.to_container(OmegaConf.load("configs/network/segformer_paper.yaml"))
-        config.update(embed_dims=layout["embed_dims"], depths=layout["depths"])
         network = build_segformer(config, NUM_CLASSES)
         return network, lambda images: network(images)[0]
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-    config = SegformerConfig(
+    reference = SegformerConfig(
         num_labels=NUM_CLASSES,
-        hidden_sizes=layout["embed_dims"],
-        depths=layout["depths"],
-        num_attention_heads=[1, 2, 5, 8],
-        sr_ratios=[8, 4, 2, 1],
-        decoder_hidden_size=layout["hf_decoder"],
+        hidden_sizes=config["embed_dims"],
+        depths=config["depths"],
+        num_attention_heads=config["num_heads"],
+        sr_ratios=config["sr_ratios"],
+        decoder_hidden_size=SIZES[size]["hf_decoder"],
     )
-    network = SegformerForSemanticSegmentation(config)
+    network = SegformerForSemanticSegmentation(reference)
     return network, lambda images: network(pixel_values=images).logits
-
-
-def peak_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def measure(kind: str, size: str, crop: int, steps: int) -> dict:
@@ -89,13 +89,16 @@ def measure(kind: str, size: str, crop: int, steps: int) -> dict:
     row["gflops"] = counter.get_total_flops() / 1e9
     if kind == "project":
         row["head_gflops"] = row["gflops"] - encoder_gflops(network, crop, device)
-        reference = daformer_head_flops(SIZES[size]["embed_dims"], 256, (1, 6, 12, 18), NUM_CLASSES, crop, crop)
+        config = network_config(size)
+        reference = daformer_head_flops(
+            config["embed_dims"], config["decoder_embed_dim"], config["aspp_dilations"], NUM_CLASSES, crop, crop
+        )
         row["reference_head_gflops"] = reference / 1e9
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-6, momentum=0.9)
     images = torch.randn(2, 3, crop, crop, device=device)
     labels = torch.randint(0, NUM_CLASSES, (2, crop, crop), device=device)
     network.train()
-    built_mb = peak_mb()
+    built_mb = peak_memory_mb()
     for precision in ("fp32", "bf16"):
         durations = []
         for _ in range(steps + 1):  # the first step warms up
@@ -110,7 +113,7 @@ def measure(kind: str, size: str, crop: int, steps: int) -> dict:
                 torch.cuda.synchronize()
             durations.append(time.perf_counter() - started)
         row[f"step_{precision}_s"] = statistics.median(durations[1:])
-    row["step_memory_mb"] = peak_mb() - built_mb
+    row["step_memory_mb"] = peak_memory_mb() - built_mb
     return row
 
 

@@ -3,10 +3,9 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from experiments.network_speed import SIZES, daformer_head_flops, measure
+from experiments.network_speed import SIZES, daformer_head_flops, measure, network_config
 from lightning_modules.networks.segformer import DAFormerHead, build_segformer
 
 
@@ -30,9 +29,7 @@ def test_daformer_head_does_the_reference_heads_flops(size):
 
 def test_mit_encoder_has_huggingfaces_parameter_count():
     transformers = pytest.importorskip("transformers")
-    config = OmegaConf.to_container(OmegaConf.load("configs/network/segformer_paper.yaml"))
-    config.update(embed_dims=SIZES["b0"]["embed_dims"], depths=SIZES["b0"]["depths"])
-    ours = build_segformer(config, 19).backbone
+    ours = build_segformer(network_config("b0"), 19).backbone
     reference = transformers.SegformerModel(
         transformers.SegformerConfig(
             hidden_sizes=SIZES["b0"]["embed_dims"],
