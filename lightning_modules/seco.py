@@ -277,7 +277,7 @@ class SeCo(SemanticSegmentationModule):
             self.timing["seconds"] += time.perf_counter() - started
             self.timing["images"] += 1
             self.log_psa_progress()
-            components = connected_components(psa_labels)
+            components = connected_components(psa_labels, min_area=method["scc"]["min_component_area"])
             losses, prediction, confidence = component_losses(logits[i], components)
             truth = batch["mask"][i].numpy()
             save_npz(
@@ -462,18 +462,21 @@ class SeCo(SemanticSegmentationModule):
         classifier.eval()
         rules, device = self.method["scc"]["classifier"], self.device
         parts = []
+        size = rules["network"]["input_size"]
         with torch.no_grad():
-            for windows in self.component_windows(mine, order=None):
+            for items in self.component_images(mine, order=None):
+                images, components = component_table(items)
                 logits = torch.cat(
                     [
-                        classifier(images.to(device), masks.to(device))
-                        for images, masks in zip(
-                            windows["img"].split(rules["batch_size"]), windows["mask"].split(rules["batch_size"])
+                        classifier(windows["img"], windows["mask"])
+                        for windows in (
+                            crop_components(images, chunk, size, device)
+                            for chunk in split_table(components, rules["batch_size"])
                         )
                     ]
                     or [torch.zeros(0, self.num_classes, device=device)]
                 )
-                parts.append(classifier_scores(logits, windows["label"].to(device)))
+                parts.append(classifier_scores(logits, components["label"].to(device)))
         losses, prediction, confidence = (
             torch.cat([part[i] for part in parts]).cpu().numpy() if parts else np.zeros(0) for i in range(3)
         )
@@ -519,12 +522,17 @@ class SeCo(SemanticSegmentationModule):
             if batches is None:  # a rank without components still takes part in every gradient average
                 loss = sum(parameter.sum() for parameter in classifier.parameters()) * 0
             else:
-                windows = next(batches)
-                flip = (torch.rand(len(windows["label"]), generator=generator) < 0.5)[:, None, None, None]
-                images = torch.where(flip, windows["img"].flip(-1), windows["img"]).to(device)
-                masks = torch.where(flip, windows["mask"].flip(-1), windows["mask"]).to(device)
+                images, components = next(batches)
+                windows = crop_components(images, components, rules["network"]["input_size"], device)
+                flip = (torch.rand(len(components["label"]), generator=generator) < 0.5)[:, None, None, None]
+                flip = flip.to(device)
                 loss = smoothed_cross_entropy(
-                    classifier(images, masks), windows["label"].to(device), rules["label_smoothing"]
+                    classifier(
+                        torch.where(flip, windows["img"].flip(-1), windows["img"]),
+                        torch.where(flip, windows["mask"].flip(-1), windows["mask"]),
+                    ),
+                    windows["label"],
+                    rules["label_smoothing"],
                 )
             optimizer.zero_grad()
             loss.backward()
@@ -541,15 +549,14 @@ class SeCo(SemanticSegmentationModule):
         self.trainer.strategy.barrier()
         return classifier
 
-    def component_windows(self, mine: list[int], order: torch.Tensor | None):
-        """The component windows of ``mine``'s images (in ``order`` of positions, or as listed), a few images at a
-        time: the loader's workers read, crop and mask in parallel."""
+    def component_images(self, mine: list[int], order: torch.Tensor | None):
+        """Lists of ``images_per_batch`` ComponentImages items of ``mine``'s images (in ``order`` of positions, or as
+        listed): the loader's workers read the images and their component tables in parallel."""
         rules = self.method["scc"]["classifier"]
-        dataset = ComponentWindows(
+        dataset = ComponentImages(
             TargetTrainImages(self.hparams["data"]["target"]),
             [self.cache_path(index) for index in mine],
             mine,
-            rules["network"]["input_size"],
             rules["window_fraction"],
         )
         positions = list(range(len(mine))) if order is None else order.tolist()
@@ -557,13 +564,13 @@ class SeCo(SemanticSegmentationModule):
             Subset(dataset, positions),
             batch_size=rules["images_per_batch"],
             num_workers=self.hparams["data"]["num_workers"],
-            collate_fn=concatenate_windows,
+            collate_fn=list,
         )
 
     def component_batches(self, mine: list[int], batch_size: int, generator: torch.Generator):
         """Endless training batches of ``batch_size`` components, the images reshuffled every pass."""
         return pooled_batches(
-            lambda: self.component_windows(mine, torch.randperm(len(mine), generator=generator)), batch_size, generator
+            lambda: self.component_images(mine, torch.randperm(len(mine), generator=generator)), batch_size, generator
         )
 
     def publish_label_stages(self, trainer) -> None:
@@ -673,47 +680,90 @@ class SeCo(SemanticSegmentationModule):
             (run_dir / "pseudo_label_results.json").write_text(json.dumps(self.pseudo_label_results, indent=2))
 
 
-class ComponentWindows(Dataset):
-    """Per target train image (a position in ``indices``): the window around each of its PSA components at the
-    region classifier's input size (the image and the component's mask) and the component's label."""
+class ComponentImages(Dataset):
+    """Per target train image (a position in ``indices``): the image, its PSA component-index map, and each
+    component's window and label. The windows are cut per batch (``crop_components``), so what an item holds does
+    not grow with the number of its components (an image can have thousands)."""
 
-    def __init__(self, images: TargetTrainImages, caches: list[Path], indices: list[int], size, window_fraction):
+    def __init__(self, images: TargetTrainImages, caches: list[Path], indices: list[int], window_fraction):
         self.images, self.caches, self.indices = images, caches, indices
-        self.size, self.window_fraction = tuple(size), tuple(window_fraction)
+        self.window_fraction = tuple(window_fraction)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> dict:
         cache = np.load(self.caches[position])
-        index_map, classes = cache["index"], cache["classes"]
-        image = self.images[self.indices[position]]["img"]
-        windows = torch.from_numpy(region_windows(cache["boxes"], index_map.shape, self.window_fraction)).float()
-        components = crop_windows(torch.from_numpy(index_map).float()[None], windows, self.size, "nearest")
+        index_map = cache["index"]
         return {
-            "img": crop_windows(image, windows, self.size, "bilinear"),
-            "mask": components == torch.arange(1, len(classes) + 1, dtype=torch.float32)[:, None, None, None],
-            "label": torch.from_numpy(classes.astype(np.int64)),
+            "img": self.images[self.indices[position]]["img"],
+            "index": torch.from_numpy(index_map),
+            "windows": torch.from_numpy(region_windows(cache["boxes"], index_map.shape, self.window_fraction)).float(),
+            "label": torch.from_numpy(cache["classes"].astype(np.int64)),
         }
 
 
+def component_table(items: list[dict], first_slot: int = 0) -> tuple[dict, dict]:
+    """The components of ComponentImages ``items`` as one table (per component: its image's slot, its id in that
+    image's index map, its window and label) and the slots' (image, index map)."""
+    images = {first_slot + i: (item["img"], item["index"]) for i, item in enumerate(items)}
+    components = {
+        "slot": torch.cat([torch.full((len(item["label"]),), first_slot + i) for i, item in enumerate(items)]),
+        "component": torch.cat([torch.arange(1, len(item["label"]) + 1) for item in items]),
+        "window": torch.cat([item["windows"] for item in items]),
+        "label": torch.cat([item["label"] for item in items]),
+    }
+    return images, components
+
+
+def split_table(components: dict, size: int):
+    for start in range(0, len(components["label"]), size):
+        yield {name: value[start : start + size] for name, value in components.items()}
+
+
+def crop_components(images: dict, components: dict, size, device) -> dict:
+    """The region classifier's input for a table of components, on ``device``: each window of its image resized
+    to ``size`` (bilinear) and the component's mask inside it (nearest on the index map), in table order."""
+    pictures, masks, rows = [], [], []
+    for slot in components["slot"].unique().tolist():
+        chosen = torch.nonzero(components["slot"] == slot)[:, 0]
+        picture, index_map = images[slot]
+        windows = components["window"][chosen].to(device)
+        pictures.append(crop_windows(picture.to(device), windows, size, "bilinear"))
+        ids = crop_windows(index_map.to(device, torch.float32)[None], windows, size, "nearest")
+        masks.append(ids == components["component"][chosen].to(device, torch.float32)[:, None, None, None])
+        rows.append(chosen)
+    in_table_order = torch.argsort(torch.cat(rows)).to(device)
+    return {
+        "img": torch.cat(pictures)[in_table_order],
+        "mask": torch.cat(masks)[in_table_order],
+        "label": components["label"].to(device),
+    }
+
+
 def pooled_batches(new_pass, batch_size: int, generator: torch.Generator):
-    """Endless batches of ``batch_size`` items from passes over the data (``new_pass()`` iterates window dicts): the
-    items of consecutive dicts are pooled and shuffled together (one permutation for every field), and the
-    remainder is carried to the next batch."""
-    pool = None
+    """Endless batches of ``batch_size`` components from passes over the data (``new_pass()`` iterates lists of
+    ComponentImages items): the components of consecutive lists are pooled and shuffled together, and the
+    remainder is carried to the next batch. A batch is ``component_table``'s pair, to be cut by
+    ``crop_components``; the pool keeps only the images its components still need."""
+    images, pool, slots = {}, None, 0
     while True:
-        for windows in new_pass():
-            pool = windows if pool is None else concatenate_windows([pool, windows])
+        for items in new_pass():
+            new_images, new_components = component_table(items, slots)
+            slots += len(items)
+            images.update(new_images)
+            pool = (
+                new_components
+                if pool is None
+                else {name: torch.cat([pool[name], new_components[name]]) for name in pool}
+            )
             shuffled = torch.randperm(len(pool["label"]), generator=generator)
             pool = {name: value[shuffled] for name, value in pool.items()}
             while len(pool["label"]) >= batch_size:
-                yield {name: value[:batch_size] for name, value in pool.items()}
+                batch = {name: value[:batch_size] for name, value in pool.items()}
+                yield {slot: images[slot] for slot in batch["slot"].unique().tolist()}, batch
                 pool = {name: value[batch_size:] for name, value in pool.items()}
-
-
-def concatenate_windows(items: list[dict]) -> dict:
-    return {name: torch.cat([item[name] for item in items]) for name in ("img", "mask", "label")}
+            images = {slot: images[slot] for slot in pool["slot"].unique().tolist()}
 
 
 def at_size(labels: np.ndarray, size) -> np.ndarray:

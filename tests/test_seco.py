@@ -199,26 +199,33 @@ def test_precision_at_density_reads_the_most_confident_pixels():
     assert precision_at_density(counts, 0.6) == (70.0, 100.0)  # whole bins: the next one comes in full
 
 
-def test_pooled_batches_keep_every_window_with_its_mask_and_label():
-    from lightning_modules.seco import pooled_batches
+def test_pooled_batches_cut_every_component_with_its_mask_and_label():
+    from lightning_modules.seco import crop_components, pooled_batches
 
-    def new_pass():  # three images with 5, 3 and 9 components; each window's pixels and mask hold its label
-        for start, count in ((0, 5), (5, 3), (8, 9)):
-            labels = torch.arange(start, start + count)
-            yield {
-                "img": labels[:, None, None, None].float().expand(-1, 3, 2, 2),
-                "mask": (labels % 2 == 0)[:, None, None, None].expand(-1, 1, 2, 2),
-                "label": labels,
-            }
+    def image(start: int, count: int) -> dict:
+        """Component k holds the top half of columns 2k, 2k + 1; the picture there is its label start + k."""
+        labels = torch.arange(start, start + count)
+        index = torch.zeros(8, 2 * count, dtype=torch.int32)
+        index[:4] = torch.arange(1, count + 1).repeat_interleave(2).int()
+        picture = labels.repeat_interleave(2).float()[None, None].expand(3, 8, -1)
+        windows = torch.tensor([[0.0, 8.0, 2 * k, 2 * k + 2] for k in range(count)])
+        return {"img": picture, "index": index, "windows": windows, "label": labels}
+
+    def new_pass():  # two loader batches: images with 5 and 3 components, then one with 9
+        yield [image(0, 5), image(5, 3)]
+        yield [image(8, 9)]
 
     batches = pooled_batches(new_pass, 4, torch.Generator().manual_seed(0))
     seen = []
     for _ in range(8):  # two passes of 17 components: the remainder is carried over
-        batch = next(batches)
-        assert len(batch["label"]) == 4
-        assert torch.equal(batch["img"][:, 0, 0, 0].long(), batch["label"])
-        assert torch.equal(batch["mask"][:, 0, 0, 0], batch["label"] % 2 == 0)
-        seen += batch["label"].tolist()
+        images, components = next(batches)
+        windows = crop_components(images, components, (4, 2), torch.device("cpu"))
+        assert len(windows["label"]) == 4 and set(images) == set(components["slot"].tolist())
+        assert torch.equal(windows["img"].amin((1, 2, 3)).long(), windows["label"])
+        assert torch.equal(windows["img"].amax((1, 2, 3)).long(), windows["label"])
+        expected_mask = torch.tensor([True, True, False, False])[None, None, :, None].expand(4, 1, 4, 2)
+        assert torch.equal(windows["mask"], expected_mask)
+        seen += windows["label"].tolist()
     assert sorted(seen[:16]) != list(range(16)) and set(seen) == set(range(17))
 
 
