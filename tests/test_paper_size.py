@@ -242,7 +242,7 @@ def test_seco_labels_then_self_training(paper_files, deeplab_source):
 
     The randomly initialised base model labels in speckles: ~21k PSA components on two frames, 98% of them under
     100 px. Scoring them all with ResNet-101 at 256 x 512 would take hours on a CPU, so components under 500 px are
-    left out here (60-130 remain); the default (1 px, every component) is the official one."""
+    left out here (tens remain); the default (1 px, every component) is the official one."""
     stage = (
         f"method.base_ckpt={deeplab_source}",
         f"method.sam.checkpoint={paper_files['sam_vit_h']}",
