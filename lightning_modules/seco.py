@@ -465,7 +465,7 @@ class SeCo(SemanticSegmentationModule):
         size = rules["network"]["input_size"]
         with torch.no_grad():
             for items in self.component_images(mine, order=None):
-                images, components = component_table(items)
+                images, components = component_table(items, device)
                 logits = torch.cat(
                     [
                         classifier(windows["img"], windows["mask"])
@@ -524,8 +524,7 @@ class SeCo(SemanticSegmentationModule):
             else:
                 images, components = next(batches)
                 windows = crop_components(images, components, rules["network"]["input_size"], device)
-                flip = (torch.rand(len(components["label"]), generator=generator) < 0.5)[:, None, None, None]
-                flip = flip.to(device)
+                flip = (torch.rand(len(components["label"]), generator=generator) < 0.5).to(device)[:, None, None, None]
                 loss = smoothed_cross_entropy(
                     classifier(
                         torch.where(flip, windows["img"].flip(-1), windows["img"]),
@@ -570,7 +569,10 @@ class SeCo(SemanticSegmentationModule):
     def component_batches(self, mine: list[int], batch_size: int, generator: torch.Generator):
         """Endless training batches of ``batch_size`` components, the images reshuffled every pass."""
         return pooled_batches(
-            lambda: self.component_images(mine, torch.randperm(len(mine), generator=generator)), batch_size, generator
+            lambda: self.component_images(mine, torch.randperm(len(mine), generator=generator)),
+            batch_size,
+            generator,
+            self.device,
         )
 
     def publish_label_stages(self, trainer) -> None:
@@ -703,10 +705,14 @@ class ComponentImages(Dataset):
         }
 
 
-def component_table(items: list[dict], first_slot: int = 0) -> tuple[dict, dict]:
+def component_table(items: list[dict], device, first_slot: int = 0) -> tuple[dict, dict]:
     """The components of ComponentImages ``items`` as one table (per component: its image's slot, its id in that
-    image's index map, its window and label) and the slots' (image, index map)."""
-    images = {first_slot + i: (item["img"], item["index"]) for i, item in enumerate(items)}
+    image's index map, its window and label) and the slots' (image, index map as float), moved to ``device`` once
+    for every batch cut from them."""
+    images = {
+        first_slot + i: (item["img"].to(device), item["index"].to(device, torch.float32))
+        for i, item in enumerate(items)
+    }
     components = {
         "slot": torch.cat([torch.full((len(item["label"]),), first_slot + i) for i, item in enumerate(items)]),
         "component": torch.cat([torch.arange(1, len(item["label"]) + 1) for item in items]),
@@ -722,15 +728,16 @@ def split_table(components: dict, size: int):
 
 
 def crop_components(images: dict, components: dict, size, device) -> dict:
-    """The region classifier's input for a table of components, on ``device``: each window of its image resized
-    to ``size`` (bilinear) and the component's mask inside it (nearest on the index map), in table order."""
+    """The region classifier's input for a table of components (images from ``component_table``, already on
+    ``device``): each window of its image resized to ``size`` (bilinear) and the component's mask inside it
+    (nearest on the index map), in table order."""
     pictures, masks, rows = [], [], []
     for slot in components["slot"].unique().tolist():
         chosen = torch.nonzero(components["slot"] == slot)[:, 0]
         picture, index_map = images[slot]
         windows = components["window"][chosen].to(device)
-        pictures.append(crop_windows(picture.to(device), windows, size, "bilinear"))
-        ids = crop_windows(index_map.to(device, torch.float32)[None], windows, size, "nearest")
+        pictures.append(crop_windows(picture, windows, size, "bilinear"))
+        ids = crop_windows(index_map[None], windows, size, "nearest")
         masks.append(ids == components["component"][chosen].to(device, torch.float32)[:, None, None, None])
         rows.append(chosen)
     in_table_order = torch.argsort(torch.cat(rows)).to(device)
@@ -741,7 +748,7 @@ def crop_components(images: dict, components: dict, size, device) -> dict:
     }
 
 
-def pooled_batches(new_pass, batch_size: int, generator: torch.Generator):
+def pooled_batches(new_pass, batch_size: int, generator: torch.Generator, device):
     """Endless batches of ``batch_size`` components from passes over the data (``new_pass()`` iterates lists of
     ComponentImages items): the components of consecutive lists are pooled and shuffled together, and the
     remainder is carried to the next batch. A batch is ``component_table``'s pair, to be cut by
@@ -749,7 +756,7 @@ def pooled_batches(new_pass, batch_size: int, generator: torch.Generator):
     images, pool, slots = {}, None, 0
     while True:
         for items in new_pass():
-            new_images, new_components = component_table(items, slots)
+            new_images, new_components = component_table(items, device, slots)
             slots += len(items)
             images.update(new_images)
             pool = (

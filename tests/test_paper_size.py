@@ -253,7 +253,7 @@ def test_seco_labels_then_self_training(paper_files, deeplab_source):
         # than a 24 GiB CPU machine, so 16 there (a GPU run keeps the official 64).
         f"method.scc.classifier.batch_size={16 if ACCELERATOR == 'cpu' else 64}",
     )
-    run_paper(
+    _, stage_dir = run_paper(
         paper_files,
         "seco (pseudo_label stage)",
         "SAM vit_h + ResNet-101",
@@ -262,7 +262,7 @@ def test_seco_labels_then_self_training(paper_files, deeplab_source):
         "stage=pseudo_label",
         *stage,
     )
-    label_dir = paper_files["runs"] / "seco_pseudo_label_stage" / "pseudo_labels"
+    label_dir = stage_dir / "pseudo_labels"
     assert sorted(path.name for path in label_dir.glob("*.png")) == ["000000.png", "000001.png"]
     results, _ = run_paper(
         paper_files,

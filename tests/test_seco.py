@@ -215,7 +215,7 @@ def test_pooled_batches_cut_every_component_with_its_mask_and_label():
         yield [image(0, 5), image(5, 3)]
         yield [image(8, 9)]
 
-    batches = pooled_batches(new_pass, 4, torch.Generator().manual_seed(0))
+    batches = pooled_batches(new_pass, 4, torch.Generator().manual_seed(0), torch.device("cpu"))
     seen = []
     for _ in range(8):  # two passes of 17 components: the remainder is carried over
         images, components = next(batches)
