@@ -14,14 +14,32 @@ import numpy as np
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp_path)`` next to ``path``, then rename: a reader (or a resumed run) never sees a partial file,
-    and a write that fails leaves neither the temporary file nor a change to ``path``."""
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    and a write that fails leaves neither the temporary file nor a change to ``path``. The temporary name holds the
+    writer's process id, so runs writing into one folder (bicl rows sharing a round's labels) never collide; the
+    leftovers of killed writers of ``path`` are removed."""
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(temporary)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    for leftover in path.parent.glob(f".{path.stem}.*tmp{path.suffix}"):
+        if not writer_alive(leftover.name[len(path.stem) + 2 : -len(f".tmp{path.suffix}")]):
+            leftover.unlink(missing_ok=True)
+
+
+def writer_alive(pid: str) -> bool:
+    """Whether the process that named a temporary file still runs (a name without a process id: no)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_label_png(path: Path, labels: np.ndarray) -> None:

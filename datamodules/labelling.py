@@ -7,13 +7,39 @@ dataset has none). Labels written by the stage are named by ``index`` and stored
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from datamodules.constants import IGNORE_INDEX
 from datamodules.datasets import build_from_spec
+from datamodules.errors import ConfigError
+from datamodules.files import save_json
 from datamodules.transforms import geometric_transform, to_tensor
+
+PRODUCER_FILE = "producer.json"
+
+
+def claim_label_dir(label_dir: Path, producer: dict, trainer) -> None:
+    """Labels are reused only by the producer that made them: a label_dir written from another model or setting
+    (``producer``: what the labels depend on) is refused, since none of its files would be recomputed."""
+    path = Path(label_dir) / PRODUCER_FILE
+    producer = json.loads(json.dumps(producer))  # as JSON holds it: tuples become lists
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = sorted(key for key in producer.keys() | recorded.keys() if producer.get(key) != recorded.get(key))
+        if changed:
+            raise ConfigError(
+                f"method.label_dir={label_dir} holds labels made with a different {', '.join(changed)}; "
+                "set a new method.label_dir (or delete that folder) to make labels for this model and setting"
+            )
+    elif trainer.is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_json(path, producer)
+    trainer.strategy.barrier()
 
 
 class TargetTrainImages(Dataset):

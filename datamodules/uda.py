@@ -193,7 +193,7 @@ class UDADataModule(L.LightningDataModule):
                 if not self.pseudo_label_dir:
                     raise ConfigError(
                         "the 'pl' stream needs data.pseudo_label_dir: the folder of pseudo-labels to "
-                        "train on (for seco: method.label_dir of its stage=pseudo_label run)"
+                        "train on (seco: method.label_dir of its stage=pseudo_label run; bicl writes its own)"
                     )
                 target = self.specs["target"]
                 self.train_sets["pl"] = self.build(

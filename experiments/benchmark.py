@@ -79,6 +79,7 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
     # rate; the adaptation rows keep their methods' own optimiser (WeSAM's Adam at 1e-4).
     sam_from_scratch = ("method.train_prompt_encoder=true", "optim.lr=1e-3")
     # The seeds' ablation tables (each method's full row is the last line of its table).
+    bicl = ("+method=bicl", "method.source_ckpt={source}", "method.label_dir={bicl_static_labels}")
     bicl_switches = ("use_fc", "use_bc", "use_dynamic", "use_calibration")
     bicl_ablation = {
         "L_base": (False, False, False, False),
@@ -86,6 +87,13 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
         "+FC +BC": (True, True, False, False),
         "+y_D w/o cal.": (True, True, True, False),
     }
+    # The previous reading of y_F: thresholds from the training crops seen so far, a labeler pass per step.
+    bicl_online = (
+        "+method=bicl",
+        "method.source_ckpt={source}",
+        "method.static_labels=online",
+        "method.streams=[src,tgt]",
+    )
     # STvM's parts: MOCM off, and MOCM replaced by plain ClassMix (classes drawn uniformly, pasted whole).
     plain_class_mix = ("method.mocm_draw=uniform", "method.mocm_paste=whole_class")
     mt_metric_ablation = {"w/o MOCM": ("method.mocm=false",), "plain ClassMix": plain_class_mix}
@@ -163,23 +171,39 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
             Stage(
                 "mt_metric_base", ("+method=mt_metric", "method.source_ckpt={source}", adapt), "checkpoints/last.ckpt"
             ),
+            # bicl's round of offline static labels from the source model, shared by its row and ablation rows.
+            Stage(
+                "bicl_static_labels",
+                (
+                    "+method=bicl",
+                    "stage=static_labels",
+                    "method.source_ckpt={source}",
+                    "method.label_dir={stage_dir}/static_labels",
+                ),
+                "static_labels",
+            ),
             *seco_stages,
         ),
         rows=(
             Row("source_only", single("+method=source_only", "method.source_ckpt={source}", adapt), "source"),
-            Row("bicl", single("+method=bicl", "method.source_ckpt={source}", adapt)),
+            Row("bicl", single(*bicl, adapt)),
             *(
                 Row(
                     f"bicl {name}",
                     single(
-                        "+method=bicl",
-                        "method.source_ckpt={source}",
+                        *bicl,
                         adapt,
                         *(f"method.{k}={str(v).lower()}" for k, v in zip(bicl_switches, values)),
                     ),
                     ablation=True,
                 )
                 for name, values in bicl_ablation.items()
+            ),
+            Row("bicl (online static labels)", single(*bicl_online, adapt), ablation=True),
+            Row(
+                "bicl L_base (online static labels)",
+                single(*bicl_online, adapt, *(f"method.{k}=false" for k in bicl_switches)),
+                ablation=True,
             ),
             Row("mt_metric", single("+method=mt_metric", "method.source_ckpt={source}", adapt)),
             *(

@@ -225,6 +225,9 @@ def execute(cfg) -> dict:
             finish_wandb(trainer.loggers, strict_json(results))
         return results
     if cfg.train:
+        # A method that writes what its training streams read (bicl's offline static labels) does so first.
+        if hasattr(module, "before_fit"):
+            module.before_fit(trainer)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         # The final state, also when max_steps ends between validations (no callback saved it then).
         trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)

@@ -5,25 +5,43 @@ authors' code), or a projection head on the backbone features (``method.contrast
 source CE + target CE on hybrid pseudo-labels y_T (L_base); batch prototypes rho_S (source labels) and
 rho_T (y_T); forward contrast (target pixels vs rho_S) and backward contrast (source pixels vs rho_T).
 y_T takes the dynamic label y_D (pixel matched to a calibrated source prototype rho_S + mu_T - mu_S above
-the threshold T) and falls back to the static CBST label y_F of a frozen labeler (the model at the start
-of the self-training round).
+the threshold T) and falls back to the static label y_F of the model at the start of the self-training round.
+
+Static labels (``method.static_labels``): ``offline``, as the authors' code makes them (DASS
+trainer/damnet_trainer.py gene_thres + save_pred), are written once per round before training: a first pass over
+the whole target train set gives CBST class-wise thresholds (top ``cb_proportion`` of each predicted class, every
+5th pixel), a second labels each image at its full size with the union of those thresholds and the image's own top
+``cb_proportion`` of pixels. Training reads them through the ``pl`` stream, so no labeler runs per step. One run is
+one round; ``stage=static_labels`` writes a round's labels alone. ``online`` estimates the class-wise thresholds
+from the training crops seen so far this round and labels each crop by a frozen labeler's pass per step.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from datamodules.constants import IGNORE_INDEX
-from datamodules.errors import require_choice
+from datamodules.datasets.base import read_label
+from datamodules.datasets.pseudo_labelled import pseudo_label_path
+from datamodules.errors import ConfigError, require_choice
+from datamodules.files import file_digest, save_json, save_label_png
+from datamodules.labelling import TargetTrainImages, claim_label_dir, collate_images
+from datamodules.loading import build_evaluation_loader
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.losses import pixel_entropy
-from lightning_modules.components.ops import labels_at, pixels
+from lightning_modules.components.ops import labels_at, pixels, upsample
 from lightning_modules.components.prototypes import (
     batch_prototypes,
     calibrated_source_prototypes,
     calibration,
     class_balanced_thresholds,
+    class_top_fraction_thresholds,
     confidence_histogram,
     dynamic_pseudo_labels,
     ema_prototype_memory,
@@ -32,8 +50,9 @@ from lightning_modules.components.prototypes import (
     paired_prototype_contrast_loss,
     prototype_contrast_loss,
     static_pseudo_labels,
+    union_static_labels,
 )
-from lightning_modules.distributed import all_reduce_mean, all_reduce_sum
+from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.heads import ProjectionHead
 from lightning_modules.panels import colourised
 
@@ -42,6 +61,12 @@ CONTRAST_FEATURES = ("projection", "aspp")
 ENTROPY_READINGS = ("paper", "code", "shannon")
 # batch: prototypes of the whole batch, pooled over ranks; image: per source / target image pair (the authors' code).
 PROTOTYPE_PAIRINGS = ("batch", "image")
+STATIC_LABEL_MODES = ("offline", "online")
+CLASS_TESTS = ("any_class", "argmax")
+THRESHOLDS_FILE = "thresholds.json"
+RESULTS_FILE = "static_label_results.json"
+# DASS gene_thres keeps every 5th class-wise confidence of each image to bound its memory; the same sampling here.
+THRESHOLD_PIXEL_STRIDE = 5
 
 
 class BiCL(SemanticSegmentationModule):
@@ -50,6 +75,23 @@ class BiCL(SemanticSegmentationModule):
         require_choice("method.contrast_features", self.method["contrast_features"], CONTRAST_FEATURES)
         require_choice("method.entropy", self.method["entropy"], ENTROPY_READINGS)
         require_choice("method.prototype_pairing", self.method["prototype_pairing"], PROTOTYPE_PAIRINGS)
+        require_choice("method.static_labels", self.method["static_labels"], STATIC_LABEL_MODES)
+        require_choice("method.static_class_test", self.method["static_class_test"], CLASS_TESTS)
+        self.offline = self.method["static_labels"] == "offline"
+        stream = "pl" if self.offline else "tgt"
+        if stream not in self.method["streams"]:
+            raise ConfigError(
+                f"method.static_labels={self.method['static_labels']} trains on the '{stream}' stream, but "
+                f"method.streams={list(self.method['streams'])}; expected [src, {stream}]"
+            )
+        if self.offline and cfg["trainer"]["max_steps"] > self.method["round_steps"]:
+            raise ConfigError(
+                f"trainer.max_steps={cfg['trainer']['max_steps']} is more than one self-training round "
+                f"(method.round_steps={self.method['round_steps']}), and offline static labels are written once per "
+                "run; expected one round per run, each next round from the last one's last.ckpt as "
+                "method.source_ckpt (or method.static_labels=online method.streams=[src,tgt])"
+            )
+        self.label_dir = Path(self.method["label_dir"])
         self.segmenter = self.build_segmenter(self.method["source_ckpt"])
         classes = self.num_classes
         self.projector = None
@@ -74,6 +116,10 @@ class BiCL(SemanticSegmentationModule):
         self.register_buffer(
             "static_confidence_histogram", torch.zeros(classes, self.method["confidence_bins"], dtype=torch.long)
         )
+        # Offline: the round's class-wise thresholds k_c, as its labelling pass wrote them (inf = never labelled).
+        self.register_buffer("static_thresholds", torch.full((classes,), math.inf, dtype=torch.float64))
+        # Offline labelling pass: labelled truth pixels, correct ones, truth pixels (the round's label quality).
+        self.register_buffer("static_label_counts", torch.zeros(3, dtype=torch.long), persistent=False)
         # Validation counts per pseudo-label kind: labelled pixels, correct pixels; plus valid pixels.
         self.register_buffer(
             "pseudo_label_counts", torch.zeros(len(PSEUDO_LABEL_KINDS), 2, dtype=torch.long), persistent=False
@@ -92,13 +138,110 @@ class BiCL(SemanticSegmentationModule):
 
     @torch.no_grad()
     def static_labels(self, images: torch.Tensor, accumulate: bool) -> torch.Tensor:
-        """y_F of the frozen labeler with CBST class-wise thresholds from its confidence histogram."""
-        probabilities = pixels(self.static_labeler(images)[0].float().softmax(1))
+        """y_F of the frozen labeler on ``images`` (flattened feature grid): offline, the round's union rule with its
+        written thresholds (for the val measurements); online, CBST thresholds from the running histogram."""
+        probabilities = self.static_labeler(images)[0].float().softmax(1)
+        if self.offline:
+            return self.union_labels(probabilities).flatten()
+        probabilities = pixels(probabilities)
         if accumulate:
             histogram = all_reduce_sum(confidence_histogram(probabilities, self.method["confidence_bins"]))
             self.static_confidence_histogram += histogram
         thresholds = class_balanced_thresholds(self.static_confidence_histogram, self.method["cb_proportion"])
         return static_pseudo_labels(probabilities, thresholds)
+
+    def union_labels(self, probabilities: torch.Tensor) -> torch.Tensor:
+        proportion, test = self.method["cb_proportion"], self.method["static_class_test"]
+        return union_static_labels(probabilities, self.static_thresholds, proportion, test)
+
+    # ----------------------------------------------------------------- offline static labels of one round
+    def before_fit(self, trainer) -> None:
+        """Offline: the round's labels are written (or found complete) before the training streams read them."""
+        if self.offline:
+            self.run_static_labels(trainer)
+
+    def run_static_labels(self, trainer) -> dict:
+        """``stage=static_labels``: pass 1 gathers the labeler's sampled (confidence, class) pairs from every rank's
+        share of the target train set into CBST thresholds; pass 2 writes each image's union labels at its full
+        size. Thresholds and label files are written atomically and kept, so an interrupted stage resumes."""
+        claim_label_dir(self.label_dir, self.static_label_producer(), trainer)
+        thresholds_path = self.label_dir / THRESHOLDS_FILE
+        if not thresholds_path.is_file():
+            self.labelling_pass, self.sampled_confidences = "thresholds", []
+            trainer.predict(self, return_predictions=False)
+            device = trainer.strategy.root_device
+            sampled = all_gather_cat(torch.cat(self.sampled_confidences).to(device))
+            confidence, label = sampled[:, 0], sampled[:, 1].long()
+            thresholds = class_top_fraction_thresholds(
+                confidence, label, self.num_classes, self.method["cb_proportion"]
+            )
+            # Classes outside the task's evaluated set are absent from its source (SYNTHIA's terrain, truck,
+            # train): never labelled, as DASS forces their thresholds to 1 on SYNTHIA.
+            unused = torch.ones_like(thresholds, dtype=torch.bool)
+            unused[self.evaluated_classes] = False
+            thresholds[unused] = math.inf
+            if trainer.is_global_zero:
+                save_json(thresholds_path, [None if math.isinf(t) else t for t in thresholds.tolist()])
+            trainer.strategy.barrier()
+        written = json.loads(thresholds_path.read_text())
+        self.static_thresholds.copy_(torch.tensor([math.inf if t is None else t for t in written]))
+        results_path = self.label_dir / RESULTS_FILE
+        if results_path.is_file():  # written after the last label: the round's labels are complete
+            return json.loads(results_path.read_text())
+        self.labelling_pass = "labels"
+        self.static_label_counts.zero_()
+        trainer.predict(self, return_predictions=False)
+        labelled, correct, truth = all_reduce_sum(self.static_label_counts.to(trainer.strategy.root_device)).tolist()
+        results = {
+            "stage": "static_labels",
+            "density": 100 * labelled / max(truth, 1),
+            "accuracy": 100 * correct / max(labelled, 1),
+            "thresholds": written,
+        }
+        trainer.strategy.barrier()  # every rank's labels are on disk before the results say so
+        if trainer.is_global_zero:
+            save_json(results_path, results)
+        trainer.strategy.barrier()
+        return results
+
+    def static_label_producer(self) -> dict:
+        """What a round's labels depend on: the labeler's weights (by content) and the labelling settings."""
+        return {
+            "labeler": file_digest(self.method["source_ckpt"]),
+            "cb_proportion": self.method["cb_proportion"],
+            "static_class_test": self.method["static_class_test"],
+            "target": self.hparams["data"]["target"],
+        }
+
+    def predict_dataloader(self):
+        images = TargetTrainImages(self.hparams["data"]["target"])
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        data = self.hparams["data"]
+        mine = list(range(rank, len(images), world))
+        return build_evaluation_loader(images, mine, data["batch_size"], data["num_workers"], collate_fn=collate_images)
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self.static_labeler(batch["img"])[0].float()
+        if self.labelling_pass == "thresholds":
+            # At the network's output size, as DASS gene_thres reads them: (confidence, predicted class) pairs.
+            confidence, label = pixels(logits.softmax(1))[::THRESHOLD_PIXEL_STRIDE].max(1)
+            self.sampled_confidences.append(torch.stack([confidence, label.float()], 1).cpu())
+            return
+        for i, index in enumerate(batch["index"]):
+            path = pseudo_label_path(self.label_dir, index)
+            if path.is_file():
+                labels = torch.from_numpy(read_label(path).astype(np.int64)).to(logits.device)
+            else:
+                # At the image's full size: logits upsampled, then softmax and the union rule (DASS save_pred).
+                full = upsample(logits[i : i + 1], batch["original_size"][i].tolist()).softmax(1)
+                labels = self.union_labels(full)[0]
+                save_label_png(path, labels.cpu().numpy().astype(np.uint8))
+            truth = batch["mask"][i].to(logits.device)
+            labels = F.interpolate(labels[None, None].float(), size=truth.shape, mode="nearest")[0, 0].long()
+            valid = (truth != IGNORE_INDEX) & (truth < self.num_classes)
+            labelled = valid & (labels != IGNORE_INDEX)
+            self.static_label_counts += torch.stack([labelled.sum(), (labelled & (labels == truth)).sum(), valid.sum()])
 
     def calibrated_prototypes(self, source_prototypes: torch.Tensor, source_present: torch.Tensor):
         """rho_{S->T} = rho_S + xi; classes missing from the source batch use the memory mu_S instead."""
@@ -123,13 +266,14 @@ class BiCL(SemanticSegmentationModule):
         self.memory_target.copy_(all_reduce_mean(memory_target))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # A new self-training round re-labels the target with the current model (CBST rounds).
-        if self.global_step > 0 and self.global_step % self.method["round_steps"] == 0:
+        # Online: a new self-training round re-labels the target with the current model (CBST rounds).
+        if not self.offline and self.global_step > 0 and self.global_step % self.method["round_steps"] == 0:
             self.static_labeler.load_state_dict(self.segmenter.state_dict())
             self.static_confidence_histogram.zero_()
 
     def training_step(self, batch: dict, batch_idx: int):
-        source, target = batch["src"], batch["tgt"]
+        source = batch["src"]
+        target = batch["pl"] if self.offline else batch["tgt"]
         # One pass over both domains: BN normalises training batches with the same mixed-domain statistics
         # its running averages hold at evaluation.
         logits, features = self.embed(torch.cat([source["img"], target["img"]]))
@@ -139,7 +283,7 @@ class BiCL(SemanticSegmentationModule):
         features_source, features_target = features.split(labels_source.shape[0])
 
         # Step 1: static labels y_F, source prototypes rho_S, dynamic labels y_D, hybrid y_T.
-        static = self.static_labels(target["img"], accumulate=True)
+        static = labels_at(target["mask"], grid) if self.offline else self.static_labels(target["img"], accumulate=True)
         source_prototypes, source_present = batch_prototypes(features_source, labels_source, self.num_classes)
         if self.method["use_dynamic"]:
             calibrated, available = self.calibrated_prototypes(source_prototypes.detach(), source_present)

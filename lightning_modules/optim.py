@@ -18,18 +18,20 @@ def poly_lr_lambda(
     round_steps: int | None = None,
     round_decay: float = 0.5,
     round_poly_length: float = 1.2,
+    first_round: int = 0,
 ):
     """Linear warm-up, then DeepLab's poly decay (1 - t/T)^power.
 
     ``warmup_ratio`` None: the rate climbs as (t + 1) / W and the decay starts after it. A ratio r: mmcv's linear
     warm-up (DAFormer), the poly rate scaled by 1 - (1 - t/W)(1 - r), so it starts at r x the rate.
     ``round_steps`` R: self-training rounds (BiCL's code): round k = t // R restarts the poly over
-    ``round_poly_length`` x R steps at ``round_decay``^k x the rate.
+    ``round_poly_length`` x R steps at ``round_decay``^k x the rate; ``first_round``: the round step 0 belongs to,
+    for rounds run as separate runs (bicl's offline static labels).
     """
 
     def poly(step: int) -> float:
         if round_steps:
-            completed, within = divmod(step, round_steps)
+            completed, within = divmod(step + first_round * round_steps, round_steps)
             return round_decay**completed * max(0.0, 1 - within / (round_poly_length * round_steps)) ** power
         return max(0.0, 1 - step / max(1, max_steps)) ** power
 
@@ -78,6 +80,7 @@ def build_optimizer(backbone_params, head_params, optim: dict, max_steps: int, u
             optim.get("round_steps"),
             optim.get("round_decay", 0.5),
             optim.get("round_poly_length", 1.2),
+            optim.get("first_round", 0),
         ),
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -48,8 +48,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from datamodules.constants import IGNORE_INDEX
 from datamodules.datasets.pseudo_labelled import pseudo_label_path
 from datamodules.errors import ConfigError, require_choice
-from datamodules.files import file_digest, save_json, save_label_png, save_npz, write_atomically
-from datamodules.labelling import TargetTrainImages, collate_images
+from datamodules.files import file_digest, save_label_png, save_npz, write_atomically
+from datamodules.labelling import TargetTrainImages, claim_label_dir, collate_images
 from datamodules.loading import build_evaluation_loader
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.connectivity import (
@@ -88,7 +88,6 @@ from lightning_modules.teachers import labelling_mode
 
 log = logging.getLogger(__name__)
 LABEL_STAGES = ("pixel", "psa", "scc")
-PRODUCER_FILE = "producer.json"
 HISTOGRAM_BINS = 1000  # of the base model's confidence, for its labels at SeCo's density
 PROGRESS_SECONDS = 30  # PSA logs images done / total at most this often
 
@@ -183,7 +182,7 @@ class SeCo(SemanticSegmentationModule):
                 "shares that embedding between everything-mode and the thing prompts"
             )
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.claim_label_dir(trainer)
+        claim_label_dir(self.label_dir, self.producer(), trainer)
         trainer.predict(self, return_predictions=False)
         self.drop_stale_scores(trainer)
         self.semantic_connectivity_correction()
@@ -211,23 +210,6 @@ class SeCo(SemanticSegmentationModule):
             "scc": self.method["scc"],
             "target": self.hparams["data"]["target"],
         }
-
-    def claim_label_dir(self, trainer) -> None:
-        """Labels and caches are reused only by the producer that made them: a label_dir written from another
-        base model, SAM or setting is refused, since none of its files would be recomputed."""
-        path = self.label_dir / PRODUCER_FILE
-        producer = json.loads(json.dumps(self.producer()))  # as JSON holds it: tuples become lists
-        if path.is_file():
-            recorded = json.loads(path.read_text())
-            changed = sorted(key for key in producer.keys() | recorded.keys() if producer.get(key) != recorded.get(key))
-            if changed:
-                raise ConfigError(
-                    f"method.label_dir={self.label_dir} holds labels made with a different {', '.join(changed)}; "
-                    "set a new method.label_dir (or delete that folder) to make labels for this base model and SAM"
-                )
-        elif trainer.is_global_zero:
-            save_json(path, producer)
-        trainer.strategy.barrier()
 
     def predict_dataloader(self) -> DataLoader:
         images = TargetTrainImages(self.hparams["data"]["target"])

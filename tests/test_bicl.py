@@ -2,7 +2,9 @@
 similarities, memories in checkpoints, ablation switches, a tiny run, bf16 and two-process DDP."""
 
 import csv
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules.constants import IGNORE_INDEX as IGN
+from datamodules.datasets.base import read_label
+from datamodules.errors import ConfigError
 from experiments.run import execute
 from lightning_modules.bicl import BiCL
 from lightning_modules.components.losses import pixel_entropy
@@ -20,6 +24,7 @@ from lightning_modules.components.prototypes import (
     calibrated_source_prototypes,
     calibration,
     class_balanced_thresholds,
+    class_top_fraction_thresholds,
     confidence_histogram,
     dynamic_pseudo_labels,
     ema_prototype_memory,
@@ -28,6 +33,7 @@ from lightning_modules.components.prototypes import (
     paired_prototype_contrast_loss,
     prototype_contrast_loss,
     static_pseudo_labels,
+    union_static_labels,
 )
 from lightning_modules.optim import poly_lr_lambda
 from lightning_modules.panels import panel_size
@@ -144,6 +150,81 @@ def test_class_balanced_thresholds_keep_the_top_proportion_of_each_class():
     assert labels.tolist() == [IGN] * 8 + [0, 0, 1]
 
 
+def test_class_thresholds_are_the_kth_highest_confidence_of_each_class():
+    # Class 0: 10 sampled pixels 0.50..0.95; class 1: 3 pixels; class 2 never predicted.
+    confidence = torch.tensor([0.5 + 0.05 * i for i in range(10)] + [0.7, 0.6, 0.8])
+    label = torch.tensor([0] * 10 + [1] * 3)
+    thresholds = class_top_fraction_thresholds(confidence[torch.randperm(13)], label[torch.randperm(13)] * 0, 3, 0.2)
+    assert thresholds[0].item() == pytest.approx(0.90)  # shuffled, one class: the 2nd highest of 13 = 0.90
+    thresholds = class_top_fraction_thresholds(confidence, label, 3, 0.2)
+    assert thresholds[0].item() == pytest.approx(0.90)  # top 2 of 10
+    assert thresholds[1].item() == pytest.approx(0.80)  # int(0.6) = 0 rounds up to the single highest
+    assert math.isinf(thresholds[2].item())
+
+
+def test_union_rule_labels_class_thresholds_or_the_images_own_top_fraction():
+    # One 2 x 5 image, 2 classes; probabilities of class 0 per pixel (class 1 gets the rest).
+    p0 = torch.tensor([[0.99, 0.95, 0.90, 0.60, 0.55], [0.30, 0.20, 0.45, 0.40, 0.52]])
+    probabilities = torch.stack([p0, 1 - p0]).unsqueeze(0)
+    thresholds = torch.tensor([0.95, 0.79])
+    # Class-wise: class 0 pixels at >= 0.95 (two), class 1 pixels at >= 0.79 (0.80 only: p0 = 0.20).
+    # Image top 20% (k = int(0.2 x 10) = 2): strictly above the 2nd highest confidence 0.95: only the 0.99 pixel.
+    labels = union_static_labels(probabilities, thresholds, 0.2, "argmax")[0]
+    assert labels.tolist() == [[0, 0, IGN, IGN, IGN], [IGN, 1, IGN, IGN, IGN]]
+    # A higher per-image share adds the image's next most confident pixels whatever their class: at 50% (k = 5)
+    # those strictly above the 5th highest confidence 0.70 (0.99, 0.95, 0.90, 0.80), the 0.70 pixel itself not.
+    labels = union_static_labels(probabilities, thresholds, 0.5, "argmax")[0]
+    assert labels.tolist() == [[0, 0, 0, IGN, IGN], [IGN, 1, IGN, IGN, IGN]]
+    # any_class (the authors' code): a pixel passes when any class reaches its own threshold; class 1's 0.79
+    # is reached by no pixel's class-1 probability other than 0.80, so only a lower class-1 threshold shows it:
+    # at 0.45, the pixel with p0 = 0.55 (argmax 0, p1 = 0.45) passes through class 1 and takes the argmax 0.
+    low = torch.tensor([0.95, 0.45])
+    any_class = union_static_labels(probabilities, low, 0.1, "any_class")[0]
+    argmax = union_static_labels(probabilities, low, 0.1, "argmax")[0]
+    assert any_class[0, 4].item() == 0 and argmax[0, 4].item() == IGN
+
+
+def test_offline_static_labels_refuse_more_than_one_round_and_the_wrong_stream(source_ckpt, tmp_path):
+    def build(*overrides):
+        cfg = compose_config("bicl", "synth2real", tmp_path, f"method.source_ckpt={source_ckpt}", *overrides)
+        return BiCL(OmegaConf.to_container(cfg, resolve=True))
+
+    with pytest.raises(ConfigError, match=r"trainer.max_steps=20 is more than one self-training round"):
+        build("method.round_steps=10", "trainer.max_steps=20")
+    with pytest.raises(ConfigError, match=r"static_labels=offline trains on the 'pl' stream.*expected \[src, pl\]"):
+        build("method.streams=[src,tgt]")
+    assert not build("method.static_labels=online", "method.streams=[src,tgt]").offline
+
+
+def test_static_label_stage_resumes_and_refuses_labels_of_another_labeler(run_tiny, source_ckpt, tmp_path):
+    stage = ("stage=static_labels", "data.target.options.length=8", "data.batch_size=4")
+    results, run_dir = run_tiny("bicl", "synth2real", *stage, f"method.source_ckpt={source_ckpt}", name="labels")
+    label_dir = run_dir / "static_labels"
+    files = sorted(label_dir.glob("*.png"))
+    assert len(files) == 8 and 0 < results["density"] <= 100 and 0 <= results["accuracy"] <= 100
+    # A stage killed in its labelling pass: one label and the results missing. The rerun writes that label again,
+    # identical, and leaves the others as they were.
+    before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+    files[3].unlink()
+    (label_dir / "static_label_results.json").unlink()
+    again, _ = run_tiny("bicl", "synth2real", *stage, f"method.source_ckpt={source_ckpt}", name="labels")
+    assert again == results
+    after = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(label_dir.glob("*.png"))}
+    assert after == {**before, files[3].name: (before[files[3].name][0], after[files[3].name][1])}
+    assert all(after[name] == before[name] for name in before if name != files[3].name)
+    # Labels of another labeler in that folder are refused, naming the folder and what differs.
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(Path(source_ckpt).read_bytes() + b"x")
+    with pytest.raises(ConfigError, match=rf"method.label_dir={label_dir} holds labels made with a different labeler"):
+        run_tiny("bicl", "synth2real", *stage, f"method.source_ckpt={other}", name="labels")
+
+
+def test_rounds_run_as_separate_runs_continue_the_halving_schedule():
+    # Round 2 as its own run: step 0 at a quarter of the rate, the poly restarted.
+    factor = poly_lr_lambda(10000, 0.9, 0, round_steps=10000, first_round=2)
+    assert factor(0) == 0.25 and factor(5000) == pytest.approx(0.25 * (1 - 5000 / 12000) ** 0.9)
+
+
 def read_metrics(run_dir):
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
@@ -190,7 +271,13 @@ def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny, s
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     # The official contrast features by default: the 4 ASPP branches' logits, 4 x 19 = 76-d, no projection head.
     assert state["memory_source_seen"].any() and state["memory_target"].shape == (19, 76)
-    assert state["memory_source"].abs().sum() > 0 and state["static_confidence_histogram"].sum() > 0
+    assert state["memory_source"].abs().sum() > 0
+    # Offline static labels by default: the round's labels were written before training, one per target image,
+    # at the image's size, and the thresholds the run used are those of the file.
+    labels = sorted((run_dir / "static_labels").glob("*.png"))
+    assert len(labels) == 8 and read_label(labels[0]).shape == (64, 128)
+    written = json.loads((run_dir / "static_labels" / "thresholds.json").read_text())
+    assert [math.inf if t is None else t for t in written] == state["static_thresholds"].tolist()
     assert not any(k.startswith("projector.") for k in state)
     # The 2 val images (64 x 128): image | ground truth | prediction | pseudo-label.
     assert Image.open(run_dir / "predictions" / "step_000002.png").size == panel_size(4, 2, 64, 128)

@@ -197,3 +197,24 @@ def test_loader_workers_die_with_their_parent():
             break
         time.sleep(0.1)
     assert not Path(f"/proc/{worker}").exists() or state == "Z"
+
+
+def test_atomic_writes_of_one_file_by_two_processes_never_collide_and_killed_writers_leave_nothing(tmp_path):
+    import multiprocessing
+
+    from datamodules.files import save_json
+
+    target = tmp_path / "results.json"
+    # A killed writer's partial file (its process is gone) and a live writer's, in flight.
+    (tmp_path / ".results.999999999.tmp.json").write_text("partial")
+    live = tmp_path / f".results.{os.getppid()}.tmp.json"
+    live.write_text("in flight")
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=save_json, args=(target, {"value": 1})) for _ in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert all(writer.exitcode == 0 for writer in writers)
+    assert json.loads(target.read_text()) == {"value": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["results.json", live.name])

@@ -27,8 +27,8 @@ class PseudoLabelled(Dataset):
         if missing:
             raise DatasetLayoutError(
                 f"{len(missing)} of {len(dataset)} pseudo-labels are missing under {label_dir} "
-                f"(first: {pseudo_label_path(label_dir, missing[0])}); run the method's "
-                "stage=pseudo_label first and point the training run at its label_dir"
+                f"(first: {pseudo_label_path(label_dir, missing[0])}); run the method's labelling stage first "
+                "(seco: stage=pseudo_label; bicl: stage=static_labels) and point the training run at its label_dir"
             )
 
     def __len__(self) -> int:

@@ -8,6 +8,8 @@ bf16 autocast: cosine similarities divided by tau = 0.1 lose their ranking in bf
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -151,8 +153,54 @@ def class_balanced_thresholds(histogram: torch.Tensor, proportion: float) -> tor
 
 
 @torch.no_grad()
+def class_top_fraction_thresholds(
+    confidence: torch.Tensor, label: torch.Tensor, num_classes: int, proportion: float
+) -> torch.Tensor:
+    """CBST's k_c from sampled pixels: the k-th highest confidence among the pixels predicted c, k = int(proportion x
+    their count) (at least 1), as DASS gene_thres reads it off the sorted list; inf for a class never predicted."""
+    order = torch.argsort(label.double() * 2 + confidence.double())  # by class, then confidence
+    counts = torch.bincount(label, minlength=num_classes)
+    ends = counts.cumsum(0)
+    thresholds = torch.full((num_classes,), math.inf, dtype=torch.float64)
+    present = counts > 0
+    kth = ends[present] - (proportion * counts[present]).long().clamp(min=1)
+    thresholds[present] = confidence[order[kth]].double().cpu()
+    return thresholds
+
+
+@torch.no_grad()
 def static_pseudo_labels(probabilities: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """y_F(p) = argmax_c P(c|p) where max_c P(c|p) >= k_c (class-balanced threshold), else ignore."""
     confidence, label = probabilities.float().max(1)
     keep = confidence >= thresholds.to(confidence.dtype)[label]
+    return torch.where(keep, label, torch.full_like(label, IGNORE_INDEX))
+
+
+def image_top_fraction(confidence: torch.Tensor, proportion: float) -> torch.Tensor:
+    """Each image's own most confident pixels: those above its k-th highest confidence, k = int(proportion x
+    pixels) (strictly above, as DASS utils/func.py gene_plabel_prop). ``confidence`` [B, H, W] -> bool [B, H, W]."""
+    flat = confidence.flatten(1)
+    k = max(int(proportion * flat.shape[1]), 1)
+    kth_highest = flat.topk(k, dim=1).values[:, -1:]
+    return (flat > kth_highest).view_as(confidence)
+
+
+@torch.no_grad()
+def union_static_labels(
+    probabilities: torch.Tensor, thresholds: torch.Tensor, proportion: float, class_test: str = "any_class"
+) -> torch.Tensor:
+    """y_F = argmax where a class-wise CBST threshold is met OR the pixel is in its image's top ``proportion``
+    (DASS mask_fusion of thres_cb_plabel and gene_plabel_prop). ``probabilities`` [B, C, H, W] -> [B, H, W].
+
+    class_test ``argmax``: the argmax class's probability reaches its threshold (CBST); ``any_class``: any
+    class's probability reaches its own threshold (thres_cb_plabel compares every channel, torch.ge(P, k)).
+    """
+    probabilities = probabilities.float()
+    confidence, label = probabilities.max(1)
+    thresholds = thresholds.to(probabilities.device, probabilities.dtype)
+    if class_test == "argmax":
+        class_wise = confidence >= thresholds[label]
+    else:
+        class_wise = (probabilities >= thresholds.view(1, -1, 1, 1)).any(1)
+    keep = class_wise | image_top_fraction(confidence, proportion)
     return torch.where(keep, label, torch.full_like(label, IGNORE_INDEX))
