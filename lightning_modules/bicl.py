@@ -170,7 +170,9 @@ class BiCL(SemanticSegmentationModule):
             self.labelling_pass, self.sampled_confidences = "thresholds", []
             trainer.predict(self, return_predictions=False)
             device = trainer.strategy.root_device
-            sampled = all_gather_cat(torch.cat(self.sampled_confidences).to(device))
+            # A rank with no image (more ranks than images) still joins the gather.
+            local = torch.cat(self.sampled_confidences) if self.sampled_confidences else torch.zeros(0, 2)
+            sampled = all_gather_cat(local.to(device))
             confidence, label = sampled[:, 0], sampled[:, 1].long()
             thresholds = class_top_fraction_thresholds(
                 confidence, label, self.num_classes, self.method["cb_proportion"]
