@@ -79,7 +79,8 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
     # rate; the adaptation rows keep their methods' own optimiser (WeSAM's Adam at 1e-4).
     sam_from_scratch = ("method.train_prompt_encoder=true", "optim.lr=1e-3")
     # The seeds' ablation tables (each method's full row is the last line of its table).
-    bicl = ("+method=bicl", "method.source_ckpt={source}", "method.label_dir={bicl_static_labels}")
+    bicl_from_source = ("+method=bicl", "method.source_ckpt={source}")
+    bicl = (*bicl_from_source, "method.label_dir={bicl_static_labels}")
     bicl_switches = ("use_fc", "use_bc", "use_dynamic", "use_calibration")
     bicl_ablation = {
         "L_base": (False, False, False, False),
@@ -88,12 +89,7 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
         "+y_D w/o cal.": (True, True, True, False),
     }
     # The previous reading of y_F: thresholds from the training crops seen so far, a labeler pass per step.
-    bicl_online = (
-        "+method=bicl",
-        "method.source_ckpt={source}",
-        "method.static_labels=online",
-        "method.streams=[src,tgt]",
-    )
+    bicl_online = (*bicl_from_source, "method.static_labels=online", "method.streams=[src,tgt]")
     # STvM's parts: MOCM off, and MOCM replaced by plain ClassMix (classes drawn uniformly, pasted whole).
     plain_class_mix = ("method.mocm_draw=uniform", "method.mocm_paste=whole_class")
     mt_metric_ablation = {"w/o MOCM": ("method.mocm=false",), "plain ClassMix": plain_class_mix}

@@ -240,7 +240,7 @@ class BiCL(SemanticSegmentationModule):
                 labels = self.union_labels(full)[0]
                 save_label_png(path, labels.cpu().numpy().astype(np.uint8))
             truth = batch["mask"][i].to(logits.device)
-            labels = F.interpolate(labels[None, None].float(), size=truth.shape, mode="nearest")[0, 0].long()
+            labels = labels_at(labels[None], truth.shape).view_as(truth)
             valid = (truth != IGNORE_INDEX) & (truth < self.num_classes)
             labelled = valid & (labels != IGNORE_INDEX)
             self.static_label_counts += torch.stack([labelled.sum(), (labelled & (labels == truth)).sum(), valid.sum()])

@@ -154,7 +154,8 @@ def test_class_thresholds_are_the_kth_highest_confidence_of_each_class():
     # Class 0: 10 sampled pixels 0.50..0.95; class 1: 3 pixels; class 2 never predicted.
     confidence = torch.tensor([0.5 + 0.05 * i for i in range(10)] + [0.7, 0.6, 0.8])
     label = torch.tensor([0] * 10 + [1] * 3)
-    thresholds = class_top_fraction_thresholds(confidence[torch.randperm(13)], label[torch.randperm(13)] * 0, 3, 0.2)
+    one_class = torch.zeros(13, dtype=torch.long)
+    thresholds = class_top_fraction_thresholds(confidence[torch.randperm(13)], one_class, 3, 0.2)
     assert thresholds[0].item() == pytest.approx(0.90)  # shuffled, one class: the 2nd highest of 13 = 0.90
     thresholds = class_top_fraction_thresholds(confidence, label, 3, 0.2)
     assert thresholds[0].item() == pytest.approx(0.90)  # top 2 of 10
