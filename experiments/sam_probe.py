@@ -1,5 +1,11 @@
 """What a SAM's own masks know about a domain: ``python -m experiments.sam_probe RUN_DIR [--stream target] [--task T]``.
 
+``--everything IOU,STABILITY,OFFSET ...`` scores SAM's everything mode instead (16 x 16 point grid) at each
+filter setting on the run's own held-out ``data.val``: masks per image, the share of the image they cover, and
+their purity (the share of mask pixels inside each mask's best-matching true region). seco's Pixel Semantic
+Aggregation votes a class over each mask, so a mask that straddles two regions labels part of it wrongly; the
+benchmark's filters for seco's tiny region SAM were chosen this way, with no target image.
+
 A source-free SAM method learns from its own masks, so it can only gain where they already carry the
 object. Per prompt kind this prints the masks' IoU, the share of each object they cover (recall), their
 precision, and how well the mask logits rank object above background inside the object's box (AUC;
@@ -54,6 +60,70 @@ def mask_quality(logits: torch.Tensor, instances: torch.Tensor, threshold: float
     }
 
 
+def require_sam_run(run_dir: Path) -> None:
+    for required in (run_dir / "config.yaml", run_dir / "sam.pth"):
+        if not required.is_file():
+            raise SystemExit(
+                f"{required} does not exist; expected a finished SAM run directory (its config.yaml and sam.pth)"
+            )
+
+
+def region_purity(masks: np.ndarray, regions: np.ndarray) -> tuple[float, float, float]:
+    """Coverage (share of pixels under any mask) and the purity sums (mask pixels inside each mask's best-matching
+    region, all mask pixels) of everything-mode ``masks`` bool[M,H,W] against the true ``regions`` bool[R,H,W]."""
+    if len(masks) == 0:
+        return 0.0, 0.0, 0.0
+    flat_masks = masks.reshape(len(masks), -1).astype(np.float32)
+    overlap = flat_masks @ regions.reshape(len(regions), -1).T.astype(np.float32)
+    return float(masks.any(0).mean()), float(overlap.max(1).sum()), float(flat_masks.sum())
+
+
+@torch.no_grad()
+def everything_mode_quality(run_dir: Path, images: int, filters: list[tuple[float, float, float]]) -> list[dict]:
+    """Per (pred_iou_thresh, stability_score_thresh, stability_score_offset): masks per image, coverage and purity
+    of RUN_DIR's SAM in everything mode on ``images`` images of its ``data.val``."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    require_sam_run(run_dir)
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    sam = build_configured_sam(cfg["model"], run_dir / "sam.pth").eval()
+    dataset = build_from_spec(cfg["data"]["val"], "val")
+    items = [dataset[i] for i in range(min(images, len(dataset)))]
+    table = []
+    for iou, stability, offset in filters:
+        generator = SamAutomaticMaskGenerator(
+            sam,
+            points_per_side=16,
+            pred_iou_thresh=iou,
+            stability_score_thresh=stability,
+            stability_score_offset=offset,
+        )
+        counts, coverages, inside, total = [], [], 0.0, 0.0
+        for item in items:
+            masks = [m["segmentation"] for m in generator.generate(item["image"])]
+            counts.append(len(masks))
+            stacked = np.stack(masks) if masks else np.zeros((0, *item["image"].shape[:2]), bool)
+            coverage, pure, area = region_purity(stacked, item["instances"].astype(bool))
+            coverages.append(coverage)
+            inside, total = inside + pure, total + area
+        table.append(
+            {
+                "filters": (iou, stability, offset),
+                "masks": float(np.mean(counts)),
+                "coverage": float(np.mean(coverages)),
+                "purity": inside / total if total else float("nan"),
+            }
+        )
+    return table
+
+
+def filter_setting(text: str) -> tuple[float, float, float]:
+    values = text.split(",")
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected IOU,STABILITY,OFFSET, e.g. 0.3,0.8,0.1")
+    return tuple(float(v) for v in values)
+
+
 def task_data(task: str) -> dict:
     """The ``data`` config of a SAM task, composed as a run of it would be."""
     from experiments.run import compose_config
@@ -65,11 +135,7 @@ def task_data(task: str) -> dict:
 @torch.no_grad()
 def probe(run_dir: Path, stream: str, images: int, view: str, task: str | None = None) -> dict[str, dict[str, float]]:
     """Mean mask quality per prompt kind of RUN_DIR's SAM on ``images`` images of ``data.<stream>``."""
-    for required in (run_dir / "config.yaml", run_dir / "sam.pth"):
-        if not required.is_file():
-            raise SystemExit(
-                f"{required} does not exist; expected a finished SAM run directory (its config.yaml and sam.pth)"
-            )
+    require_sam_run(run_dir)
     if images < 1:
         raise SystemExit(f"--images {images}: expected at least 1")
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
@@ -109,7 +175,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--view", default="weak", choices=("weak", "strong"))
     parser.add_argument("--task", help="read data.<stream> of this task instead of the run's own")
+    parser.add_argument(
+        "--everything", nargs="+", type=filter_setting, metavar="IOU,STABILITY,OFFSET", help="score everything mode"
+    )
     args = parser.parse_args(argv)
+    if args.everything:
+        header = "| pred_iou_thresh, stability, offset | masks / image | coverage | purity |"
+        print(f"{header}  ({args.run_dir} on data.val)")
+        print("|---|---|---|---|")
+        for row in everything_mode_quality(args.run_dir, args.images, args.everything):
+            print(
+                f"| {', '.join(map(str, row['filters']))} | {row['masks']:.1f} | {100 * row['coverage']:.1f} | "
+                f"{100 * row['purity']:.1f} |"
+            )
+        return
     table = probe(args.run_dir, args.stream, args.images, args.view, args.task)
     where = f"{args.task or 'its task'}'s data.{args.stream}"
     print(f"| prompt | IoU | recall | precision | in-box AUC |  ({args.run_dir} on {where}, {args.view} view)")

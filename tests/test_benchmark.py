@@ -6,6 +6,7 @@ import json
 import pytest
 from PIL import Image
 
+from datamodules.errors import CheckpointError
 from experiments import benchmark
 from experiments.benchmark import (
     Progress,
@@ -19,6 +20,7 @@ from experiments.benchmark import (
     with_task,
 )
 from experiments.run import available, compose_config
+from lightning_modules.networks.sam import build_configured_sam, build_sam, save_sam_checkpoint
 
 
 def result(row: Row, miou: float, step: float, seed: int = 0) -> dict:
@@ -85,6 +87,25 @@ def test_every_benchmark_command_composes_including_the_ablation_rows():
             overrides = with_task(command, protocol.task, placeholders)
             cfg = compose_config([*overrides, "run_dir=x"])
             assert cfg.method.name == overrides[0].split("=", 1)[1]
+
+
+def test_seco_reads_the_region_sam_the_benchmark_trains(tmp_path):
+    """The region SAM stage and seco's labelling stages build the same tiny SAM, so its sam.pth loads there."""
+    protocol = protocols(600, 400)["synth2real"]
+    stages = {s.name: s for s in protocol.stages}
+    products = {name: str(tmp_path / name) for name in stages} | {"stage_dir": str(tmp_path / "stage")}
+
+    def config(stage):
+        return compose_config([*with_task(stage.overrides, protocol.task, products), "run_dir=x"])
+
+    region_sam = build_configured_sam(config(stages["region_sam"]).model)
+    save_sam_checkpoint(region_sam, tmp_path / "region_sam")
+    seco_sam = config(stages["seco_labels_of_source"]).method.sam
+    assert seco_sam.checkpoint == str(tmp_path / "region_sam")
+    loaded = build_sam(seco_sam.variant, seco_sam.checkpoint, seco_sam.image_size, seco_sam.tiny)
+    assert loaded.image_encoder.patch_embed.proj.kernel_size == (8, 8)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        build_sam(seco_sam.variant, seco_sam.checkpoint, seco_sam.image_size, None)  # 16 px patches
 
 
 def test_first_seed_picks_the_seeds_run(monkeypatch, tmp_path):

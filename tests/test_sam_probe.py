@@ -1,10 +1,11 @@
 """The SAM probe: mask quality values on constructed logits, and the command on a finished run."""
 
+import numpy as np
 import pytest
 import torch
 
 from datamodules.prompts import masks_to_boxes
-from experiments.sam_probe import box_auc, main, mask_quality
+from experiments.sam_probe import box_auc, main, mask_quality, region_purity
 
 
 def square(size: int, top: int, left: int, side: int) -> torch.Tensor:
@@ -55,3 +56,28 @@ def test_probe_names_a_run_without_a_sam(tmp_path):
     (tmp_path / "config.yaml").write_text("model: {variant: tiny}\ndata: {}\n")
     with pytest.raises(SystemExit, match="sam.pth"):
         main([str(tmp_path)])
+
+
+def test_region_purity_counts_a_straddling_mask_against_its_best_region():
+    left, right = np.zeros((2, 4, 8), bool), np.zeros((2, 4, 8), bool)
+    left[0, :, :4], right[1, :, 4:] = True, True
+    regions = left | right
+    exact_left = regions[:1]
+    straddling = np.zeros((1, 4, 8), bool)
+    straddling[0, :, 2:8] = True  # 8 pixels of the left region, 16 of the right
+    coverage, inside, area = region_purity(np.concatenate([exact_left, straddling]), regions)
+    assert coverage == 1.0
+    assert (inside, area) == (16 + 16, 16 + 24)
+    assert region_purity(np.zeros((0, 4, 8), bool), regions) == (0.0, 0.0, 0.0)
+
+
+def test_everything_mode_scores_each_filter_setting(run_tiny, capsys):
+    _, run_dir = run_tiny("sam_finetune", "synth_regions", "method.train_prompt_encoder=true")
+    capsys.readouterr()
+    main([str(run_dir), "--images", "2", "--everything", "0.0,0.0,0.1", "2.0,0.99,0.1"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    loose, impossible = (row.split(" | ") for row in rows)
+    assert float(loose[1]) > 0 and 0 < float(loose[2]) <= 100  # every predicted mask passes
+    assert float(impossible[1]) == 0 and float(impossible[2]) == 0  # a predicted IoU never exceeds 2
+    with pytest.raises(SystemExit):
+        main([str(run_dir), "--everything", "0.3,0.8"])
