@@ -174,12 +174,7 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
             # bicl's round of offline static labels from the source model, shared by its row and ablation rows.
             Stage(
                 "bicl_static_labels",
-                (
-                    "+method=bicl",
-                    "stage=static_labels",
-                    "method.source_ckpt={source}",
-                    "method.label_dir={stage_dir}/static_labels",
-                ),
+                (*bicl_from_source, "stage=static_labels", "method.label_dir={stage_dir}/static_labels"),
                 "static_labels",
             ),
             *seco_stages,

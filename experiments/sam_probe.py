@@ -60,12 +60,18 @@ def mask_quality(logits: torch.Tensor, instances: torch.Tensor, threshold: float
     }
 
 
-def require_sam_run(run_dir: Path) -> None:
+def load_sam_run(run_dir: Path, images: int) -> tuple[dict, torch.nn.Module]:
+    """A finished SAM run's resolved config and its SAM in eval mode, after one sentence for a folder that is not
+    such a run or an ``--images`` below 1."""
     for required in (run_dir / "config.yaml", run_dir / "sam.pth"):
         if not required.is_file():
             raise SystemExit(
                 f"{required} does not exist; expected a finished SAM run directory (its config.yaml and sam.pth)"
             )
+    if images < 1:
+        raise SystemExit(f"--images {images}: expected at least 1")
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    return cfg, build_configured_sam(cfg["model"], run_dir / "sam.pth").eval()
 
 
 def region_purity(masks: np.ndarray, regions: np.ndarray) -> tuple[float, float, float]:
@@ -84,9 +90,7 @@ def everything_mode_quality(run_dir: Path, images: int, filters: list[tuple[floa
     of RUN_DIR's SAM in everything mode on ``images`` images of its ``data.val``."""
     from segment_anything import SamAutomaticMaskGenerator
 
-    require_sam_run(run_dir)
-    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    sam = build_configured_sam(cfg["model"], run_dir / "sam.pth").eval()
+    cfg, sam = load_sam_run(run_dir, images)
     dataset = build_from_spec(cfg["data"]["val"], "val")
     items = [dataset[i] for i in range(min(images, len(dataset)))]
     table = []
@@ -135,14 +139,10 @@ def task_data(task: str) -> dict:
 @torch.no_grad()
 def probe(run_dir: Path, stream: str, images: int, view: str, task: str | None = None) -> dict[str, dict[str, float]]:
     """Mean mask quality per prompt kind of RUN_DIR's SAM on ``images`` images of ``data.<stream>``."""
-    require_sam_run(run_dir)
-    if images < 1:
-        raise SystemExit(f"--images {images}: expected at least 1")
-    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    cfg, sam = load_sam_run(run_dir, images)
     model, data = cfg["model"], task_data(task) if task else cfg["data"]
     if data.get(stream) is None:
         raise SystemExit(f"the run's task has no data.{stream}; expected one of source, target, val")
-    sam = build_configured_sam(model, run_dir / "sam.pth").eval()
     # train=True gives the strong view too; training items are keyed (epoch, index): these are epoch 0's draws.
     dataset = PromptedDataset(
         build_from_spec(data[stream], "train"),

@@ -59,9 +59,8 @@ def test_probe_names_a_run_without_a_sam(tmp_path):
 
 
 def test_region_purity_counts_a_straddling_mask_against_its_best_region():
-    left, right = np.zeros((2, 4, 8), bool), np.zeros((2, 4, 8), bool)
-    left[0, :, :4], right[1, :, 4:] = True, True
-    regions = left | right
+    regions = np.zeros((2, 4, 8), bool)
+    regions[0, :, :4], regions[1, :, 4:] = True, True  # left and right halves
     exact_left = regions[:1]
     straddling = np.zeros((1, 4, 8), bool)
     straddling[0, :, 2:8] = True  # 8 pixels of the left region, 16 of the right
@@ -81,3 +80,5 @@ def test_everything_mode_scores_each_filter_setting(run_tiny, capsys):
     assert float(impossible[1]) == 0 and float(impossible[2]) == 0  # a predicted IoU never exceeds 2
     with pytest.raises(SystemExit):
         main([str(run_dir), "--everything", "0.3,0.8"])
+    with pytest.raises(SystemExit, match="--images 0: expected at least 1"):
+        main([str(run_dir), "--images", "0", "--everything", "0.3,0.8,0.1"])
