@@ -125,6 +125,7 @@ class BiCL(SemanticSegmentationModule):
             "pseudo_label_counts", torch.zeros(len(PSEUDO_LABEL_KINDS), 2, dtype=torch.long), persistent=False
         )
         self.register_buffer("valid_pixel_count", torch.zeros((), dtype=torch.long), persistent=False)
+        self.pseudo_label_quality: dict = {}  # of the last evaluation, for results.json
 
     def embed(self, images: torch.Tensor):
         """Class logits and flattened pixel features f (L2-normalised) at the feature grid: the projected backbone
@@ -355,6 +356,10 @@ class BiCL(SemanticSegmentationModule):
         super().validation_step(batch, batch_idx)
         self.count_pseudo_label_quality(batch["img"], batch["mask"])
 
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        self.count_pseudo_label_quality(batch["img"], batch["mask"])
+
     @torch.no_grad()
     def evaluation_pseudo_labels(self, images: torch.Tensor) -> tuple[dict, tuple]:
         """The pseudo-labels each rule gives val images (flattened feature grid) and that grid's size.
@@ -393,16 +398,38 @@ class BiCL(SemanticSegmentationModule):
         return columns
 
     def on_validation_epoch_end(self) -> None:
+        self.summarise_pseudo_label_quality("val")
         super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self.summarise_pseudo_label_quality("test")
+        super().on_test_epoch_end()
+
+    def summarise_pseudo_label_quality(self, stage: str) -> None:
+        """Density and accuracy (%) of each pseudo-label rule over the epoch's images, logged and kept for
+        results.json; then the counts restart."""
         counts = all_reduce_sum(self.pseudo_label_counts).double()
         valid = all_reduce_sum(self.valid_pixel_count).double().clamp(min=1)
-        metrics = {}
-        for row, kind in enumerate(PSEUDO_LABEL_KINDS):
-            metrics[f"val/pseudo_labels/{kind}_density"] = 100 * counts[row, 0] / valid
-            metrics[f"val/pseudo_labels/{kind}_accuracy"] = 100 * counts[row, 1] / counts[row, 0].clamp(min=1)
+        self.pseudo_label_quality = {
+            kind: {
+                "density": (100 * counts[row, 0] / valid).item(),
+                "accuracy": (100 * counts[row, 1] / counts[row, 0].clamp(min=1)).item(),
+            }
+            for row, kind in enumerate(PSEUDO_LABEL_KINDS)
+        }
+        metrics = {
+            f"{stage}/pseudo_labels/{kind}_{name}": value
+            for kind, quality in self.pseudo_label_quality.items()
+            for name, value in quality.items()
+        }
         # Memories must agree across ranks; their largest deviation from the rank mean, summed over ranks.
         memories = torch.cat([self.memory_source, self.memory_target])
-        metrics["val/memory_rank_spread"] = all_reduce_sum((memories - all_reduce_mean(memories)).abs().max())
-        self.log_dict({k: v.float() for k, v in metrics.items()})
+        metrics[f"{stage}/memory_rank_spread"] = all_reduce_sum(
+            (memories - all_reduce_mean(memories)).abs().max()
+        ).item()
+        self.log_dict(metrics)
         self.pseudo_label_counts.zero_()
         self.valid_pixel_count.zero_()
+
+    def record_results(self, stage: str, metrics: dict, extra: dict) -> None:
+        super().record_results(stage, metrics, {**extra, "pseudo_labels": self.pseudo_label_quality})

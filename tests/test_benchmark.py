@@ -198,3 +198,86 @@ def test_per_prompt_rows_run_each_kind_alone_and_take_each_column_from_its_own_r
         ("task.prompt_kinds=[point]", "task.monitor=val/point"),
         ("task.prompt_kinds=[poly]", "task.monitor=val/poly"),
     ]
+
+
+def test_bicl_rows_run_the_authors_rounds_each_from_the_last_rounds_checkpoint(monkeypatch, tmp_path):
+    """A bicl row is BICL_ROUNDS runs that split the budget: round 0 reads the shared stage's labels; round k starts
+    from the checkpoint round k-1 left, at the halved rate of round k; the last round's results are the row's."""
+    monkeypatch.setattr(benchmark, "BICL_ROUNDS", 3)
+    protocol = protocols(600, 300)["synth2real"]
+    bicl = next(r for r in protocol.rows if r.name == "bicl")
+    assert len(bicl.commands) == 3
+    runs = []
+
+    def fake_run(overrides, task, seed, run_dir, products):
+        resolved = dict(o.split("=", 1) for o in with_task(overrides, task, products))
+        runs.append((run_dir, resolved))
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({"metrics": {"mIoU": 50.0 + len(runs)}}))
+        return run_dir
+
+    monkeypatch.setattr(benchmark, "run", fake_run)
+    monkeypatch.setattr(benchmark, "selected_rows", lambda *args: [bicl])
+    (result,) = benchmark.run_protocol(protocol, 0, tmp_path, None, False, Progress(1))
+    stages = tmp_path / "stages" / "seed0"
+    runs = [(d, r) for d, r in runs if not d.is_relative_to(stages)]  # the source model and round 0's labels
+    assert result["metrics"]["mIoU"] == 55.0  # the last round's (the two stages ran first)
+    (first_dir, first), (second_dir, second), (last_dir, last) = runs
+    assert first["method.source_ckpt"] == f"{stages}/source/checkpoints/last.ckpt"
+    assert first["method.label_dir"] == f"{stages}/bicl_static_labels/static_labels"
+    assert second["method.source_ckpt"] == f"{first_dir}/checkpoints/last.ckpt" and "method.label_dir" not in second
+    assert last["method.source_ckpt"] == f"{second_dir}/checkpoints/last.ckpt"
+    assert last_dir == tmp_path / "synth2real" / "seed0" / "deeplabv2_bicl"
+    assert [r["optim.first_round"] for r in (first, second, last)] == ["0", "1", "2"]
+    assert {r["trainer.max_steps"] for r in (first, second, last)} == {"100"}
+    assert {r["optim.round_steps"] for r in (first, second, last)} == {"100"}
+    short = next(r for r in protocols(600, 2)["synth2real"].rows if r.name == "bicl")
+    assert len(short.commands) == 2 and "trainer.max_steps=1" in short.commands[-1]
+
+
+def test_selecting_bicl_also_runs_the_threshold_self_training_it_is_judged_against():
+    protocol = protocols(600, 400)["synth2real"]
+    names = {r.name for r in benchmark.selected_rows(protocol, {"bicl"}, False)}
+    assert {"bicl", "mt_metric (threshold ST)", "source_only", "oracle"} <= names
+    assert "mt_metric" not in names and "mt_metric (unweighted)" not in names
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command(monkeypatch, tmp_path):
+    """A row whose command changed (another setting, another round count) runs again instead of reporting the old
+    run's results under the new name."""
+    calls = []
+
+    def fake_subprocess_run(command, stdout, stderr):
+        calls.append(command)
+        (run_dir / "results.json").write_text(json.dumps({"overrides": command}))
+        return type("Finished", (), {"returncode": 0})()
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_subprocess_run)
+    run_dir = tmp_path / "row"
+    benchmark.run(("+method=bicl", "trainer.max_steps=400"), "synth2real", 0, run_dir, {})
+    benchmark.run(("+method=bicl", "trainer.max_steps=400"), "synth2real", 0, run_dir, {})
+    assert len(calls) == 1
+    (run_dir / "stale.txt").write_text("from the earlier command")
+    benchmark.run(("+method=bicl", "trainer.max_steps=200"), "synth2real", 0, run_dir, {})
+    assert len(calls) == 2 and "trainer.max_steps=200" in calls[1]
+    assert not (run_dir / "stale.txt").exists()
+    assert "trainer.max_steps=200" in (run_dir / "benchmark.done").read_text()
+
+
+def test_the_pseudo_label_quality_table_averages_each_rule_over_seeds():
+    bicl, plain = Row("bicl", ()), Row("source_only", (), "source")
+
+    def quality(static_density, hybrid_accuracy):
+        return {
+            "static": {"density": static_density, "accuracy": 99.0},
+            "hybrid": {"density": 30.0, "accuracy": hybrid_accuracy},
+        }
+
+    results = [
+        {**result(bicl, 50.0, 1.0, seed), "pseudo_labels": quality(10.0 + 2 * seed, 90.0 + seed)} for seed in (0, 1)
+    ] + [result(plain, 40.0, 1.0)]
+    lines = benchmark.pseudo_label_quality_table(results).splitlines()
+    assert lines[2] == "| row | static | hybrid |"
+    assert lines[4] == "| bicl | 11.00 ± 1.41 / 99.00 ± 0.00 | 30.00 ± 0.00 / 90.50 ± 0.71 |"
+    assert len(lines) == 5  # source_only reports no pseudo-labels
+    assert benchmark.pseudo_label_quality_table([result(plain, 40.0, 1.0)]) == ""

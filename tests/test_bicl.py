@@ -269,6 +269,13 @@ def test_tiny_run_logs_pseudo_label_quality_and_checkpoints_memories(run_tiny, s
     for kind in ("static", "dynamic_uncalibrated", "dynamic", "hybrid"):
         assert 0 <= metrics[f"val/pseudo_labels/{kind}_density"] <= 100
         assert 0 <= metrics[f"val/pseudo_labels/{kind}_accuracy"] <= 100
+        # results.json keeps the final evaluation's (test) quality of every rule: the benchmark's Table 4
+        quality = results["pseudo_labels"][kind]
+        assert quality["density"] == pytest.approx(metrics[f"test/pseudo_labels/{kind}_density"], abs=1e-3)
+        assert quality["accuracy"] == pytest.approx(metrics[f"test/pseudo_labels/{kind}_accuracy"], abs=1e-3)
+    # y_T falls back to y_F wherever y_D is absent, so it labels at least what either labels
+    hybrid = results["pseudo_labels"]["hybrid"]["density"]
+    assert hybrid >= max(results["pseudo_labels"][kind]["density"] for kind in ("static", "dynamic")) - 1e-6
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     # The official contrast features by default: the 4 ASPP branches' logits, 4 x 19 = 76-d, no projection head.
     assert state["memory_source_seen"].any() and state["memory_target"].shape == (19, 76)
