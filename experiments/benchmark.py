@@ -101,8 +101,13 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 1500)
         schedule = (f"trainer.max_steps={steps}", f"optim.round_steps={steps}")
         first = (*bicl, *switches, *schedule, "optim.first_round=0")
         later = (
-            ("+method=bicl", f"method.source_ckpt={{row_dir}}_stage{k - 1}/checkpoints/last.ckpt", *switches, *schedule)
-            + (f"optim.first_round={k}",)
+            (
+                "+method=bicl",
+                f"method.source_ckpt={{row_dir}}_stage{k - 1}/checkpoints/last.ckpt",
+                *switches,
+                *schedule,
+                f"optim.first_round={k}",
+            )
             for k in range(1, rounds)
         )
         return (first, *later)

@@ -352,12 +352,8 @@ class BiCL(SemanticSegmentationModule):
         )
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        self.count_pseudo_label_quality(batch["img"], batch["mask"])
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        super().test_step(batch, batch_idx)
+    def evaluation_step(self, batch: dict) -> None:
+        super().evaluation_step(batch)
         self.count_pseudo_label_quality(batch["img"], batch["mask"])
 
     @torch.no_grad()
