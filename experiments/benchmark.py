@@ -448,13 +448,14 @@ def run_protocol(
     for row in rows:
         run_dir = base / slug(f"{row.network}_{row.name}")
         products["row_dir"] = str(run_dir)
-        reused = not row.per_prompt and finished(
-            run_dir, command_line(row.commands[-1], protocol.task, seed, run_dir, products)
-        )
+        reused = False
         try:
             missing = {n for c in row.commands for o in c for n in stage_refs(o)} - set(products)
             if missing:
                 raise RuntimeError(f"prerequisite stage {', '.join(sorted(missing))} failed")
+            reused = not row.per_prompt and finished(
+                run_dir, command_line(row.commands[-1], protocol.task, seed, run_dir, products)
+            )
             if row.per_prompt:
                 result = prompt_wise_result(row, protocol, seed, run_dir, products)
             else:

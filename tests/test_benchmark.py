@@ -235,6 +235,23 @@ def test_bicl_rows_run_the_authors_rounds_each_from_the_last_rounds_checkpoint(m
     assert len(short.commands) == 2 and "trainer.max_steps=1" in short.commands[-1]
 
 
+def test_a_failed_stage_fails_the_rows_that_need_it_and_the_benchmark_goes_on(monkeypatch, tmp_path, capsys):
+    """The source SAM stage fails: every row that reads it is reported failed with the stage's name; none is run."""
+    protocol = protocols(600, 400)["synth_polyp"]
+    ran = []
+
+    def fake_run(overrides, task, seed, run_dir, products):
+        ran.append(run_dir)
+        raise RuntimeError(f"run failed (exit 1); see {run_dir}/stdout.log")
+
+    monkeypatch.setattr(benchmark, "run", fake_run)
+    results = benchmark.run_protocol(protocol, 0, tmp_path, {"wesam"}, False, Progress(3))
+    assert ran == [tmp_path / "stages" / "seed0" / "sam_source"]
+    assert [r["row"].name for r in results] == ["source (unadapted)", "wesam", "target (sam_finetune)"]
+    assert {r["error"] for r in results} == {"prerequisite stage sam_source failed"}
+    assert "stage sam_source failed: run failed (exit 1)" in capsys.readouterr().out
+
+
 def test_selecting_bicl_also_runs_the_threshold_self_training_it_is_judged_against():
     protocol = protocols(600, 400)["synth2real"]
     names = {r.name for r in benchmark.selected_rows(protocol, {"bicl"}, False)}
