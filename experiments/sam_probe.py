@@ -9,10 +9,14 @@ benchmark's filters for seco's tiny region SAM were chosen this way, with no tar
 A source-free SAM method learns from its own masks, so it can only gain where they already carry the
 object. Per prompt kind this prints the masks' IoU, the share of each object they cover (recall), their
 precision, and how well the mask logits rank object above background inside the object's box (AUC;
-0.5 means the masks know nothing the prompt did not say). RUN_DIR is a finished SAM run (its
-``config.yaml`` and ``sam.pth``, e.g. the benchmark's ``stages/seed0/sam_source``); ``--task`` reads the stream of
-another task (the source SAM on each of its targets). It reads labels, so it analyses a benchmark's regime; no
-method trains on it.
+0.5 means the masks know nothing the prompt did not say). The last two columns tell a miscalibrated SAM from a
+blind one: the IoU at the one logit threshold (of ``THRESHOLDS``, the same for every mask) that scores best, and that
+threshold. A SAM whose masks hold the object only below the task's threshold gets a far better IoU there; a method
+that learns its own masks binarised at 0 (WeSAM, dual_lora_sam) keeps that cut and cannot lift it.
+
+RUN_DIR is a finished SAM run (its ``config.yaml`` and ``sam.pth``, e.g. the benchmark's
+``stages/seed0/sam_source``); ``--task`` reads the stream of another task (the source SAM on each of its targets).
+It reads labels, so it analyses a benchmark's regime; no method trains on it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,16 @@ def box_auc(logits: torch.Tensor, instance: torch.Tensor, box: torch.Tensor) -> 
     if inside.all() or not inside.any():
         return None
     return float(roc_auc_score(inside, logits[region].flatten().float().numpy()))
+
+
+# Logit thresholds of the best-threshold column: SAM's own cut is 0, WeSAM's metric cuts at 0.5.
+THRESHOLDS = (-4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+
+
+def best_threshold(ious_by_threshold: dict[float, list[float]]) -> tuple[float, float]:
+    """(threshold, mean IoU) of the threshold whose mean IoU over all masks is highest."""
+    threshold = max(ious_by_threshold, key=lambda t: np.mean(ious_by_threshold[t]))
+    return threshold, float(np.mean(ious_by_threshold[threshold]))
 
 
 def mask_quality(logits: torch.Tensor, instances: torch.Tensor, threshold: float = 0.0) -> dict[str, list[float]]:
@@ -156,15 +170,18 @@ def probe(run_dir: Path, stream: str, images: int, view: str, task: str | None =
     table = {}
     for kind in cfg["task"]["prompt_kinds"]:
         totals: dict[str, list[float]] = {}
+        ious_by_threshold: dict[float, list[float]] = {t: [] for t in THRESHOLDS}
         for logits, target in zip(
             predict_instances(sam, embeddings, batch["targets"], kind, model["poly_as"]), batch["targets"]
         ):
-            quality = mask_quality(
-                unpadded(logits[:, 0], target), unpadded(target["instances"], target), cfg["task"]["logit_threshold"]
-            )
+            mask_logits, instances = unpadded(logits[:, 0], target), unpadded(target["instances"], target)
+            quality = mask_quality(mask_logits, instances, cfg["task"]["logit_threshold"])
             for name, values in quality.items():
                 totals.setdefault(name, []).extend(values)
+            for threshold, ious in ious_by_threshold.items():
+                ious.extend(instance_iou(mask_logits, instances, threshold).tolist())
         table[kind] = {name: float(np.mean(values)) if values else float("nan") for name, values in totals.items()}
+        table[kind]["best_threshold"], table[kind]["best_iou"] = best_threshold(ious_by_threshold)
     return table
 
 
@@ -191,14 +208,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     table = probe(args.run_dir, args.stream, args.images, args.view, args.task)
     where = f"{args.task or 'its task'}'s data.{args.stream}"
-    print(f"| prompt | IoU | recall | precision | in-box AUC |  ({args.run_dir} on {where}, {args.view} view)")
-    print("|---|---|---|---|---|")
+    print(
+        f"| prompt | IoU | recall | precision | in-box AUC | IoU at the best threshold | best threshold |  "
+        f"({args.run_dir} on {where}, {args.view} view)"
+    )
+    print("|---|---|---|---|---|---|---|")
     for kind in PROMPT_KINDS:
         if kind in table:
             row = table[kind]
             print(
                 f"| {kind} | {100 * row['iou']:.1f} | {100 * row['recall']:.1f} | {100 * row['precision']:.1f} | "
-                f"{row['auc']:.3f} |"
+                f"{row['auc']:.3f} | {100 * row['best_iou']:.1f} | {row['best_threshold']:g} |"
             )
 
 

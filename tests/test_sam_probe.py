@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datamodules.prompts import masks_to_boxes
-from experiments.sam_probe import box_auc, main, mask_quality, region_purity
+from experiments.sam_probe import best_threshold, box_auc, main, mask_quality, region_purity
 
 
 def square(size: int, top: int, left: int, side: int) -> torch.Tensor:
@@ -27,6 +27,13 @@ def test_mask_quality_on_constructed_masks():
     assert mask_quality(half, truth, threshold=5.0)["iou"] == [0.0, 0.0]  # the task's logit threshold counts
 
 
+def test_best_threshold_picks_one_cut_for_all_masks():
+    """Two masks: one whole above logit -1 only, one whole at every cut up to 0; one shared cut serves both best."""
+    ious = {-1.0: [1.0, 1.0], 0.0: [0.5, 1.0], 0.5: [0.4, 0.9]}
+    assert best_threshold(ious) == (-1.0, 1.0)
+    assert best_threshold({0.0: [0.2], 0.5: [0.6]}) == (0.5, pytest.approx(0.6))
+
+
 def test_box_auc_separates_object_from_the_rest_of_its_box():
     ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="ij")
     disc = (ys - 10) ** 2 + (xs - 10) ** 2 < 36
@@ -45,6 +52,8 @@ def test_probe_prints_every_prompt_kind_of_a_finished_run(run_tiny, capsys):
     rows = capsys.readouterr().out.splitlines()[2:]
     assert [row.split(" | ")[0] for row in rows] == ["| box", "| point", "| poly"]
     assert all(0 <= float(row.split(" | ")[1]) <= 100 for row in rows)
+    # the best single threshold scores at least the task's own
+    assert all(float(row.split(" | ")[5]) >= float(row.split(" | ")[1]) for row in rows)
     main([str(run_dir), "--images", "2", "--task", "synth_polyp"])
     header, _, *rows = capsys.readouterr().out.splitlines()
     assert "on synth_polyp's data.target" in header and len(rows) == 3
