@@ -40,7 +40,9 @@ class SAMFinetune(PromptedSegmentationModule):
             for (logits, iou), target in zip(predictions, batch["targets"]):
                 logits, instances = unpadded(logits[:, 0], target), unpadded(target["instances"], target)
                 per_image.append(
-                    sam_mask_loss(logits, instances, method["focal_weight"], method["dice_weight"])
+                    sam_mask_loss(
+                        logits, instances, method["focal_weight"], method["dice_weight"], method["focal_alpha"]
+                    )
                     + method["iou_weight"] * iou_prediction_loss(iou[:, 0], logits, instances)
                 )
             losses[kind] = torch.stack(per_image).mean()
@@ -65,7 +67,9 @@ class SAMFinetune(PromptedSegmentationModule):
             )
         for (logits, iou), target in zip(decode_batch(self.sam, embeddings, prompts, multimask_output=True), targets):
             logits, instances = unpadded(logits, target), unpadded(target["instances"][:, None], target)
-            mask_losses = sam_mask_loss_per_mask(logits, instances, method["focal_weight"], method["dice_weight"])
+            mask_losses = sam_mask_loss_per_mask(
+                logits, instances, method["focal_weight"], method["dice_weight"], method["focal_alpha"]
+            )
             per_image.append(
                 mask_losses.min(1).values.mean() + method["iou_weight"] * iou_prediction_loss(iou, logits, instances)
             )

@@ -75,6 +75,20 @@ def test_per_mask_loss_ranks_masks_and_averages_to_the_mask_loss():
     assert torch.isclose(per_mask.mean(), sam_mask_loss(logits, target.expand_as(logits), 20.0, 1.0))
 
 
+@pytest.mark.parametrize("focal_alpha, sign", [(0.25, -1), (0.75, 1), (-1.0, 0)])
+def test_focal_balance_sets_where_an_ambiguous_pixel_lands(focal_alpha, sign):
+    """A pixel that is object in one image and background in the other (same logit): alpha 0.25 drives its logit
+    below 0 (to -0.41: the mask drops what it is unsure of), no balance leaves it at 0."""
+    logit = torch.zeros(1, requires_grad=True)
+    target = torch.tensor([1.0, 0.0]).view(2, 1, 1)
+    optimiser = torch.optim.SGD([logit], lr=0.5)
+    for _ in range(300):
+        optimiser.zero_grad()
+        sam_mask_loss(logit.view(1, 1, 1).expand(2, 1, 1), target, 20.0, 0.0, focal_alpha).backward()
+        optimiser.step()
+    assert (abs(logit.item()) < 1e-3) if sign == 0 else (logit.item() * sign > 0.3)
+
+
 @pytest.mark.parametrize("train_multimask", [True, False])
 def test_ambiguity_term_trains_the_multimask_outputs(tmp_path, train_multimask):
     cfg = OmegaConf.to_container(

@@ -32,16 +32,20 @@ def joint_dice_loss(mask_logits: torch.Tensor, targets: torch.Tensor, smooth: fl
 
 
 def sam_mask_loss_per_mask(
-    mask_logits: torch.Tensor, targets: torch.Tensor, focal_weight: float, dice_weight: float
+    mask_logits: torch.Tensor, targets: torch.Tensor, focal_weight: float, dice_weight: float, focal_alpha: float = 0.25
 ) -> torch.Tensor:
-    """SAM's mask loss, a linear combination of focal and dice loss (20:1 in the paper), per [..., H, W] mask."""
+    """SAM's mask loss, a linear combination of focal and dice loss (20:1 in the paper), per [..., H, W] mask.
+    ``focal_alpha`` weighs object pixels by alpha and background pixels by 1 - alpha; a negative value weighs both
+    by 1 (torchvision's convention)."""
     targets = targets.expand_as(mask_logits)
-    focal = sigmoid_focal_loss(mask_logits, targets, reduction="none").flatten(-2).mean(-1)
+    focal = sigmoid_focal_loss(mask_logits, targets, alpha=focal_alpha, reduction="none").flatten(-2).mean(-1)
     return focal_weight * focal + dice_weight * dice_per_mask(mask_logits, targets)
 
 
-def sam_mask_loss(mask_logits: torch.Tensor, targets: torch.Tensor, focal_weight: float, dice_weight: float):
-    return sam_mask_loss_per_mask(mask_logits, targets, focal_weight, dice_weight).mean()
+def sam_mask_loss(
+    mask_logits: torch.Tensor, targets: torch.Tensor, focal_weight: float, dice_weight: float, focal_alpha: float = 0.25
+) -> torch.Tensor:
+    return sam_mask_loss_per_mask(mask_logits, targets, focal_weight, dice_weight, focal_alpha).mean()
 
 
 def iou_prediction_loss(iou_predictions: torch.Tensor, mask_logits: torch.Tensor, targets: torch.Tensor):
