@@ -76,12 +76,18 @@ class Protocol:
 # 59.06 / 58.67, 8 rounds 59.30 / 59.27; past the fifth of 8 rounds mIoU moves by under 0.1 (the rate is 1/32).
 BICL_ROUNDS = 8
 
+# The SAM tasks' source SAM stands in for SA-1B-trained SAM, a model trained to convergence: 4000 x 8 diverse images
+# (6.7 passes over the 4800). At 1500 steps its loss was still falling and its masks were weak even on its own
+# corpus (seed 0 box IoU 58.7 there, 57.9 on the polyp target; at 4000: 67.7 and 70.6); after 600 steps its
+# target masks were so weak that WeSAM's self-training drifted (README).
+SAM_SOURCE_STEPS = 4000
+
 
 def single(*overrides: str) -> tuple[tuple[str, ...], ...]:
     return (tuple(overrides),)
 
 
-def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 4000) -> dict[str, Protocol]:
+def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_SOURCE_STEPS) -> dict[str, Protocol]:
     source, adapt = f"trainer.max_steps={source_steps}", f"trainer.max_steps={adapt_steps}"
     segformer = "arch=segformer"
     # The tiny SAMs are trained from random init, so they learn their prompt encoder too, at 10x the fine-tuning
@@ -282,10 +288,6 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = 4000)
             Row("oracle", single("+method=oracle", segformer, source), "upper", "segformer"),
         ),
     )
-    # The source SAM stands in for SA-1B-trained SAM, a model trained to convergence: 4000 x 8 diverse images
-    # (6.7 passes over the 4800). At 1500 steps its loss was still falling and its masks were weak even on its own
-    # corpus (seed 0 box IoU 58.7 there, 57.9 on the polyp target; at 4000: 67.7 and 70.6); after 600 steps its
-    # target masks were so weak that WeSAM's self-training drifted (README).
     sam_source = Stage(
         "sam_source",
         ("+method=sam_finetune", "+task=synth_shapes", f"trainer.max_steps={sam_source_steps}", *sam_from_scratch),
@@ -764,7 +766,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablations", action="store_true", help="also the ablation rows of the methods' papers")
     parser.add_argument("--source-steps", type=int, default=600)
     parser.add_argument("--adapt-steps", type=int, default=400)
-    parser.add_argument("--sam-source-steps", type=int, default=4000, help="steps of the SAM tasks' source SAM")
+    parser.add_argument(
+        "--sam-source-steps", type=int, default=SAM_SOURCE_STEPS, help="steps of the SAM tasks' source SAM"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.first_seed < 0:
