@@ -4,11 +4,13 @@ Per step (the paper's method box):
 1. alpha, beta = frozen SAM encoder gamma (perturbed) + their own LoRA; gamma is the untouched encoder.
 2. The weak target view goes through gamma, alpha and beta; each decodes masks from the GT-derived prompts.
 3. Foreground representation f = mean of the embedding over pixels whose mask score > T.
-4. Role assignment: the branch whose f is more cosine-similar to gamma's is Teacher, the other Student.
+4. Role assignment: the branch whose f is more cosine-similar to gamma's is Teacher, the other Student; per
+   image by default (f and sim are per feature map in the paper), so each step both branches learn.
 5. Direct alignment (student on the strong view learns the teacher's masks), reverse distillation (the
    teacher's representation is pushed from the student's), triplet loss (student foreground near the
    teacher's foreground, far from its background); each switchable for the ablation table.
-6. The branch that was Teacher most often is the target model, saved merged as a plain SAM checkpoint.
+6. The branch with the better performance is the target model, saved merged as a plain SAM checkpoint. With no
+   target labels, performance is SAM's own estimate: its IoU head's prediction, averaged over recent steps.
 
 Views, prompts and loss scaling follow WeSAM's code, the framework the paper builds on and compares with
 (``data.sam_views``, ``method.loss_scaling``); a run with ``task.prompt_kinds=[box]`` adapts for one prompt kind.
@@ -27,7 +29,7 @@ from datamodules.files import write_atomically
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     LOSS_SCALINGS,
-    assign_roles,
+    alpha_is_teacher,
     background_representations,
     branch_similarity,
     direct_alignment_loss,
@@ -50,6 +52,8 @@ from lightning_modules.networks.sam_lora import (
 from lightning_modules.optim import build_optimizer
 
 BRANCHES = ("alpha", "beta")
+ROLES = ("image", "batch")
+SELECTIONS = ("predicted_iou", "teacher_count")
 
 
 class DualLoRASAM(PromptedSegmentationModule):
@@ -62,6 +66,8 @@ class DualLoRASAM(PromptedSegmentationModule):
         lora = method["lora"]
         require_choice("method.lora.placement", lora["placement"], LORA_PLACEMENTS)
         require_choice("method.loss_scaling", method["loss_scaling"], LOSS_SCALINGS)
+        require_choice("method.roles", method["roles"], ROLES)
+        require_choice("method.selection", method["selection"], SELECTIONS)
         if lora["placement"] == "output":
             inject_output_lora(self.sam, list(BRANCHES), lora["rank"], lora["alpha"], method["perturbation"])
         else:
@@ -74,26 +80,52 @@ class DualLoRASAM(PromptedSegmentationModule):
                 lora.get("layers"),
                 method["perturbation"],
             )
-        # How often each branch was Teacher: the selection criterion (step 6), kept in checkpoints.
+        # Step 6's two criteria, kept in checkpoints: images each branch taught, and the running mean of each
+        # branch's predicted IoU on the weak view (an EMA from zero: its bias is the same for both branches).
         self.register_buffer("teacher_counts", torch.zeros(len(BRANCHES)))
+        self.register_buffer("predicted_iou", torch.zeros(len(BRANCHES)))
 
     @property
     def selected_branch(self) -> str:
-        return BRANCHES[int(self.teacher_counts.argmax())]
+        scores = self.teacher_counts if self.method["selection"] == "teacher_count" else self.predicted_iou
+        return BRANCHES[int(scores.argmax())]
+
+    def track_predicted_iou(self, masks: dict) -> None:
+        """EMA of each branch's mean predicted IoU over the step's instances, every rank's included."""
+        sums = [
+            torch.cat([iou.detach().flatten() for per_image in masks[b].values() for _, iou in per_image])
+            for b in BRANCHES
+        ]
+        totals = all_reduce_sum(torch.stack([sums[0].sum(), sums[1].sum(), sums[0].new_tensor(sums[0].numel())]))
+        rate = self.method["predicted_iou_ema"]
+        self.predicted_iou.mul_(rate).add_((1 - rate) * totals[:2] / totals[2])
 
     def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
         return predict_instances(self.sam, encode(self.sam, self.selected_branch, images), targets, kind, self.poly_as)
 
     def representations(self, embeddings: torch.Tensor, masks: dict) -> tuple:
-        """Foreground (f) and background (b) representations [sum N, C] over all images and prompt kinds."""
+        """Foreground (f) and background (b) representations [sum N, C] over all prompt kinds and images, their
+        validity [sum N] and the index of each row's image [sum N]."""
         threshold = self.method["foreground_threshold"]
-        fg, bg, valid = [], [], []
+        fg, bg, valid, image = [], [], [], []
         for per_image in masks.values():
-            for embedding, (logits, _) in zip(embeddings, per_image):
+            for index, (embedding, (logits, _)) in enumerate(zip(embeddings, per_image)):
                 f, f_valid = foreground_representations(embedding, logits, threshold)
                 b, b_valid = background_representations(embedding, logits, threshold)
                 fg.append(f), bg.append(b), valid.append(f_valid & b_valid)
-        return torch.cat(fg), torch.cat(bg), torch.cat(valid)
+                image.append(torch.full_like(f_valid, index, dtype=torch.long))
+        return torch.cat(fg), torch.cat(bg), torch.cat(valid), torch.cat(image)
+
+    def role_similarities(self, sims: torch.Tensor, valid: torch.Tensor, image: torch.Tensor, images: int):
+        """Step 4's sim of each branch [2, images] from per-instance sims [2, sum N].
+
+        image: each image's instances and prompt kinds summed (f and sim are per feature map); batch: one value
+        for the whole step, summed over the batch and every rank, so every rank assigns the same roles.
+        """
+        sims = sims * valid
+        if self.method["roles"] == "batch":
+            return all_reduce_sum(sims.sum(1))[:, None].expand(-1, images)
+        return sims.new_zeros(len(BRANCHES), images).index_add_(1, image, sims)
 
     def training_step(self, batch: dict, batch_idx: int):
         method, kinds = self.method, self.prompt_kinds
@@ -104,44 +136,45 @@ class DualLoRASAM(PromptedSegmentationModule):
         embeddings, masks = {}, {}
         for b in BRANCHES:
             embeddings[b], masks[b] = segment(self.sam, b, weak, targets, kinds, self.poly_as)
+        self.track_predicted_iou(masks)
         # 3. foreground representations
-        f_gamma, _, valid = self.representations(gamma_embeddings, gamma_masks)
+        f_gamma, _, valid, image = self.representations(gamma_embeddings, gamma_masks)
         reps = {b: self.representations(embeddings[b], masks[b]) for b in BRANCHES}
         for b in BRANCHES:
             valid = valid & reps[b][2]
-        # 4. role assignment on the batch (summed over ranks, so every rank assigns the same roles)
-        sums = all_reduce_sum(
-            torch.stack(
-                [(branch_similarity(reps[b][0].detach(), f_gamma) * valid).sum() for b in BRANCHES]
-                + [valid.sum().float()]
-            )
-        )
-        sim_alpha, sim_beta = sums[0] / sums[2].clamp(min=1), sums[1] / sums[2].clamp(min=1)
-        teacher, student = assign_roles(sim_alpha, sim_beta)
-        self.teacher_counts[BRANCHES.index(teacher)] += 1
+        # 4. role assignment
+        sims = torch.stack([branch_similarity(reps[b][0].detach(), f_gamma) for b in BRANCHES])
+        alpha_teaches = alpha_is_teacher(*self.role_similarities(sims, valid, image, len(targets)))
+        teacher_images = all_reduce_sum(torch.stack([alpha_teaches.sum(), (~alpha_teaches).sum()]).float())
+        self.teacher_counts += teacher_images
+        teacher_of = ["alpha" if a else "beta" for a in alpha_teaches.tolist()]
         # 5. losses
         losses = {}
         if method["direct_alignment"]:
-            _, student_masks = segment(self.sam, student, strong, targets, kinds, self.poly_as)
-            losses["direct"] = (
-                torch.stack(
-                    [
-                        direct_alignment_loss(
-                            valid_region(s_logits, target),
-                            valid_region(t_logits, target),
-                            method["focal_weight"],
-                            method["dice_weight"],
-                            method["loss_scaling"],
-                        )
-                        for kind in kinds
-                        for (s_logits, _), (t_logits, _), target in zip(
-                            student_masks[kind], masks[teacher][kind], targets
-                        )
-                    ]
-                ).mean()
-                * method["lambda_direct"]
-            )
-        (f_teacher, b_teacher, _), (f_student, _, _) = reps[teacher], reps[student]
+            direct = []
+            for student in BRANCHES:
+                taught = [i for i, teacher in enumerate(teacher_of) if teacher != student]
+                if not taught:
+                    continue
+                student_targets = [targets[i] for i in taught]
+                _, student_masks = segment(self.sam, student, strong[taught], student_targets, kinds, self.poly_as)
+                direct += [
+                    direct_alignment_loss(
+                        valid_region(student_masks[kind][j][0], targets[i]),
+                        valid_region(masks[teacher_of[i]][kind][i][0], targets[i]),
+                        method["focal_weight"],
+                        method["dice_weight"],
+                        method["loss_scaling"],
+                    )
+                    for kind in kinds
+                    for j, i in enumerate(taught)
+                ]
+            losses["direct"] = torch.stack(direct).mean() * method["lambda_direct"]
+        row_alpha_teaches = alpha_teaches[image][:, None]
+        (f_alpha, b_alpha, *_), (f_beta, b_beta, *_) = reps["alpha"], reps["beta"]
+        f_teacher = torch.where(row_alpha_teaches, f_alpha, f_beta)
+        b_teacher = torch.where(row_alpha_teaches, b_alpha, b_beta)
+        f_student = torch.where(row_alpha_teaches, f_beta, f_alpha)
         if method["reverse_distillation"]:
             losses["reverse"] = method["lambda_reverse"] * reverse_distillation_loss(f_teacher, f_student, valid)
         if method["triplet"]:
@@ -157,10 +190,10 @@ class DualLoRASAM(PromptedSegmentationModule):
         self.log_dict({f"train/loss_{name}": value for name, value in losses.items()})
         self.log_dict(
             {
-                "train/sim_alpha": sim_alpha,
-                "train/sim_beta": sim_beta,
-                "train/alpha_is_teacher": float(teacher == "alpha"),
+                "train/alpha_teacher_share": teacher_images[0] / teacher_images.sum(),
                 "train/alpha_teacher_rate": self.teacher_counts[0] / self.teacher_counts.sum(),
+                "train/predicted_iou_alpha": self.predicted_iou[0],
+                "train/predicted_iou_beta": self.predicted_iou[1],
             }
         )
         self.log("train/loss", loss, prog_bar=True)

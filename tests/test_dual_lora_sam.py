@@ -10,8 +10,9 @@ import torch
 from omegaconf import OmegaConf
 from segment_anything import sam_model_registry
 
+from experiments.run import build_module
 from lightning_modules.components.sam_adaptation import (
-    assign_roles,
+    alpha_is_teacher,
     background_representations,
     branch_similarity,
     direct_alignment_loss,
@@ -93,11 +94,6 @@ def test_lora_injection_freezes_everything_but_the_branches():
 
 @pytest.mark.parametrize("method", ["dual_lora_sam", "wesam"])
 def test_methods_train_only_lora(method, tmp_path):
-    from omegaconf import OmegaConf
-
-    from experiments.run import build_module
-    from tests.conftest import compose_config
-
     cfg = OmegaConf.to_container(compose_config(method, "synth_shapes", tmp_path), resolve=True)
     module = build_module(cfg)
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
@@ -157,8 +153,40 @@ def test_the_branch_closer_to_gamma_is_the_teacher():
     near, far = torch.tensor([[2.0, 0.1], [0.1, 3.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.2]])
     sim_near, sim_far = branch_similarity(near, f_gamma).mean(), branch_similarity(far, f_gamma).mean()
     assert sim_near > sim_far
-    assert assign_roles(sim_near, sim_far) == ("alpha", "beta")
-    assert assign_roles(sim_far, sim_near) == ("beta", "alpha")
+    assert alpha_is_teacher(sim_near, sim_far) and not alpha_is_teacher(sim_far, sim_near)
+    assert alpha_is_teacher(torch.tensor([0.9, 0.2]), torch.tensor([0.5, 0.4])).tolist() == [True, False]
+
+
+def dual_module(*overrides: str):
+    cfg = OmegaConf.to_container(
+        compose_config("dual_lora_sam", "synth_shapes", Path("unused"), *overrides), resolve=True
+    )
+    return build_module(cfg)
+
+
+@pytest.mark.parametrize("roles", ["image", "batch"])
+def test_roles_are_assigned_per_image_or_once_per_batch(roles):
+    module = dual_module(f"method.roles={roles}")
+    # image 0 (rows 0, 1): alpha nearer gamma; image 1 (rows 2, 3): beta nearer, by more; row 3 is not valid.
+    sims = torch.tensor([[0.9, 0.8, 0.1, 0.9], [0.5, 0.5, 0.6, 0.0]])
+    valid, image = torch.tensor([True, True, True, False]), torch.tensor([0, 0, 1, 1])
+    per_image = module.role_similarities(sims, valid, image, images=2)
+    if roles == "image":
+        assert torch.allclose(per_image, torch.tensor([[1.7, 0.1], [1.0, 0.6]]))
+        assert alpha_is_teacher(*per_image).tolist() == [True, False]
+    else:  # 1.8 vs 1.6 summed over the batch: alpha teaches both images
+        assert torch.allclose(per_image, torch.tensor([[1.8, 1.8], [1.6, 1.6]]))
+        assert alpha_is_teacher(*per_image).tolist() == [True, True]
+
+
+@pytest.mark.parametrize("selection, expected", [("predicted_iou", "beta"), ("teacher_count", "alpha")])
+def test_the_selected_branch_follows_the_configured_criterion(selection, expected):
+    module = dual_module(f"method.selection={selection}", "method.predicted_iou_ema=0.5")
+    module.teacher_counts.copy_(torch.tensor([30.0, 10.0]))
+    iou = {"alpha": torch.tensor([[0.6], [0.7]]), "beta": torch.tensor([[0.9], [0.8]])}
+    module.track_predicted_iou({b: {"box": [(None, iou[b][:1]), (None, iou[b][1:])]} for b in iou})
+    assert torch.allclose(module.predicted_iou, torch.tensor([0.325, 0.425]))  # 0.5 * mean, EMA from zero
+    assert module.selected_branch == expected
 
 
 def test_direct_alignment_pulls_the_student_to_the_teacher_masks():
@@ -249,9 +277,11 @@ def test_dual_lora_sam_runs_logs_roles_and_writes_the_selected_branch(run_tiny):
     assert rates and all(0 <= r <= 1 for r in rates)
     assert {"train/loss_direct", "train/loss_reverse", "train/loss_triplet"} <= set(rows[0])
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    counts = state["teacher_counts"]
-    assert counts.sum().item() == 4
-    selected = ("alpha", "beta")[int(counts.argmax())]
+    counts, predicted_iou = state["teacher_counts"], state["predicted_iou"]
+    batch_size = OmegaConf.load(run_dir / "config.yaml").data.batch_size
+    assert counts.sum().item() == 4 * batch_size  # every image of the 4 steps has one Teacher
+    assert (predicted_iou != 0).all()  # tracked on every step (this random-init SAM predicts IoU near 0)
+    selected = ("alpha", "beta")[int(predicted_iou.argmax())]
     saved = torch.load(run_dir / "sam.pth", weights_only=True)
     qkv = saved["image_encoder.blocks.0.attn.qkv.weight"]
     prefix = "sam.image_encoder.blocks.0.attn.qkv"
@@ -269,7 +299,7 @@ def test_output_placed_branches_keep_the_encoder_frozen_and_save_the_selected_br
     assert set(results["metrics"]) == {"box", "point", "poly", "avg"}
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     saved = torch.load(run_dir / "adapted_sam.pt", weights_only=False)
-    assert saved["selected_branch"] == ("alpha", "beta")[int(state["teacher_counts"].argmax())]
+    assert saved["selected_branch"] == ("alpha", "beta")[int(state["predicted_iou"].argmax())]
     learned = [state[f"sam.image_encoder.branches.{b}.up.embedding"].abs().sum() > 0 for b in ("alpha", "beta")]
     assert any(learned) and set(saved["state_dict"]) == {k.removeprefix("sam.") for k in state if k.startswith("sam.")}
 
@@ -339,7 +369,8 @@ from experiments.run import build_module
 
 class DumpBranches(L.Callback):
     def on_train_end(self, trainer, module):
-        state = {{k: v for k, v in module.state_dict().items() if ".branches." in k or k == "teacher_counts"}}
+        state = {{k: v for k, v in module.state_dict().items()
+                  if ".branches." in k or k in ("teacher_counts", "predicted_iou")}}
         torch.save(state, Path({out!r}) / f"rank{{trainer.global_rank}}.pt")
 
 cfg = OmegaConf.to_container(compose_config("dual_lora_sam", "synth_shapes", Path({out!r}) / "run"), resolve=True)
@@ -351,7 +382,7 @@ trainer.fit(build_module(cfg), datamodule=build_datamodule(cfg))
 """
 
 
-def test_two_process_ddp_keeps_both_branches_and_roles_identical(tmp_path):
+def test_two_process_ddp_keeps_both_branches_roles_and_selection_identical(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path))))
     result = subprocess.run(
@@ -364,6 +395,8 @@ def test_two_process_ddp_keeps_both_branches_and_roles_identical(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0.keys() == rank1.keys() and rank0["teacher_counts"].sum() == 3
+    batch_size = compose_config("dual_lora_sam", "synth_shapes", tmp_path).data.batch_size
+    # roles per image, counted over both ranks' images; both ranks hold the same counts and IoU estimates
+    assert rank0.keys() == rank1.keys() and rank0["teacher_counts"].sum() == 3 * 2 * batch_size
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if ".up." in k)  # the branches did train
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)

@@ -55,9 +55,9 @@ def branch_similarity(f_branch: torch.Tensor, f_gamma: torch.Tensor) -> torch.Te
     return F.cosine_similarity(f_branch.float(), f_gamma.float(), dim=-1)
 
 
-def assign_roles(sim_alpha: torch.Tensor, sim_beta: torch.Tensor) -> tuple[str, str]:
-    """(T, S) = (alpha, beta) if sim_alpha > sim_beta else (beta, alpha)."""
-    return ("alpha", "beta") if bool(sim_alpha > sim_beta) else ("beta", "alpha")
+def alpha_is_teacher(sim_alpha: torch.Tensor, sim_beta: torch.Tensor) -> torch.Tensor:
+    """(T, S) = (alpha, beta) if sim_alpha > sim_beta else (beta, alpha); elementwise, e.g. per image."""
+    return sim_alpha > sim_beta
 
 
 # ---- dual_lora_sam losses ----
