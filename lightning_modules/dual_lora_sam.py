@@ -92,11 +92,12 @@ class DualLoRASAM(PromptedSegmentationModule):
 
     def track_predicted_iou(self, masks: dict) -> None:
         """EMA of each branch's mean predicted IoU over the step's instances, every rank's included."""
-        sums = [
+        predictions = [
             torch.cat([iou.detach().flatten() for per_image in masks[b].values() for _, iou in per_image])
             for b in BRANCHES
         ]
-        totals = all_reduce_sum(torch.stack([sums[0].sum(), sums[1].sum(), sums[0].new_tensor(sums[0].numel())]))
+        count = predictions[0].new_tensor(predictions[0].numel())
+        totals = all_reduce_sum(torch.stack([predictions[0].sum(), predictions[1].sum(), count]))
         rate = self.method["predicted_iou_ema"]
         self.predicted_iou.mul_(rate).add_((1 - rate) * totals[:2] / totals[2])
 
