@@ -92,10 +92,15 @@ def test_lora_injection_freezes_everything_but_the_branches():
     assert set(qkv.branches["alpha"].down) == {"q", "v"} and qkv.branches["alpha"].up["q"].shape == (64, 2)
 
 
+def sam_module(method: str, *overrides: str):
+    """The method's module on synth_shapes, built from the composed config (no run)."""
+    cfg = OmegaConf.to_container(compose_config(method, "synth_shapes", Path("unused"), *overrides), resolve=True)
+    return build_module(cfg)
+
+
 @pytest.mark.parametrize("method", ["dual_lora_sam", "wesam"])
-def test_methods_train_only_lora(method, tmp_path):
-    cfg = OmegaConf.to_container(compose_config(method, "synth_shapes", tmp_path), resolve=True)
-    module = build_module(cfg)
+def test_methods_train_only_lora(method):
+    module = sam_module(method)
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
     branches = {"dual_lora_sam": {"alpha", "beta"}, "wesam": {"student"}}[method]
     assert trainable and {name.split(".branches.")[1].split(".")[0] for name in trainable} == branches
@@ -157,16 +162,9 @@ def test_the_branch_closer_to_gamma_is_the_teacher():
     assert alpha_is_teacher(torch.tensor([0.9, 0.2]), torch.tensor([0.5, 0.4])).tolist() == [True, False]
 
 
-def dual_module(*overrides: str):
-    cfg = OmegaConf.to_container(
-        compose_config("dual_lora_sam", "synth_shapes", Path("unused"), *overrides), resolve=True
-    )
-    return build_module(cfg)
-
-
 @pytest.mark.parametrize("roles", ["image", "batch"])
 def test_roles_are_assigned_per_image_or_once_per_batch(roles):
-    module = dual_module(f"method.roles={roles}")
+    module = sam_module("dual_lora_sam", f"method.roles={roles}")
     # image 0 (rows 0, 1): alpha nearer gamma; image 1 (rows 2, 3): beta nearer, by more; row 3 is not valid.
     sims = torch.tensor([[0.9, 0.8, 0.1, 0.9], [0.5, 0.5, 0.6, 0.0]])
     valid, image = torch.tensor([True, True, True, False]), torch.tensor([0, 0, 1, 1])
@@ -181,7 +179,7 @@ def test_roles_are_assigned_per_image_or_once_per_batch(roles):
 
 @pytest.mark.parametrize("selection, expected", [("predicted_iou", "beta"), ("teacher_count", "alpha")])
 def test_the_selected_branch_follows_the_configured_criterion(selection, expected):
-    module = dual_module(f"method.selection={selection}", "method.predicted_iou_ema=0.5")
+    module = sam_module("dual_lora_sam", f"method.selection={selection}", "method.predicted_iou_ema=0.5")
     module.teacher_counts.copy_(torch.tensor([30.0, 10.0]))
     iou = {"alpha": torch.tensor([[0.6], [0.7]]), "beta": torch.tensor([[0.9], [0.8]])}
     module.track_predicted_iou({b: {"box": [(None, iou[b][:1]), (None, iou[b][1:])]} for b in iou})
