@@ -6,6 +6,7 @@ Per iteration (``training_step``):
      each region's transferability, spread back to a dense map T.
   2. TMA: the student's encoder attention logits get the bias M = -lambda T per key, in the configured
      stages; source images are learnt with cross-entropy under their own map.
+     (At inference the map guides the prediction only with ``method.guided_inference``.)
   3. DAFormer self-training: teacher pseudo-labels on the target weighted by their confidence quality (zero
      on the pseudo-label crop's border rows), ClassMix of source into target (images, labels and
      transferability maps alike), colour jitter and blur, weighted cross-entropy on the mixed images; the
@@ -43,12 +44,15 @@ from lightning_modules.components.self_training import (
     strong_photometric,
 )
 from lightning_modules.components.transferability import (
+    guidance_map,
     partition_descriptors,
+    region_averaged,
     region_correctness,
     region_domain_loss,
     region_means,
     region_partition,
     region_transferability,
+    semantic_uncertainty,
     transferability_attention_bias,
     transferability_map,
 )
@@ -94,8 +98,10 @@ class TMT(SemanticSegmentationModule):
         return self.frozen_copy(self.segmenter.backbone)
 
     # ACTE -------------------------------------------------------------------------------------------
-    def estimate_transferability(self, features: torch.Tensor, images: torch.Tensor):
-        """Regions of each image and their transferability: (assignment [B, R, N], region features, T(r), map)."""
+    def estimate_transferability(self, features: torch.Tensor, images: torch.Tensor, logits: torch.Tensor):
+        """Regions of each image, their transferability and what guides the attention: (assignment [B, R, N],
+        domain logits, T(r), the dense map T, the guidance map G = T - mu U with U the region's mean uncertainty of
+        the prediction ``logits``)."""
         method = self.method
         descriptors = partition_descriptors(features.detach(), images, method["structure_weight"])
         assignment = region_partition(
@@ -105,16 +111,18 @@ class TMT(SemanticSegmentationModule):
         domain_logits = self.discriminator(pooled)
         transferability = region_transferability(domain_logits.detach())
         dense = transferability_map(assignment, transferability, *features.shape[-2:])
-        return assignment, domain_logits, transferability, dense
+        uncertainty = region_averaged(assignment, semantic_uncertainty(logits.detach()))
+        guidance = guidance_map(dense, uncertainty, method["uncertainty_weight"])
+        return assignment, domain_logits, transferability, dense, guidance
 
-    def attention_bias(self, dense_map: torch.Tensor | None):
-        if dense_map is None:
+    def attention_bias(self, guidance: torch.Tensor | None):
+        if guidance is None:
             return None
-        return transferability_attention_bias(dense_map, self.method["attention_strength"])
+        return transferability_attention_bias(guidance, self.method["attention_strength"])
 
-    def student(self, images: torch.Tensor, dense_map: torch.Tensor | None):
-        """(logits, encoder features) of the student, its attention guided by ``dense_map`` when given."""
-        encoder_features = self.segmenter.backbone(images, self.attention_bias(dense_map), self.method["guided_stages"])
+    def student(self, images: torch.Tensor, guidance: torch.Tensor | None):
+        """(logits, encoder features) of the student, its attention guided by the map ``guidance`` when given."""
+        encoder_features = self.segmenter.backbone(images, self.attention_bias(guidance), self.method["guided_stages"])
         logits, _ = self.segmenter.decode_head(encoder_features)
         return logits, encoder_features
 
@@ -143,24 +151,27 @@ class TMT(SemanticSegmentationModule):
         return ignore_border_rows(weight, round(crop["top"] * scale), round(crop["bottom"] * scale))
 
     # Training ---------------------------------------------------------------------------------------
-    def transferability_maps(self, source_images, target_images, target_teacher_features, losses: dict):
+    def guidance_maps(self, source_images, target_images, target_teacher: tuple, losses: dict):
         """Steps 1 and 4: ACTE on the teacher's view of both domains and the region discriminator's loss (into
-        ``losses``); returns the (source, target) transferability maps. The source gets a teacher pass of its own
-        because the teacher normalises with the statistics of the batch it sees."""
+        ``losses``); returns the (source, target) guidance maps. ``target_teacher`` is the teacher's (logits,
+        features) of the target images; the source gets a teacher pass of its own because the teacher normalises
+        with the statistics of the batch it sees."""
         batch_size = source_images.shape[0]
         with torch.no_grad():
-            _, source_teacher_features = self.teacher(source_images)
-        assignment, domain_logits, transferability, dense = self.estimate_transferability(
-            torch.cat([source_teacher_features, target_teacher_features]), torch.cat([source_images, target_images])
+            source_teacher = self.teacher(source_images)
+        assignment, domain_logits, transferability, _, guidance = self.estimate_transferability(
+            torch.cat([source_teacher[1], target_teacher[1]]),
+            torch.cat([source_images, target_images]),
+            torch.cat([source_teacher[0], target_teacher[0]]),
         )
-        is_source = torch.arange(2 * batch_size, device=dense.device) < batch_size
+        is_source = torch.arange(2 * batch_size, device=guidance.device) < batch_size
         # The discriminator's estimate is detached from the maps.
         losses["domain"] = self.method["domain_loss_weight"] * region_domain_loss(
             domain_logits, is_source, assignment.sum(-1)
         )
         self.log("train/transferability_source", transferability[:batch_size].mean())
         self.log("train/transferability_target", transferability[batch_size:].mean())
-        return dense.split(batch_size)
+        return guidance.split(batch_size)
 
     def total_loss(self, losses: dict) -> torch.Tensor:
         loss = sum(losses.values())
@@ -178,7 +189,9 @@ class TMT(SemanticSegmentationModule):
         source_map = target_map = None
         losses = {}
         if self.guided:
-            source_map, target_map = self.transferability_maps(source["img"], target["img"], teacher_features, losses)
+            source_map, target_map = self.guidance_maps(
+                source["img"], target["img"], (teacher_logits, teacher_features), losses
+            )
 
         # 2. Supervised source loss through the (guided) student, and DAFormer's feature distance on its encoder.
         source_logits, source_features = self.student(source["img"], source_map)
@@ -223,8 +236,8 @@ class TMT(SemanticSegmentationModule):
         target_map = None
         if self.guided:
             with torch.no_grad():
-                _, target_teacher_features = self.teacher(target["img"])
-            _, target_map = self.transferability_maps(source_images, target["img"], target_teacher_features, losses)
+                target_teacher = self.teacher(target["img"])
+            _, target_map = self.guidance_maps(source_images, target["img"], target_teacher, losses)
         logits, _ = self.student(target["img"], target_map)
         losses["target"] = self.supervised_loss(logits, target["mask"])
         return self.total_loss(losses)
@@ -235,19 +248,22 @@ class TMT(SemanticSegmentationModule):
 
     # Inference --------------------------------------------------------------------------------------
     def guided_forward(self, images: torch.Tensor):
-        """Unguided pass -> ACTE map -> guided pass; returns (logits at input size, assignment, T(r), map)."""
+        """Plain pass -> ACTE maps -> guided pass (``method.guided_inference``); returns (logits at input size,
+        assignment, T(r), transferability map, guidance map). Without guided inference the plain pass predicts and
+        the maps are only measured."""
         logits, features = self.segmenter(images)
         if not self.guided:
-            return upsample(logits, images.shape[-2:]), None, None, None
-        assignment, _, transferability, dense = self.estimate_transferability(features, images)
-        logits, _ = self.student(images, dense)
-        return upsample(logits, images.shape[-2:]), assignment, transferability, dense
+            return upsample(logits, images.shape[-2:]), None, None, None, None
+        assignment, _, transferability, dense, guidance = self.estimate_transferability(features, images, logits)
+        if self.method["guided_inference"]:
+            logits, _ = self.student(images, guidance)
+        return upsample(logits, images.shape[-2:]), assignment, transferability, dense, guidance
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.guided_forward(images)[0]
 
     def evaluation_step(self, batch: dict) -> None:
-        logits, assignment, transferability, dense = self.guided_forward(batch["img"])
+        logits, assignment, transferability, dense, _ = self.guided_forward(batch["img"])
         prediction = logits.argmax(1)
         self.confusion.update(prediction, batch["mask"])
         if assignment is None:
@@ -270,12 +286,12 @@ class TMT(SemanticSegmentationModule):
         teacher_logits, _ = self.teacher(images)
         columns["pseudo-label"] = colourised(upsample(teacher_logits, images.shape[-2:]).argmax(1))
         if self.guided:
-            dense = self.guided_forward(images)[3]
+            _, _, _, dense, guidance = self.guided_forward(images)
             columns["transferability"] = grey(dense[:, 0])
             stage = min(self.method["guided_stages"])
             stride = 4 * 2**stage * self.hparams["model"]["sr_ratios"][stage]
             key_grid = (math.ceil(images.shape[-2] / stride), math.ceil(images.shape[-1] / stride))
-            mask = F.adaptive_avg_pool2d(self.attention_bias(dense), key_grid).exp()
+            mask = F.adaptive_avg_pool2d(self.attention_bias(guidance), key_grid).exp()
             columns["attention mask"] = relative_grey(mask[:, 0])
         return columns
 

@@ -23,11 +23,14 @@ from lightning_modules.components.self_training import (
     strong_photometric,
 )
 from lightning_modules.components.transferability import (
+    guidance_map,
     initial_assignment,
     partition_descriptors,
+    region_averaged,
     region_correctness,
     region_partition,
     region_transferability,
+    semantic_uncertainty,
     transferability_attention_bias,
     transferability_map,
 )
@@ -77,6 +80,22 @@ def test_transferability_is_domain_confusion_and_spreads_through_assignment():
     dense = transferability_map(hard, transferability, 2, 2)
     assert dense.shape == (1, 1, 2, 2)
     assert torch.allclose(dense.flatten(), torch.tensor([1.0, 1.0, 0.0, 0.0]), atol=1e-4)
+
+
+def test_guidance_lowers_regions_of_low_transferability_or_high_uncertainty():
+    # Four pixels in two regions: the first pair predicted with certainty, the second uniformly.
+    logits = torch.tensor([[40.0, 40.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]).reshape(1, 3, 2, 2)
+    uncertainty = semantic_uncertainty(logits)
+    assert torch.allclose(uncertainty.flatten(), torch.tensor([0.0, 0.0, 1.0, 1.0]), atol=1e-4)
+    # A soft assignment averages each region's pixels before spreading back: region 1 holds pixels 1-3.
+    assignment = torch.tensor([[[1.0, 0.5, 0.0, 0.0], [0.0, 0.5, 1.0, 1.0]]])
+    averaged = region_averaged(assignment, uncertainty)
+    assert torch.allclose(averaged.flatten(), torch.tensor([0.0, 0.4, 0.8, 0.8]), atol=1e-4)
+    transferability = torch.ones(1, 1, 2, 2)
+    guidance = guidance_map(transferability, averaged, 1.0)
+    # Equal transferability: the uncertain region gets the lower map, so the larger attention bias.
+    assert torch.allclose(guidance.flatten(), torch.tensor([1.0, 0.6, 0.2, 0.2]), atol=1e-4)
+    assert torch.equal(guidance_map(transferability, averaged, 0.0), transferability)
 
 
 def test_region_correctness_uses_the_majority_of_labelled_pixels():
@@ -134,6 +153,34 @@ def test_guidance_off_or_zero_strength_gives_the_plain_encoder_logits():
     assert not hasattr(module, "discriminator")
     assert torch.equal(module(images), upsample(module.segmenter(images)[0], images.shape[-2:]))
     assert module.train().segmenter.training and not module.teacher.training
+
+
+class StandardisedRegionScore(torch.nn.Module):
+    """Domain logits [B, R] = 3 x the regions' first pooled feature, standardised over the regions of an image."""
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        first = pooled[..., 0]
+        return 3 * (first - first.mean(1, keepdim=True)) / first.std(1, keepdim=True)
+
+
+def test_guided_inference_decides_whether_the_map_guides_the_prediction():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 128)
+    module = TMT(OmegaConf.to_container(compose_config("tmt", "synth2real", "unused"), resolve=True)).eval()
+    # An untrained discriminator finds every region fully transferable (a uniform bias); this one is confident on
+    # some regions and not on others.
+    module.discriminator = StandardisedRegionScore()
+    plain = upsample(module.segmenter(images)[0], images.shape[-2:])
+    assert module.method["guided_inference"] is False
+    logits, assignment, transferability, dense, guidance = module.guided_forward(images)
+    # The plain pass predicts; the map is still estimated for the region metrics and the panels.
+    assert torch.equal(logits, plain)
+    assert assignment.shape[0] == 2 and transferability.shape == assignment.shape[:2]
+    assert dense.shape[1] == guidance.shape[1] == 1
+    assert dense.std() > 0.01
+    module.method["guided_inference"] = True
+    guided = module(images)
+    assert guided.shape == plain.shape and not torch.allclose(guided, plain, atol=1e-4)
 
 
 def test_bf16_autocast_attention_with_bias():

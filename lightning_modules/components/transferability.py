@@ -93,9 +93,28 @@ def transferability_map(assignment: torch.Tensor, transferability: torch.Tensor,
     return dense.reshape(-1, 1, height, width)
 
 
-def transferability_attention_bias(transferability: torch.Tensor, strength: float) -> torch.Tensor:
-    """TMA: M = -lambda * T, added to QK^T / sqrt(d) for each key, so low-transferability keys gain attention."""
-    return -strength * transferability
+def semantic_uncertainty(logits: torch.Tensor) -> torch.Tensor:
+    """U(p) = H(softmax(z_p)) / log K, [B, 1, H, W] in [0, 1]: 1 where the prediction is uniform, 0 where certain."""
+    log_probabilities = logits.float().log_softmax(1)
+    entropy = -(log_probabilities.exp() * log_probabilities).sum(1, keepdim=True)
+    return entropy / math.log(logits.shape[1])
+
+
+def region_averaged(assignment: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """v(p) = sum_r a(p, r) v(r), v(r) the region mean of the pixel map ``values`` [B, 1, H, W]."""
+    region_values = region_means(assignment, values.flatten(2)).squeeze(-1)
+    return transferability_map(assignment, region_values, *values.shape[-2:])
+
+
+def guidance_map(transferability: torch.Tensor, uncertainty: torch.Tensor, uncertainty_weight: float):
+    """G = T - mu U: low where a region transfers badly or its prediction is uncertain, the regions TMA attends."""
+    return transferability - uncertainty_weight * uncertainty
+
+
+def transferability_attention_bias(guidance: torch.Tensor, strength: float) -> torch.Tensor:
+    """TMA: M = -lambda * G (G = T without the uncertainty term), added to QK^T / sqrt(d) for each key, so keys of
+    low transferability (and high uncertainty) gain attention."""
+    return -strength * guidance
 
 
 def region_correctness(assignment: torch.Tensor, prediction: torch.Tensor, label: torch.Tensor, ignore_index: int):
