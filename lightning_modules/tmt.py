@@ -4,12 +4,13 @@ Per iteration (``training_step``):
   1. ACTE: the EMA teacher's decoder features of the source and target images are grouped into regions
      (iterative soft clustering over structural + semantic similarity); a region discriminator estimates
      each region's transferability, spread back to a dense map T.
-  2. TMA: the student's encoder attention logits get the bias M = -lambda T per key, in the configured
-     stages; source images are learnt with cross-entropy under their own map.
-     (At inference the map guides the prediction only with ``method.guided_inference``.)
+  2. TMA: the student's encoder attention logits get the bias M = -lambda G per key, in the configured
+     stages, G = T - mu U with U the region's semantic uncertainty (the abstract's "low transferability and
+     high semantic uncertainty"); source images are learnt with cross-entropy under their own map. At
+     inference the map guides the prediction only with ``method.guided_inference``.
   3. DAFormer self-training: teacher pseudo-labels on the target weighted by their confidence quality (zero
      on the pseudo-label crop's border rows), ClassMix of source into target (images, labels and
-     transferability maps alike), colour jitter and blur, weighted cross-entropy on the mixed images; the
+     guidance maps alike), colour jitter and blur, weighted cross-entropy on the mixed images; the
      source images also pull the student's encoder towards the reference encoder on thing classes (FD).
   4. The region discriminator learns source-vs-target on the (detached) region features.
   5. EMA update of the teacher.
@@ -158,11 +159,12 @@ class TMT(SemanticSegmentationModule):
         with the statistics of the batch it sees."""
         batch_size = source_images.shape[0]
         with torch.no_grad():
-            source_teacher = self.teacher(source_images)
+            source_logits, source_features = self.teacher(source_images)
+        target_logits, target_features = target_teacher
         assignment, domain_logits, transferability, _, guidance = self.estimate_transferability(
-            torch.cat([source_teacher[1], target_teacher[1]]),
+            torch.cat([source_features, target_features]),
             torch.cat([source_images, target_images]),
-            torch.cat([source_teacher[0], target_teacher[0]]),
+            torch.cat([source_logits, target_logits]),
         )
         is_source = torch.arange(2 * batch_size, device=guidance.device) < batch_size
         # The discriminator's estimate is detached from the maps.
