@@ -170,14 +170,18 @@ def test_guided_inference_decides_whether_the_map_guides_the_prediction():
     # An untrained discriminator finds every region fully transferable (a uniform bias); this one is confident on
     # some regions and not on others.
     module.discriminator = StandardisedRegionScore()
-    plain = upsample(module.segmenter(images)[0], images.shape[-2:])
+    plain_logits = module.segmenter(images)[0]
+    plain = upsample(plain_logits, images.shape[-2:])
     assert module.method["guided_inference"] is False
     logits, assignment, transferability, dense, guidance = module.guided_forward(images)
     # The plain pass predicts; the map is still estimated for the region metrics and the panels.
     assert torch.equal(logits, plain)
     assert assignment.shape[0] == 2 and transferability.shape == assignment.shape[:2]
-    assert dense.shape[1] == guidance.shape[1] == 1
     assert dense.std() > 0.01
+    # The guidance is T less mu times the region-averaged uncertainty of the plain prediction.
+    uncertainty = region_averaged(assignment, semantic_uncertainty(plain_logits))
+    assert module.method["uncertainty_weight"] > 0 and uncertainty.std() > 0
+    assert torch.allclose(guidance, dense - module.method["uncertainty_weight"] * uncertainty, atol=1e-6)
     module.method["guided_inference"] = True
     guided = module(images)
     assert guided.shape == plain.shape and not torch.allclose(guided, plain, atol=1e-4)
