@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from experiments.run import build_module, execute
 from experiments.run import compose_config as compose_overrides
-from experiments.run import execute
 
 TINY = {
     "semantic": [
@@ -47,6 +48,11 @@ def tiny_overrides(method: str, task: str, run_dir: Path, *overrides: str) -> li
 
 def compose_config(method: str, task: str, run_dir: Path, *overrides: str):
     return compose_overrides(tiny_overrides(method, task, run_dir, *overrides))
+
+
+def method_module(method: str, task: str, *overrides: str, run_dir: Path | str = "unused"):
+    """The LightningModule a tiny ``+method=... +task=...`` run trains, built from the composed config (no run)."""
+    return build_module(OmegaConf.to_container(compose_config(method, task, run_dir, *overrides), resolve=True))
 
 
 def prompted_datamodule_config(target: dict, val: dict, **data) -> dict:

@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules.constants import IGNORE_INDEX as IGN
 from datamodules.datasets.base import read_label
 from datamodules.errors import ConfigError
 from experiments.run import execute
-from lightning_modules.bicl import BiCL
 from lightning_modules.components.losses import pixel_entropy
 from lightning_modules.components.ops import pixels
 from lightning_modules.components.prototypes import (
@@ -37,7 +35,7 @@ from lightning_modules.components.prototypes import (
 )
 from lightning_modules.optim import poly_lr_lambda
 from lightning_modules.panels import panel_size
-from tests.conftest import compose_config, run_ddp
+from tests.conftest import compose_config, method_module, run_ddp
 
 FAST = [
     "data.source.options.length=8",
@@ -187,8 +185,7 @@ def test_union_rule_labels_class_thresholds_or_the_images_own_top_fraction():
 
 def test_offline_static_labels_refuse_more_than_one_round_and_the_wrong_stream(source_ckpt, tmp_path):
     def build(*overrides):
-        cfg = compose_config("bicl", "synth2real", tmp_path, f"method.source_ckpt={source_ckpt}", *overrides)
-        return BiCL(OmegaConf.to_container(cfg, resolve=True))
+        return method_module("bicl", "synth2real", f"method.source_ckpt={source_ckpt}", *overrides, run_dir=tmp_path)
 
     with pytest.raises(ConfigError, match=r"trainer.max_steps=20 is more than one self-training round"):
         build("method.round_steps=10", "trainer.max_steps=20")
@@ -232,10 +229,9 @@ def read_metrics(run_dir):
 
 
 def test_aspp_contrast_features_are_the_concatenated_branch_logits(source_ckpt):
-    cfg = compose_config(
-        "bicl", "synth2real", "unused", f"method.source_ckpt={source_ckpt}", "method.contrast_features=aspp"
-    )
-    module = BiCL(OmegaConf.to_container(cfg, resolve=True)).eval()
+    module = method_module(
+        "bicl", "synth2real", f"method.source_ckpt={source_ckpt}", "method.contrast_features=aspp"
+    ).eval()
     images = torch.randn(2, 3, 32, 64)
     logits, features = module.embed(images)
     segmenter_logits, backbone_features = module.segmenter(images)
@@ -244,7 +240,7 @@ def test_aspp_contrast_features_are_the_concatenated_branch_logits(source_ckpt):
     assert torch.allclose(logits, segmenter_logits, atol=1e-5)
     assert torch.allclose(features, F.normalize(pixels(branches), dim=1), atol=1e-5) and features.shape[1] == 76
     with pytest.raises(ValueError, match="method.contrast_features='pooled'"):
-        BiCL(OmegaConf.to_container(compose_config("bicl", "synth2real", "unused", "method.contrast_features=pooled")))
+        method_module("bicl", "synth2real", "method.contrast_features=pooled")
 
 
 def test_entropy_readings_on_constructed_logits():

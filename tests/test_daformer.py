@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from datamodules.datasets.cityscapes import Cityscapes
@@ -26,7 +25,7 @@ from lightning_modules.components.self_training import (
 )
 from lightning_modules.optim import build_optimizer, poly_lr_lambda
 from lightning_modules.tmt import TMT
-from tests.conftest import compose_config
+from tests.conftest import compose_config, method_module
 
 
 class ClassBlocks(Dataset):
@@ -144,8 +143,7 @@ def test_feature_distance_is_masked_to_thing_cells():
 
 def test_feature_distance_skips_the_reference_pass_only_when_no_cell_is_a_thing():
     """A batch without a thing cell gives the loss and gradient of the full computation (0) without the pass."""
-    cfg = compose_config("tmt", "synth2real", "unused", "method.transferability_guidance=false")
-    module = TMT(OmegaConf.to_container(cfg, resolve=True))
+    module = method_module("tmt", "synth2real", "method.transferability_guidance=false")
     passes = []
     module.reference_encoder.register_forward_hook(lambda *args: passes.append(1))
     images = torch.randn(2, 3, 64, 128)
@@ -241,4 +239,4 @@ def test_tmt_fine_tuning_runs_guided_and_refuses_without_target_labels(run_tiny)
     header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "train/loss_domain" in header and "train/pseudo_quality" not in header
     with pytest.raises(ConfigError, match="tgt_labelled"):
-        TMT(compose_config("tmt_finetune", "synth2real", "unused", "method.streams=[src,tgt]"))
+        method_module("tmt_finetune", "synth2real", "method.streams=[src,tgt]")

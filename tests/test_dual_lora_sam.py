@@ -10,7 +10,6 @@ import torch
 from omegaconf import OmegaConf
 from segment_anything import sam_model_registry
 
-from experiments.run import build_module
 from lightning_modules.components.sam_adaptation import (
     alpha_is_teacher,
     background_representations,
@@ -32,7 +31,7 @@ from lightning_modules.networks.sam_lora import (
     lora_modules,
     merged_sam,
 )
-from tests.conftest import compose_config
+from tests.conftest import compose_config, method_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,8 +93,7 @@ def test_lora_injection_freezes_everything_but_the_branches():
 
 def sam_module(method: str, *overrides: str):
     """The method's module on synth_shapes, built from the composed config (no run)."""
-    cfg = OmegaConf.to_container(compose_config(method, "synth_shapes", Path("unused"), *overrides), resolve=True)
-    return build_module(cfg)
+    return method_module(method, "synth_shapes", *overrides)
 
 
 @pytest.mark.parametrize("method", ["dual_lora_sam", "wesam"])

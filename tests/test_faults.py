@@ -21,7 +21,7 @@ from datamodules.errors import ConfigError, DatasetLayoutError
 from experiments.run import compatible, normalise_overrides, one_line, write_results
 from experiments.run_dir import launch_id
 from lightning_modules.source_only import SourceOnly
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, method_module
 
 pytestmark = pytest.mark.faults
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,11 +127,8 @@ def test_results_json_is_strict_json(tmp_path):
 
 
 def test_an_evaluation_without_labelled_pixels_is_an_error(tmp_path):
-    from omegaconf import OmegaConf
 
-    from experiments.run import build_module
-
-    module = build_module(OmegaConf.to_container(compose_config("source_only", "synth2real", tmp_path), resolve=True))
+    module = method_module("source_only", "synth2real", run_dir=tmp_path)
     module.trainer = SimpleNamespace(sanity_checking=False)
     with pytest.raises(DatasetLayoutError, match="has no pixel labelled with a class of the task"):
         module.log_evaluation("val")

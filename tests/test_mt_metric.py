@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
@@ -34,12 +33,11 @@ from lightning_modules.components.self_training import class_mix_masks
 from lightning_modules.mt_metric import MTMetric, TeacherTargets
 from lightning_modules.networks.heads import MetricHead
 from lightning_modules.panels import panel_size
-from tests.conftest import compose_config, run_ddp
+from tests.conftest import compose_config, method_module, run_ddp
 
 
 def build_module(source_ckpt, *overrides) -> MTMetric:
-    cfg = compose_config("mt_metric", "synth2real", "unused", f"method.source_ckpt={source_ckpt}", *overrides)
-    return MTMetric(OmegaConf.to_container(cfg, resolve=True))
+    return method_module("mt_metric", "synth2real", f"method.source_ckpt={source_ckpt}", *overrides)
 
 
 def test_reliability_weight_is_the_proxy_posterior_of_the_pseudo_class():

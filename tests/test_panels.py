@@ -3,13 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from datamodules.constants import CITYSCAPES_PALETTE, IGNORE_INDEX, SAM_PIXEL_MEAN
-from experiments.run import build_module
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.panels import GAP, HEADER, INSTANCE_COLOURS, OVERLAY_ALPHA, grid
-from tests.conftest import compose_config
+from tests.conftest import method_module
 
 ROAD, CAR = 0, 13
 
@@ -20,8 +18,7 @@ def tile(panel: np.ndarray, row: int, column: int, height: int, width: int) -> n
 
 
 def test_semantic_panel_is_image_truth_prediction_per_row_in_the_cityscapes_palette(tmp_path):
-    cfg = OmegaConf.to_container(compose_config("source_only", "synth2real", tmp_path), resolve=True)
-    module = build_module(cfg).eval()
+    module = method_module("source_only", "synth2real", run_dir=tmp_path).eval()
     mask = torch.full((2, 32, 64), ROAD)
     mask[:, :, 32:] = CAR
     mask[1, :4, :4] = IGNORE_INDEX

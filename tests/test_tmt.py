@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -36,8 +35,7 @@ from lightning_modules.components.transferability import (
 )
 from lightning_modules.networks.segformer import EfficientSelfAttention, build_segformer, load_mit_pretrained
 from lightning_modules.panels import panel_size
-from lightning_modules.tmt import TMT
-from tests.conftest import compose_config, run_ddp
+from tests.conftest import compose_config, method_module, run_ddp
 
 TINY = yaml.safe_load((CONFIG_DIR / "network" / "segformer_tiny.yaml").read_text())
 
@@ -148,8 +146,7 @@ def test_guidance_off_or_zero_strength_gives_the_plain_encoder_logits():
     assert torch.allclose(zero, plain, atol=1e-6) and torch.equal(unguided_stages, plain)
     assert not torch.allclose(guided, plain, atol=1e-4)
 
-    cfg = compose_config("tmt", "synth2real", "unused", "method.transferability_guidance=false")
-    module = TMT(OmegaConf.to_container(cfg, resolve=True)).eval()
+    module = method_module("tmt", "synth2real", "method.transferability_guidance=false").eval()
     assert not hasattr(module, "discriminator")
     assert torch.equal(module(images), upsample(module.segmenter(images)[0], images.shape[-2:]))
     assert module.train().segmenter.training and not module.teacher.training
@@ -166,7 +163,7 @@ class StandardisedRegionScore(torch.nn.Module):
 def test_guided_inference_decides_whether_the_map_guides_the_prediction():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 128)
-    module = TMT(OmegaConf.to_container(compose_config("tmt", "synth2real", "unused"), resolve=True)).eval()
+    module = method_module("tmt", "synth2real").eval()
     # An untrained discriminator finds every region fully transferable (a uniform bias); this one is confident on
     # some regions and not on others.
     module.discriminator = StandardisedRegionScore()
