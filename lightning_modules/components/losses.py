@@ -58,11 +58,18 @@ def iou_prediction_loss(iou_predictions: torch.Tensor, mask_logits: torch.Tensor
     return F.mse_loss(iou_predictions.float(), actual)
 
 
-def pixel_entropy(logits: torch.Tensor, reading: str = "shannon") -> torch.Tensor:
-    """Mean over pixels of the prediction entropy of ``logits`` [B, C, h, w]. ``reading="code"`` is what BiCL's
+def entropy_map(logits: torch.Tensor, reading: str = "shannon") -> torch.Tensor:
+    """The prediction entropy of ``logits`` [B, C, h, w] per pixel, [B, h, w]. ``reading="code"`` is what BiCL's
     public code computes (DASS trainer/damnet_trainer.py ``entropy_loss``): log_softmax applied to the already
     softmaxed probabilities, a confidence term that is not the Shannon entropy."""
     # H(p) = -Σ_c p_c log p_c;  code: -Σ_c p_c log softmax(p)_c, p = softmax(logits)
-    probabilities = logits.float().softmax(1)
-    log_terms = probabilities.log_softmax(1) if reading == "code" else logits.float().log_softmax(1)
-    return -(probabilities * log_terms).sum(1).mean()
+    if reading == "code":
+        probabilities = logits.float().softmax(1)
+        return -(probabilities * probabilities.log_softmax(1)).sum(1)
+    log_probabilities = logits.float().log_softmax(1)
+    return -(log_probabilities.exp() * log_probabilities).sum(1)
+
+
+def pixel_entropy(logits: torch.Tensor, reading: str = "shannon") -> torch.Tensor:
+    """Mean over pixels of ``entropy_map``."""
+    return entropy_map(logits, reading).mean()

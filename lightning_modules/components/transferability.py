@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.components.losses import entropy_map
+
 
 def cell_grid(height: int, width: int, cell_size: int) -> tuple[int, int]:
     return math.ceil(height / cell_size), math.ceil(width / cell_size)
@@ -95,9 +97,7 @@ def transferability_map(assignment: torch.Tensor, transferability: torch.Tensor,
 
 def semantic_uncertainty(logits: torch.Tensor) -> torch.Tensor:
     """U(p) = H(softmax(z_p)) / log K, [B, 1, H, W] in [0, 1]: 1 where the prediction is uniform, 0 where certain."""
-    log_probabilities = logits.float().log_softmax(1)
-    entropy = -(log_probabilities.exp() * log_probabilities).sum(1, keepdim=True)
-    return entropy / math.log(logits.shape[1])
+    return entropy_map(logits).unsqueeze(1) / math.log(logits.shape[1])
 
 
 def region_averaged(assignment: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
