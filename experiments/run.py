@@ -167,19 +167,10 @@ def run_stage(module, stage: str, trainer) -> dict:
 
 
 def execute(cfg) -> dict:
-    import hydra
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from omegaconf import OmegaConf
 
-    from datamodules.build import build_datamodule
-    from experiments.checkpointing import VerifiedCheckpointIO
-    from experiments.console import ValidationLine
-    from experiments.profiling import StepProfiler
-    from experiments.resume import RNGStateCheckpoint
-    from experiments.run_dir import checkpoint_step, is_launching_process, resume_checkpoint
-    from experiments.wandb_run import finish_wandb
-    from lightning_modules.panels import PredictionPanels
+    from experiments.run_dir import claimed, resume_checkpoint
 
     check_compatibility(cfg)
     run_dir = Path(cfg.run_dir)
@@ -187,8 +178,23 @@ def execute(cfg) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if is_launching_process():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    with claimed(run_dir, OmegaConf.to_yaml(resolved), new_run=ckpt_path is None):
+        return run_in(run_dir, cfg, resolved, ckpt_path)
+
+
+def run_in(run_dir: Path, cfg, resolved: dict, ckpt_path: str | None) -> dict:
+    """Train (unless ``train=false``) or run the configured stage, then test; writes into the claimed ``run_dir``."""
+    import hydra
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from datamodules.build import build_datamodule
+    from experiments.checkpointing import VerifiedCheckpointIO
+    from experiments.console import ValidationLine
+    from experiments.profiling import StepProfiler
+    from experiments.resume import RNGStateCheckpoint
+    from experiments.run_dir import checkpoint_step
+    from experiments.wandb_run import finish_wandb
+    from lightning_modules.panels import PredictionPanels
 
     datamodule = build_datamodule(resolved)
     module = apply_performance_options(build_module(resolved), cfg)

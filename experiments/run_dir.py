@@ -5,6 +5,8 @@
   second never share a folder.
 - A directory that already holds a run (its ``config.yaml``) is refused unless the run resumes it
   (``ckpt_path=last``), and a finished run (its ``results.json``) is never resumed into: its results stand.
+- A new run that fails before its first checkpoint (a missing dataset, a bad path) gives its directory back, so the
+  same command runs again once the cause is fixed.
 - On resume the CSV log keeps the rows up to the resumed step and W&B continues the same run id.
 """
 
@@ -14,6 +16,8 @@ import csv
 import hashlib
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,10 +56,7 @@ def resume_checkpoint(run_dir: Path, ckpt_path: str | None, stage: str, train: b
     if ckpt_path is None:
         # A method's own stage (e.g. seco's pseudo-labelling) caches per item and resumes into its directory.
         if holds_run and stage == "train" and is_launching_process():
-            raise ConfigError(
-                f"run_dir {run_dir} already holds a run (config.yaml); resume it with ckpt_path=last, "
-                "or choose a new run_dir"
-            )
+            raise ConfigError(f"run_dir {run_dir} {occupant(run_dir)}")
         return None
     if not train:
         raise ConfigError("train=false evaluates the starting weights; drop ckpt_path or use train=true to resume.")
@@ -64,13 +65,45 @@ def resume_checkpoint(run_dir: Path, ckpt_path: str | None, stage: str, train: b
             f"run_dir {run_dir} holds a finished run (results.json); a resume would rewrite its results: "
             "start a new run_dir instead"
         )
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = last_checkpoint(run_dir) if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise ConfigError(
             f"ckpt_path={ckpt_path}: {path} does not exist; nothing to resume (check run_dir, or drop ckpt_path "
             "to start a new run)"
         )
     return str(path)
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def occupant(run_dir: Path) -> str:
+    """What the run already in ``run_dir`` left there, and what a new launch can do instead."""
+    if (run_dir / "results.json").is_file():
+        return "holds a finished run (results.json); choose a new run_dir"
+    if last_checkpoint(run_dir).is_file():
+        return "already holds a run (config.yaml); resume it with ckpt_path=last, or choose a new run_dir"
+    return (
+        "holds a run that saved no checkpoint yet (config.yaml, no checkpoints/last.ckpt): it is still starting, "
+        "or it was killed before its first validation; choose a new run_dir, or delete this one if that run is gone"
+    )
+
+
+@contextmanager
+def claimed(run_dir: Path, config_yaml: str, new_run: bool) -> Iterator[None]:
+    """Holds ``run_dir`` while the run works in it: its ``config.yaml`` is the claim a second launch is refused on.
+    A new run that fails before its first checkpoint removes the claim again: it has nothing to resume, and the
+    same command (same run_dir) must be able to run once the cause is fixed."""
+    launching = is_launching_process()
+    if launching:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    try:
+        yield
+    except BaseException:
+        if launching and new_run and not last_checkpoint(run_dir).is_file():
+            (run_dir / "config.yaml").unlink(missing_ok=True)
+        raise
 
 
 def checkpoint_step(path: str) -> int:

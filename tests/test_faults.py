@@ -19,7 +19,7 @@ import pytest
 
 from datamodules.errors import ConfigError, DatasetLayoutError
 from experiments.run import compatible, normalise_overrides, one_line, write_results
-from experiments.run_dir import launch_id
+from experiments.run_dir import launch_id, resume_checkpoint
 from lightning_modules.source_only import SourceOnly
 from tests.conftest import TINY, method_module
 
@@ -73,13 +73,37 @@ def test_a_run_dir_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     assert cli(*RUN, f"run_dir={run_dir}").returncode == 0
     before = (run_dir / "results.json").read_text()
-    assert "already holds a run (config.yaml); resume it with ckpt_path=last" in error_line(
-        cli(*RUN, f"run_dir={run_dir}")
-    )
+    assert "holds a finished run (results.json); choose a new run_dir" in error_line(cli(*RUN, f"run_dir={run_dir}"))
     assert "holds a finished run (results.json)" in error_line(cli(*RUN, f"run_dir={run_dir}", "ckpt_path=last"))
     assert (run_dir / "results.json").read_text() == before
     line = error_line(cli(*RUN, f"run_dir={tmp_path / 'typo'}", "ckpt_path=last"))
     assert f"{tmp_path / 'typo' / 'checkpoints' / 'last.ckpt'} does not exist; nothing to resume" in line
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_gives_its_run_dir_back(tmp_path):
+    run_dir, broken = tmp_path / "run", tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    assert "cannot be read" in error_line(cli(*RUN, f"method.source_ckpt={broken}", f"run_dir={run_dir}"))
+    assert not (run_dir / "config.yaml").exists()
+    fixed = cli(*RUN, f"run_dir={run_dir}")  # the same run_dir, the cause fixed
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert (run_dir / "results.json").is_file()
+
+
+def test_a_held_run_dir_is_refused_with_what_its_run_left(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 0\n")  # a run killed before its first validation, or starting
+    with pytest.raises(ConfigError, match="saved no checkpoint yet .* delete this one if that run is gone"):
+        resume_checkpoint(run_dir, None, "train", True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")  # a run stopped after a validation
+    with pytest.raises(ConfigError, match="already holds a run .*; resume it with ckpt_path=last"):
+        resume_checkpoint(run_dir, None, "train", True)
+    assert resume_checkpoint(run_dir, "last", "train", True) == str(run_dir / "checkpoints" / "last.ckpt")
+    (run_dir / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        resume_checkpoint(run_dir, None, "train", True)
+    assert resume_checkpoint(run_dir, None, "pseudo_label", True) is None  # a method's stage resumes its own cache
 
 
 def test_an_unwritable_checkpoint_fails_the_run(tmp_path):
