@@ -170,7 +170,7 @@ def execute(cfg) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
 
-    from experiments.run_dir import claimed, resume_checkpoint
+    from experiments.run_dir import check_resumed_config, claimed, resume_checkpoint
 
     check_compatibility(cfg)
     run_dir = Path(cfg.run_dir)
@@ -178,6 +178,8 @@ def execute(cfg) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if ckpt_path is not None:
+        check_resumed_config(run_dir, resolved)
     with claimed(run_dir, OmegaConf.to_yaml(resolved), new_run=ckpt_path is None):
         return run_in(run_dir, cfg, resolved, ckpt_path)
 

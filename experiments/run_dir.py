@@ -7,6 +7,8 @@
   (``ckpt_path=last``), and a finished run (its ``results.json``) is never resumed into: its results stand.
 - A new run that fails before its first checkpoint (a missing dataset, a bad path) gives its directory back, so the
   same command runs again once the cause is fixed.
+- A resume runs the run's own config: a key that changes what the run computes (the data, the method, the
+  optimiser, the step budget) is refused with the key named; how the run is watched and fed may change.
 - On resume the CSV log keeps the rows up to the resumed step and W&B continues the same run id.
 """
 
@@ -30,6 +32,18 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from datamodules.errors import ConfigError
 
 WANDB_ID_FILE = "wandb_run_id.txt"
+# What a resume may change: how the run is watched and fed, not what it computes.
+RESUME_FREE_KEYS = (
+    "ckpt_path",
+    "debug",
+    "logger",
+    "performance",
+    "run_dir",
+    "data.num_workers",
+    "data.verify",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+)
 
 
 def launch_id() -> str:
@@ -72,6 +86,35 @@ def resume_checkpoint(run_dir: Path, ckpt_path: str | None, stage: str, train: b
             "to start a new run)"
         )
     return str(path)
+
+
+def config_changes(stored: dict, resumed: dict, prefix: str = "") -> Iterator[str]:
+    """``key: old -> new`` for each leaf of two configs that differs, the free keys (RESUME_FREE_KEYS) aside."""
+    for key in sorted(stored.keys() | resumed.keys()):
+        name = f"{prefix}{key}"
+        if name in RESUME_FREE_KEYS:
+            continue
+        old, new = stored.get(key, "<absent>"), resumed.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from config_changes(old, new, f"{name}.")
+        elif old != new:
+            yield f"{name}: {old!r} -> {new!r}"
+
+
+def check_resumed_config(run_dir: Path, resolved: dict) -> None:
+    """A resume continues the run whose ``config.yaml`` lies in ``run_dir``, under that same config."""
+    from omegaconf import OmegaConf
+
+    stored = run_dir / "config.yaml"
+    if not stored.is_file():
+        return
+    changes = list(config_changes(OmegaConf.to_container(OmegaConf.load(stored)), resolved))
+    if changes:
+        shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        raise ConfigError(
+            f"ckpt_path resumes the run in {run_dir} under a different config ({shown}); resume with that run's own "
+            "overrides (its .hydra/overrides.yaml), or start a new run_dir"
+        )
 
 
 def last_checkpoint(run_dir: Path) -> Path:

@@ -16,10 +16,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
 from datamodules.errors import ConfigError, DatasetLayoutError
 from experiments.run import compatible, normalise_overrides, one_line, write_results
-from experiments.run_dir import launch_id, resume_checkpoint
+from experiments.run_dir import check_resumed_config, launch_id, resume_checkpoint
 from lightning_modules.source_only import SourceOnly
 from tests.conftest import TINY, method_module
 
@@ -104,6 +105,31 @@ def test_a_held_run_dir_is_refused_with_what_its_run_left(tmp_path):
     with pytest.raises(ConfigError, match="holds a finished run"):
         resume_checkpoint(run_dir, None, "train", True)
     assert resume_checkpoint(run_dir, None, "pseudo_label", True) is None  # a method's stage resumes its own cache
+
+
+def test_a_resume_runs_its_own_config(tmp_path):
+    config = {
+        "seed": 0,
+        "optim": {"lr": 0.002},
+        "trainer": {"max_steps": 400, "enable_progress_bar": False},
+        "data": {"num_workers": 2, "streams": ["src", "tgt"]},
+        "logger": {"csv": {"enabled": True}},
+    }
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    watched_differently = {
+        **config,
+        "trainer": {"max_steps": 400, "enable_progress_bar": True},
+        "data": {"num_workers": 0, "streams": ["src", "tgt"]},
+        "logger": {},
+        "debug": True,
+    }
+    check_resumed_config(tmp_path, watched_differently)
+    changed = {**config, "optim": {"lr": 0.5}, "data": {"num_workers": 2, "streams": ["src"]}, "seed": 1}
+    expected = r"\(data.streams: \['src', 'tgt'\] -> \['src'\]; optim.lr: 0.002 -> 0.5; seed: 0 -> 1\)"
+    with pytest.raises(ConfigError, match=expected):
+        check_resumed_config(tmp_path, changed)
+    with pytest.raises(ConfigError, match="method: '<absent>' -> "):
+        check_resumed_config(tmp_path, {**config, "method": {"name": "bicl"}})
 
 
 def test_an_unwritable_checkpoint_fails_the_run(tmp_path):

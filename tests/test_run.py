@@ -48,7 +48,10 @@ def test_resume_from_last_checkpoint_continues_to_max_steps(run_tiny):
     _, run_dir = run_tiny("source_only", "synth2real", "trainer.max_steps=2", name="resume")
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 2
-    (run_dir / "results.json").unlink()  # a finished run is never resumed into: this one "was killed" at step 2
+    # A finished run is never resumed into, nor under another config: this one "was killed" at step 2 of 4.
+    (run_dir / "results.json").unlink()
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("max_steps: 2\n", "max_steps: 4\n"))
     results, _ = run_tiny("source_only", "synth2real", "trainer.max_steps=4", "ckpt_path=last", name="resume")
     assert results["global_step"] == 4
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
