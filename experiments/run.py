@@ -33,14 +33,18 @@ def compose_config(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
+# The config groups a run picks from with GROUP=NAME (method and task are required).
+CHOSEN_GROUPS = ("method", "task", "arch", "model", "trainer", "logger")
+
+
 def check_choices(argv: list[str]) -> str | None:
-    """One sentence when +method / +task is missing or unknown (Hydra's own message is a page)."""
-    for group in ("method", "task"):
+    """One sentence when +method / +task is missing or a group's choice is unknown (Hydra's own message is a page)."""
+    for group in CHOSEN_GROUPS:
         values = [a.split("=", 1)[1] for a in argv if a.startswith((f"+{group}=", f"{group}="))]
         choices = ", ".join(available(group))
-        if not values:
+        if not values and group in ("method", "task"):
             return f"Choose a {group} with +{group}=NAME; available: {choices}."
-        if values[-1] not in available(group):
+        if values and values[-1] not in available(group):
             return f"Unknown {group} '{values[-1]}'; available: {choices}."
     return None
 
@@ -282,6 +286,20 @@ def check_types(cfg) -> None:
             raise ConfigError(f"{key}={value!r} must be {type(default).__name__} like its default {default!r}")
 
 
+def check_counts(cfg) -> None:
+    """The counts a run needs at least one of: torch would fail deep in the loader on a batch of 0, and Lightning
+    would train nothing (0 steps) or without end (-1) where ``trainer.max_steps`` is meant."""
+    counts = {"data.batch_size": cfg.data.batch_size}
+    if cfg.train:
+        counts["trainer.max_steps"] = cfg.trainer.max_steps
+    for key, value in counts.items():
+        if value < 1:
+            hint = " (train=false evaluates without training)" if key == "trainer.max_steps" else ""
+            raise ConfigError(f"{key}={value} must be at least 1{hint}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in the main process) or more")
+
+
 def paired_leaves(given: dict, defaults: dict, prefix: str = ""):
     for key, value in given.items():
         if key not in defaults or key == "hydra":
@@ -321,6 +339,7 @@ def job(cfg) -> dict:
     silence_known_noise()
     try:
         check_types(cfg)
+        check_counts(cfg)
         # Console log lines are written above the progress bars rather than through them.
         with logging_redirect_tqdm():
             return execute(cfg)

@@ -19,7 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from datamodules.errors import ConfigError, DatasetLayoutError
-from experiments.run import compatible, normalise_overrides, one_line, write_results
+from experiments.run import check_counts, compatible, normalise_overrides, one_line, write_results
 from experiments.run_dir import check_resumed_config, launch_id, resume_checkpoint
 from lightning_modules.source_only import SourceOnly
 from tests.conftest import TINY, method_module
@@ -152,6 +152,25 @@ def test_a_bad_value_or_checkpoint_is_one_sentence(tmp_path):
     )
     debug = cli(*RUN, f"method.source_ckpt={broken}", f"run_dir={tmp_path / 'c'}", "debug=true")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_count_below_what_a_run_needs_is_one_sentence(tmp_path):
+    assert "data.batch_size=0 must be at least 1" in error_line(cli(*RUN, "data.batch_size=0", f"run_dir={tmp_path}"))
+
+    def config(train=True, batch_size=4, max_steps=2, num_workers=0):
+        return OmegaConf.create(
+            {"train": train, "data": {"batch_size": batch_size, "num_workers": num_workers},
+             "trainer": {"max_steps": max_steps}}
+        )  # fmt: skip
+
+    with pytest.raises(ConfigError, match=r"trainer.max_steps=0 must be at least 1 \(train=false evaluates"):
+        check_counts(config(max_steps=0))
+    with pytest.raises(ConfigError, match="trainer.max_steps=-1 must be at least 1"):
+        check_counts(config(max_steps=-1))
+    with pytest.raises(ConfigError, match="data.num_workers=-1 must be 0"):
+        check_counts(config(num_workers=-1))
+    check_counts(config(train=False, max_steps=0))  # evaluation only: the step budget is not used
+    check_counts(config())
 
 
 def test_config_values_keep_their_types():

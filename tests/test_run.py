@@ -73,6 +73,10 @@ def test_missing_or_unknown_choice_is_one_sentence():
     assert message.startswith("Unknown method 'nope'; available: ") and "source_only" in message
     assert "Unknown task 'mars'" in check_choices(["+method=source_only", "+task=mars"])
     assert check_choices(["+method=source_only", "+task=synth2real"]) is None
+    chosen = ["+method=source_only", "+task=synth2real"]
+    assert check_choices([*chosen, "model=huge"]) == "Unknown model 'huge'; available: paper, tiny."
+    assert check_choices([*chosen, "arch=vit"]).startswith("Unknown arch 'vit'; available: deeplabv2, sam")
+    assert check_choices([*chosen, "arch=segformer", "model=tiny", "logger=csv", "model.sam_checkpoint=x"]) is None
     assert normalise_overrides(["+model=tiny", "+task=x"]) == ["model=tiny", "+task=x"]
 
 
