@@ -779,8 +779,20 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.tasks) - set(available)
     if unknown:
         raise SystemExit(f"no benchmark protocol for {sorted(unknown)}; available: {', '.join(available)}")
-    args.out.mkdir(parents=True, exist_ok=True)
     methods = set(args.methods) if args.methods else None
+    benchmarked = {
+        name
+        for task in args.tasks
+        for row in available[task].rows
+        if row.role == "method"
+        for name in (row.name.split(" ")[0], *row.baseline_for)
+    }
+    if methods and not methods <= benchmarked:
+        raise SystemExit(
+            f"no row of {sorted(methods - benchmarked)} in the tasks {args.tasks}; their methods: "
+            f"{', '.join(sorted(benchmarked))}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     progress = Progress(len(seeds) * sum(len(selected_rows(available[t], methods, args.ablations)) for t in args.tasks))
     reports, csv_rows, plots = [], [], []

@@ -124,6 +124,15 @@ def test_no_seed_to_run_is_an_error_that_names_the_flags(capsys):
         assert "expected --seeds >= 1 and --first-seed >= 0" in capsys.readouterr().err
 
 
+def test_a_method_without_rows_in_the_tasks_is_an_error_before_anything_runs(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"no row of \['wesam'\] in the tasks \['synth2real'\]; their methods: bicl"):
+        benchmark.main(["--tasks", "synth2real", "--methods", "wesam", "tmt", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"no row of \['tmtt'\]"):
+        benchmark.main(["--methods", "tmtt", "--out", str(out)])
+    assert not out.exists()
+
+
 def test_the_benchmark_draws_its_rows_seed_spread_and_per_class_iou(monkeypatch, tmp_path):
     """benchmark.png from constructed rows: bars, the source-only / oracle lines and the per-class heat map."""
     protocol = protocols(600, 400)["synth2real"]
