@@ -7,6 +7,7 @@ Composes the Hydra config, refuses an incompatible method x task pair in one sen
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -38,15 +39,46 @@ CHOSEN_GROUPS = ("method", "task", "arch", "model", "trainer", "logger")
 
 
 def check_choices(argv: list[str]) -> str | None:
-    """One sentence when +method / +task is missing or a group's choice is unknown (Hydra's own message is a page)."""
+    """One sentence when +method / +task is missing or a group's choice is unknown (Hydra's own message is a page).
+    A multirun's comma list is checked item by item."""
     for group in CHOSEN_GROUPS:
         values = [a.split("=", 1)[1] for a in argv if a.startswith((f"+{group}=", f"{group}="))]
         choices = ", ".join(available(group))
         if not values and group in ("method", "task"):
             return f"Choose a {group} with +{group}=NAME; available: {choices}."
-        if values and values[-1] not in available(group):
-            return f"Unknown {group} '{values[-1]}'; available: {choices}."
+        unknown = [v for v in values[-1].split(",") if v not in available(group)] if values else []
+        if unknown and "(" not in values[-1]:
+            return f"Unknown {group} '{unknown[0]}'; available: {choices}."
     return None
+
+
+def check_keys(argv: list[str]) -> str | None:
+    """One sentence for a ``key=value`` whose key the composed config lacks, with the nearest keys. Hydra's own
+    message suggests ``+key=value``, which would add a key that nothing reads."""
+    from omegaconf import OmegaConf
+
+    assignments = [a.split("=", 1)[0] for a in argv if "=" in a and not a.startswith(("+", "~", "-", "hydra."))]
+    keys = [k for k in assignments if k not in CHOSEN_GROUPS and "/" not in k and "@" not in k]
+    if not keys or any(a in ("-m", "--multirun") for a in argv):
+        return None
+    choices = [a for a in argv if a.startswith("+") or a.split("=", 1)[0] in CHOSEN_GROUPS]
+    cfg = compose_config(choices)
+    for key in keys:
+        if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
+            known = [name for name, _ in config_leaves(OmegaConf.to_container(cfg))]
+            nearest = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+            hint = f"; did you mean {' or '.join(nearest)}?" if nearest else " (+key=value adds a new key)."
+            return f"Unknown config key '{key}'{hint}"
+    return None
+
+
+def config_leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every leaf of a config tree."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from config_leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def normalise_overrides(argv: list[str]) -> list[str]:
@@ -300,15 +332,12 @@ def check_counts(cfg) -> None:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in the main process) or more")
 
 
-def paired_leaves(given: dict, defaults: dict, prefix: str = ""):
-    for key, value in given.items():
-        if key not in defaults or key == "hydra":
-            continue
-        default = defaults[key]
-        if isinstance(value, dict) and isinstance(default, dict):
-            yield from paired_leaves(value, default, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value, default
+def paired_leaves(given: dict, defaults: dict):
+    """(key, given value, default) of every leaf both configs hold, Hydra's own settings aside."""
+    default_leaves = dict(config_leaves(defaults))
+    for key, value in config_leaves(given):
+        if key in default_leaves and not key.startswith("hydra."):
+            yield key, value, default_leaves[key]
 
 
 def compatible(value, default) -> bool:
@@ -353,7 +382,7 @@ def job(cfg) -> dict:
 def main() -> None:
     argv = normalise_overrides(sys.argv[1:])
     if not any(a.startswith(("--help", "-h", "--cfg", "-c", "--info")) for a in argv):
-        problem = check_choices(argv)
+        problem = check_choices(argv) or check_keys(argv)
         if problem:
             print(problem, file=sys.stderr)
             raise SystemExit(2)

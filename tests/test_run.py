@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from experiments.run import check_choices, normalise_overrides
+from experiments.run import check_choices, check_keys, normalise_overrides
 
 
 def test_source_only_trains_and_writes_its_run_directory(run_tiny):
@@ -77,6 +77,19 @@ def test_missing_or_unknown_choice_is_one_sentence():
     assert check_choices([*chosen, "model=huge"]) == "Unknown model 'huge'; available: paper, tiny."
     assert check_choices([*chosen, "arch=vit"]).startswith("Unknown arch 'vit'; available: deeplabv2, sam")
     assert check_choices([*chosen, "arch=segformer", "model=tiny", "logger=csv", "model.sam_checkpoint=x"]) is None
+    assert check_choices(["-m", "+method=source_only,tmt", "+task=synth2real"]) is None  # a multirun's list
+    assert check_choices(["-m", "+method=source_only,tmtt", "+task=synth2real"]).startswith("Unknown method 'tmtt'")
+
+
+def test_an_unknown_config_key_is_one_sentence_with_the_nearest_keys():
+    """Hydra's own message suggests +key=value, which would add a key nothing reads."""
+    chosen = ["+method=tmt", "+task=synth2real"]
+    typo = check_keys([*chosen, "method.settting=uda"])
+    assert typo == "Unknown config key 'method.settting'; did you mean method.setting?"
+    assert check_keys([*chosen, "trainer.max_step=3"]).endswith("did you mean trainer.max_steps?")
+    assert check_keys([*chosen, "foo=1"]) == "Unknown config key 'foo' (+key=value adds a new key)."
+    known = ["method.attention_strength=2", "data.target.options.domain=diverse", "model=tiny", "+method.extra=1"]
+    assert check_keys([*chosen, *known, "hydra.run.dir=/x", "trainer.max_steps=3"]) is None
     assert normalise_overrides(["+model=tiny", "+task=x"]) == ["model=tiny", "+task=x"]
 
 
