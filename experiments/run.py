@@ -62,11 +62,12 @@ def check_keys(argv: list[str]) -> str | None:
     if not keys or any(a in ("-m", "--multirun") for a in argv):
         return None
     choices = [a for a in argv if a.startswith("+") or a.split("=", 1)[0] in CHOSEN_GROUPS]
-    cfg = compose_config(choices)
+    tree = OmegaConf.to_container(compose_config(choices), resolve=False)  # a default may name Hydra's runtime
+    leaves = [name for name, _ in config_leaves(tree)]
+    paths = {".".join(name.split(".")[:depth]) for name in leaves for depth in range(1, name.count(".") + 2)}
     for key in keys:
-        if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
-            known = [name for name, _ in config_leaves(OmegaConf.to_container(cfg))]
-            nearest = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+        if key not in paths:
+            nearest = difflib.get_close_matches(key, leaves, n=3, cutoff=0.75)
             hint = f"; did you mean {' or '.join(nearest)}?" if nearest else " (+key=value adds a new key)."
             return f"Unknown config key '{key}'{hint}"
     return None
@@ -75,7 +76,7 @@ def check_keys(argv: list[str]) -> str | None:
 def config_leaves(tree: dict, prefix: str = ""):
     """(dotted key, value) of every leaf of a config tree."""
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             yield from config_leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value

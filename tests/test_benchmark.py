@@ -19,7 +19,7 @@ from experiments.benchmark import (
     task_plot,
     with_task,
 )
-from experiments.run import available, compose_config
+from experiments.run import available, check_keys, compose_config
 from lightning_modules.networks.sam import build_configured_sam, build_sam, save_sam_checkpoint
 
 
@@ -87,6 +87,7 @@ def test_every_benchmark_command_composes_including_the_ablation_rows():
             overrides = with_task(command, protocol.task, placeholders)
             cfg = compose_config([*overrides, "run_dir=x"])
             assert cfg.method.name == overrides[0].split("=", 1)[1]
+            assert check_keys(overrides) is None  # the launcher's key check accepts what Hydra composes
 
 
 def test_seco_reads_the_region_sam_the_benchmark_trains(tmp_path):

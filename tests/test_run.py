@@ -90,6 +90,8 @@ def test_an_unknown_config_key_is_one_sentence_with_the_nearest_keys():
     assert check_keys([*chosen, "foo=1"]) == "Unknown config key 'foo' (+key=value adds a new key)."
     known = ["method.attention_strength=2", "data.target.options.domain=diverse", "model=tiny", "+method.extra=1"]
     assert check_keys([*chosen, *known, "hydra.run.dir=/x", "trainer.max_steps=3"]) is None
+    # bicl's label_dir defaults to a path under Hydra's runtime output directory, unknown outside hydra.main
+    assert check_keys(["+method=bicl", "+task=synth2real", "method.label_dir=/labels"]) is None
     assert normalise_overrides(["+model=tiny", "+task=x"]) == ["model=tiny", "+task=x"]
 
 
