@@ -21,6 +21,18 @@ from pathlib import Path
 from experiments.plots import PlotRow, TaskPlot, plot_tasks
 
 
+def read_results(file: Path) -> dict:
+    """One run's results.json; a file that is not one (cut short, edited, another tool's) is named."""
+    try:
+        row = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"{file} is not valid JSON ({error}); re-run that run or move the file away") from None
+    missing = [key for key in ("method", "task", "metrics") if key not in row]
+    if missing:
+        raise SystemExit(f"{file} lacks {', '.join(missing)}; expected the results.json an experiments.run writes")
+    return row
+
+
 def load_results(paths: list[str]) -> list[dict]:
     results = []
     for path in map(Path, paths):
@@ -28,7 +40,7 @@ def load_results(paths: list[str]) -> list[dict]:
             raise SystemExit(f"{path} does not exist; expected a run directory or a folder of run directories")
         files = [path] if path.is_file() else sorted(path.rglob("results.json"))
         for file in files:
-            row = json.loads(file.read_text())
+            row = read_results(file)
             row["name"] = row["method"] if row.get("trained", True) else f"{row['method']} (unadapted)"
             results.append(row)
     if not results:

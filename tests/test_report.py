@@ -73,6 +73,17 @@ def test_missing_directory_and_empty_directory_are_named(tmp_path):
         report.main([str(tmp_path)])
 
 
+def test_a_results_file_that_is_not_a_runs_is_named(tmp_path):
+    cut_short = tmp_path / "cut" / "results.json"
+    cut_short.parent.mkdir()
+    cut_short.write_text('{"method": "bicl", "metr')
+    with pytest.raises(SystemExit, match=f"{cut_short} is not valid JSON .*; re-run that run or move the file away"):
+        report.load_results([str(cut_short.parent)])
+    cut_short.write_text('{"method": "bicl"}')
+    with pytest.raises(SystemExit, match=f"{cut_short} lacks task, metrics; expected the results.json an"):
+        report.load_results([str(tmp_path)])
+
+
 def test_plot_draws_the_tables_next_to_the_runs(tmp_path, capsys):
     for method, miou in (("source_only", 40.0), ("bicl", 50.0), ("oracle", 80.0)):
         for seed in (0, 1):
