@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from datamodules.errors import CheckpointError, ConfigError, DatasetLayoutError
+from datamodules.errors import CheckpointError, ConfigError, DatasetLayoutError, require_choice
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("experiments.run")
@@ -117,6 +117,10 @@ def check_compatibility(cfg) -> None:
         )
 
 
+# The modes wandb.Settings accepts.
+WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
+
+
 def build_loggers(cfg, resolved: dict, run_dir: Path, resume_step: int | None) -> list:
     from experiments.run_dir import ResumingCSVLogger
     from experiments.wandb_run import build_wandb_logger
@@ -125,6 +129,7 @@ def build_loggers(cfg, resolved: dict, run_dir: Path, resume_step: int | None) -
     if cfg.logger.wandb.enabled:
         chosen = cfg.logger.wandb.mode or os.environ.get("WANDB_MODE")
         mode = chosen or ("online" if wandb_api_key() else "offline")
+        require_choice("logger.wandb.mode (or WANDB_MODE)", mode, WANDB_MODES)
         reason = "as chosen" if chosen else "no API key found"
         loggers.append(build_wandb_logger(cfg, resolved, run_dir, mode, resume_step, reason))
     if cfg.logger.csv.enabled:
@@ -149,6 +154,17 @@ def build_module(cfg: dict):
     except InstantiationException as error:
         # Hydra wraps what the constructor raised; the original names the bad key or file.
         raise (error.__cause__ or error) from None
+
+
+def build_trainer(trainer_cfg, **arguments):
+    """Lightning's Trainer from ``trainer.*``; a value it refuses (a precision, an accelerator) is one sentence."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(trainer_cfg, **arguments)
+    except InstantiationException as error:
+        raise ConfigError(f"trainer.*: Lightning's Trainer refused it: {error.__cause__ or error}") from None
 
 
 def training_on_gpu(cfg) -> bool:
@@ -223,7 +239,6 @@ def execute(cfg) -> dict:
 
 def run_in(run_dir: Path, cfg, resolved: dict, ckpt_path: str | None) -> dict:
     """Train (unless ``train=false``) or run the configured stage, then test; writes into the claimed ``run_dir``."""
-    import hydra
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from datamodules.build import build_datamodule
@@ -254,7 +269,7 @@ def run_in(run_dir: Path, cfg, resolved: dict, ckpt_path: str | None) -> dict:
     callbacks = [best, last, LearningRateMonitor("step"), profiler, ValidationLine(), RNGStateCheckpoint()]
     if cfg.logger.panels.enabled:
         callbacks.append(PredictionPanels(run_dir / "predictions", cfg.logger.panels.images))
-    trainer = hydra.utils.instantiate(
+    trainer = build_trainer(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision),
         enable_progress_bar=resolve_progress_bar(cfg.trainer.enable_progress_bar),
@@ -331,6 +346,11 @@ def check_counts(cfg) -> None:
             raise ConfigError(f"{key}={value} must be at least 1{hint}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be 0 (load in the main process) or more")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed} must be in [0, 2**32), the seeds numpy accepts")
+    crop = cfg.data.get("crop_size")
+    if crop is not None and (len(crop) != 2 or min(crop) < 1):
+        raise ConfigError(f"data.crop_size={list(crop)} must be [height, width], each at least 1, or null")
 
 
 def paired_leaves(given: dict, defaults: dict):

@@ -157,10 +157,10 @@ def test_a_bad_value_or_checkpoint_is_one_sentence(tmp_path):
 def test_a_count_below_what_a_run_needs_is_one_sentence(tmp_path):
     assert "data.batch_size=0 must be at least 1" in error_line(cli(*RUN, "data.batch_size=0", f"run_dir={tmp_path}"))
 
-    def config(train=True, batch_size=4, max_steps=2, num_workers=0):
+    def config(train=True, batch_size=4, max_steps=2, num_workers=0, seed=0, crop_size=None):
         return OmegaConf.create(
-            {"train": train, "data": {"batch_size": batch_size, "num_workers": num_workers},
-             "trainer": {"max_steps": max_steps}}
+            {"train": train, "seed": seed, "trainer": {"max_steps": max_steps},
+             "data": {"batch_size": batch_size, "num_workers": num_workers, "crop_size": crop_size}}
         )  # fmt: skip
 
     with pytest.raises(ConfigError, match=r"trainer.max_steps=0 must be at least 1 \(train=false evaluates"):
@@ -169,8 +169,21 @@ def test_a_count_below_what_a_run_needs_is_one_sentence(tmp_path):
         check_counts(config(max_steps=-1))
     with pytest.raises(ConfigError, match="data.num_workers=-1 must be 0"):
         check_counts(config(num_workers=-1))
+    with pytest.raises(ConfigError, match=r"seed=-1 must be in \[0, 2\*\*32\)"):
+        check_counts(config(seed=-1))
+    with pytest.raises(ConfigError, match=r"data.crop_size=\[0, 512\] must be \[height, width\], each at least 1"):
+        check_counts(config(crop_size=[0, 512]))
     check_counts(config(train=False, max_steps=0))  # evaluation only: the step budget is not used
+    check_counts(config(crop_size=[512, 512]))
     check_counts(config())
+
+
+def test_what_lightning_or_wandb_refuse_is_one_sentence(tmp_path):
+    precision = error_line(cli(*RUN, "trainer.precision=fp7", f"run_dir={tmp_path / 'a'}"))
+    assert "trainer.*: Lightning's Trainer refused it: Precision 'fp7' is invalid. Allowed precision" in precision
+    wandb = ("logger.wandb.enabled=true", "logger.wandb.mode=bogus")
+    wandb_mode = error_line(cli(*RUN, *wandb, f"run_dir={tmp_path / 'b'}"))
+    assert "logger.wandb.mode (or WANDB_MODE)='bogus'; expected one of ('online', 'offline'" in wandb_mode
 
 
 def test_config_values_keep_their_types():
