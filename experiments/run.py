@@ -340,6 +340,8 @@ def check_counts(cfg) -> None:
     counts = {"data.batch_size": cfg.data.batch_size}
     if cfg.train:
         counts["trainer.max_steps"] = cfg.trainer.max_steps
+    if cfg.task.kind == "prompted":
+        counts["data.max_instances"] = cfg.data.max_instances
     for key, value in counts.items():
         if value < 1:
             hint = " (train=false evaluates without training)" if key == "trainer.max_steps" else ""

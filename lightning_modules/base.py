@@ -24,10 +24,11 @@ from datamodules.constants import (
     SAM_PIXEL_MEAN,
     SAM_PIXEL_STD,
 )
-from datamodules.errors import DatasetLayoutError
+from datamodules.errors import ConfigError, DatasetLayoutError
 from lightning_modules.components.ops import unpadded, upsample
 from lightning_modules.metrics import instance_iou, mean_iou, per_class_iou
 from lightning_modules.networks.factory import build_network, load_segmenter_weights
+from lightning_modules.networks.sam import PROMPT_KINDS
 from lightning_modules.optim import build_optimizer
 from lightning_modules.panels import colourised, denormalised, instance_overlay, prompted_views
 from lightning_modules.teachers import labelling_mode
@@ -155,6 +156,8 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
         self.save_hyperparameters(cfg)
         self.method = self.hparams["method"]
         self.prompt_kinds = list(cfg["task"]["prompt_kinds"])
+        if not self.prompt_kinds or not set(self.prompt_kinds) <= set(PROMPT_KINDS):
+            raise ConfigError(f"task.prompt_kinds={self.prompt_kinds}; expected one or more of {PROMPT_KINDS}")
         self.logit_threshold = cfg["task"]["logit_threshold"]
         self.prompt_iou = torch.nn.ModuleDict({kind: MeanMetric() for kind in self.prompt_kinds})
 

@@ -157,10 +157,11 @@ def test_a_bad_value_or_checkpoint_is_one_sentence(tmp_path):
 def test_a_count_below_what_a_run_needs_is_one_sentence(tmp_path):
     assert "data.batch_size=0 must be at least 1" in error_line(cli(*RUN, "data.batch_size=0", f"run_dir={tmp_path}"))
 
-    def config(train=True, batch_size=4, max_steps=2, num_workers=0, seed=0, crop_size=None):
+    def config(train=True, batch_size=4, max_steps=2, num_workers=0, seed=0, crop_size=None, max_instances=40):
         return OmegaConf.create(
-            {"train": train, "seed": seed, "trainer": {"max_steps": max_steps},
-             "data": {"batch_size": batch_size, "num_workers": num_workers, "crop_size": crop_size}}
+            {"train": train, "seed": seed, "trainer": {"max_steps": max_steps}, "task": {"kind": "prompted"},
+             "data": {"batch_size": batch_size, "num_workers": num_workers, "crop_size": crop_size,
+                      "max_instances": max_instances}}
         )  # fmt: skip
 
     with pytest.raises(ConfigError, match=r"trainer.max_steps=0 must be at least 1 \(train=false evaluates"):
@@ -173,6 +174,8 @@ def test_a_count_below_what_a_run_needs_is_one_sentence(tmp_path):
         check_counts(config(seed=-1))
     with pytest.raises(ConfigError, match=r"data.crop_size=\[0, 512\] must be \[height, width\], each at least 1"):
         check_counts(config(crop_size=[0, 512]))
+    with pytest.raises(ConfigError, match="data.max_instances=0 must be at least 1"):
+        check_counts(config(max_instances=0))
     check_counts(config(train=False, max_steps=0))  # evaluation only: the step budget is not used
     check_counts(config(crop_size=[512, 512]))
     check_counts(config())

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
-from datamodules.errors import CheckpointError
+from datamodules.errors import CheckpointError, ConfigError
 from experiments.run import CONFIG_DIR
 from lightning_modules.components.ops import upsample
 from lightning_modules.components.self_training import (
@@ -323,3 +323,9 @@ def test_tmt_two_process_ddp_run(tmp_path):
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "val/transferability_correct_regions" in header
     assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("teacher."))
+
+
+def test_a_guided_stage_the_encoder_lacks_is_refused():
+    """Stage 7 of a 4-stage MiT would guide nothing, silently."""
+    with pytest.raises(ConfigError, match=r"method.guided_stages=\[2, 7\]; the encoder's stages are \[0, 1, 2, 3\]"):
+        method_module("tmt", "synth2real", "method.guided_stages=[2,7]")

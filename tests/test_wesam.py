@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules.datasets.synth_shapes import SyntheticShapes
+from datamodules.errors import ConfigError
 from datamodules.loading import item_seeds
 from datamodules.prompted import PromptedDataset, PromptedTransform, wesam_strong_transform
 from datamodules.prompts import derive_prompts, masks_to_boxes
@@ -19,7 +20,7 @@ from lightning_modules.components.sam_adaptation import anchor_loss, pseudo_mask
 from lightning_modules.metrics import instance_iou
 from lightning_modules.networks.sam import build_configured_sam, save_sam_checkpoint
 from lightning_modules.optim import build_optimizer
-from tests.conftest import compose_config
+from tests.conftest import compose_config, method_module
 
 
 def test_strong_view_is_the_wesam_ops_applied_to_the_flipped_weak_view():
@@ -134,3 +135,11 @@ def test_wesam_adapts_a_sam_checkpoint_on_the_real_camo_layout(run_tiny, tmp_pat
     )
     assert results["trained"] and set(results["metrics"]) == {"box", "avg"} and 0 <= results["metrics"]["box"] <= 100
     assert (run_dir / "sam.pth").is_file()
+
+
+def test_prompt_kinds_outside_box_point_poly_are_refused_when_the_module_is_built():
+    for kinds in ("[]", "[box,boxes]"):
+        with pytest.raises(
+            ConfigError, match=r"task.prompt_kinds=.*; expected one or more of \('box', 'point', 'poly'\)"
+        ):
+            method_module("wesam", "synth_polyp", f"task.prompt_kinds={kinds}")
