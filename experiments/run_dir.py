@@ -88,17 +88,15 @@ def resume_checkpoint(run_dir: Path, ckpt_path: str | None, stage: str, train: b
     return str(path)
 
 
-def config_changes(stored: dict, resumed: dict, prefix: str = "") -> Iterator[str]:
+def config_changes(stored: dict, resumed: dict) -> Iterator[str]:
     """``key: old -> new`` for each leaf of two configs that differs, the free keys (RESUME_FREE_KEYS) aside."""
-    for key in sorted(stored.keys() | resumed.keys()):
-        name = f"{prefix}{key}"
-        if name in RESUME_FREE_KEYS:
-            continue
-        old, new = stored.get(key, "<absent>"), resumed.get(key, "<absent>")
-        if isinstance(old, dict) and isinstance(new, dict):
-            yield from config_changes(old, new, f"{name}.")
-        elif old != new:
-            yield f"{name}: {old!r} -> {new!r}"
+    from experiments.run import config_leaves
+
+    old, new = dict(config_leaves(stored)), dict(config_leaves(resumed))
+    for key in sorted(old.keys() | new.keys()):
+        free = any(key == name or key.startswith(f"{name}.") for name in RESUME_FREE_KEYS)
+        if not free and old.get(key, "<absent>") != new.get(key, "<absent>"):
+            yield f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
 
 
 def check_resumed_config(run_dir: Path, resolved: dict) -> None:
