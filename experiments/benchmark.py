@@ -403,14 +403,18 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
     return run_dir
 
 
+def row_methods(row: Row) -> set[str]:
+    """The ``--methods`` names that select a method row: its method (the first word of its name) and the methods
+    whose claim it is the baseline of."""
+    return {row.name.split(" ")[0], *row.baseline_for}
+
+
 def selected_rows(protocol: Protocol, methods: set[str] | None, ablations: bool) -> list[Row]:
     """The chosen method rows (every one when ``methods`` is None) and the baselines of their networks."""
     selected = [
         r
         for r in protocol.rows
-        if r.role == "method"
-        and (ablations or not r.ablation)
-        and (methods is None or r.name.split(" ")[0] in methods or methods & set(r.baseline_for))
+        if r.role == "method" and (ablations or not r.ablation) and (methods is None or methods & row_methods(r))
     ]
     networks = {r.network for r in selected}
     return [r for r in protocol.rows if r in selected or r.role != "method" and r.network in networks]
@@ -780,13 +784,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"no benchmark protocol for {sorted(unknown)}; available: {', '.join(available)}")
     methods = set(args.methods) if args.methods else None
-    benchmarked = {
-        name
-        for task in args.tasks
-        for row in available[task].rows
-        if row.role == "method"
-        for name in (row.name.split(" ")[0], *row.baseline_for)
-    }
+    benchmarked = set().union(*(row_methods(r) for t in args.tasks for r in available[t].rows if r.role == "method"))
     if methods and not methods <= benchmarked:
         raise SystemExit(
             f"no row of {sorted(methods - benchmarked)} in the tasks {args.tasks}; their methods: "
