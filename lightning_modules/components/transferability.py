@@ -112,8 +112,8 @@ def guidance_map(transferability: torch.Tensor, uncertainty: torch.Tensor, uncer
 
 
 def transferability_attention_bias(guidance: torch.Tensor, strength: float) -> torch.Tensor:
-    """TMA: M = -lambda * G (G = T without the uncertainty term), added to QK^T / sqrt(d) for each key, so keys of
-    low transferability (and high uncertainty) gain attention."""
+    """TMA: M = -lambda * G (G = T when mu = 0), added to QK^T / sqrt(d) for each key, so keys of low
+    transferability (and high uncertainty) gain attention."""
     return -strength * guidance
 
 
