@@ -8,7 +8,9 @@ Per step (the paper's method box):
    image by default (f and sim are per feature map in the paper), so each step both branches learn.
 5. Direct alignment (student on the strong view learns the teacher's masks), reverse distillation (the
    teacher's representation is pushed from the student's), triplet loss (student foreground near the
-   teacher's foreground, far from its background); each switchable for the ablation table.
+   teacher's foreground, far from its background); each switchable for the ablation table. Under all three,
+   WeSAM's regularisers hold both roles to gamma (``method.anchor_regularisation``): with them, the direct
+   alignment is WeSAM's self-training with its fixed teacher replaced by the image's Teacher branch.
 6. The branch with the better performance is the target model, saved merged as a plain SAM checkpoint. With no
    target labels, performance is SAM's own estimate: its IoU head's prediction, averaged over recent steps.
 
@@ -30,11 +32,13 @@ from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     LOSS_SCALINGS,
     alpha_is_teacher,
+    anchor_loss,
     background_representations,
     branch_similarity,
-    direct_alignment_loss,
     foreground_representations,
+    instance_contrastive_loss,
     reverse_distillation_loss,
+    self_training_loss,
     triplet_loss,
     valid_region,
 )
@@ -68,6 +72,12 @@ class DualLoRASAM(PromptedSegmentationModule):
         require_choice("method.loss_scaling", method["loss_scaling"], LOSS_SCALINGS)
         require_choice("method.roles", method["roles"], ROLES)
         require_choice("method.selection", method["selection"], SELECTIONS)
+        if not any(method[term] for term in ("direct_alignment", "reverse_distillation", "triplet")):
+            # WeSAM's regularisers alone would only hold both branches at gamma
+            raise ConfigError(
+                "method.direct_alignment, method.reverse_distillation and method.triplet are all false; "
+                "enable at least one loss"
+            )
         if lora["placement"] == "output":
             inject_output_lora(self.sam, list(BRANCHES), lora["rank"], lora["alpha"], method["perturbation"])
         else:
@@ -128,6 +138,78 @@ class DualLoRASAM(PromptedSegmentationModule):
             return all_reduce_sum(sims.sum(1))[:, None].expand(-1, images)
         return sims.new_zeros(len(BRANCHES), images).index_add_(1, image, sims)
 
+    @property
+    def needs_student_masks(self) -> bool:
+        return self.method["direct_alignment"] or self.method["anchor_regularisation"]
+
+    def student_masks(self, strong: torch.Tensor, targets: list, teacher_of: list) -> dict:
+        """{image index: {kind: (mask logits, IoU predictions)}} of each image's Student on the strong view, one
+        pass per branch."""
+        by_image = {}
+        for student in BRANCHES:
+            taught = [i for i, teacher in enumerate(teacher_of) if teacher != student]
+            if not taught:
+                continue
+            _, masks = segment(
+                self.sam, student, strong[taught], [targets[i] for i in taught], self.prompt_kinds, self.poly_as
+            )
+            for j, i in enumerate(taught):
+                by_image[i] = {kind: masks[kind][j] for kind in self.prompt_kinds}
+        return by_image
+
+    def direct_alignment(self, student_masks: dict, masks: dict, teacher_of: list, targets: list) -> torch.Tensor:
+        """L_da: WeSAM's self-training loss of each image's Student (strong view) against its Teacher's binarised
+        weak-view masks, averaged over the images and prompt kinds."""
+        method = self.method
+        return torch.stack(
+            [
+                self_training_loss(
+                    valid_region(student_masks[i][kind][0], target),
+                    valid_region(masks[teacher_of[i]][kind][i][0], target),
+                    student_masks[i][kind][1][:, 0],
+                    method["focal_weight"],
+                    method["dice_weight"],
+                    method["iou_weight"],
+                    method["loss_scaling"],
+                )
+                for kind in self.prompt_kinds
+                for i, target in enumerate(targets)
+            ]
+        ).mean()
+
+    def anchor_regularisers(
+        self, student_masks, masks, embeddings, gamma_embeddings, gamma_masks, teacher_of, targets
+    ) -> dict:
+        """WeSAM's two regularisers with its fixed teacher replaced by each image's Teacher branch: the anchor dice
+        of the Student's strong-view and the Teacher's weak-view masks to gamma's, and the instance contrast of the
+        Teacher's weak-view embedding against gamma's (WeSAM adaptation.py, weights 1 and 1)."""
+        method, anchor, contrastive = self.method, [], []
+        for kind in self.prompt_kinds:
+            for i, target in enumerate(targets):
+                teacher_logits = masks[teacher_of[i]][kind][i][0]
+                gamma_logits = gamma_masks[kind][i][0]
+                anchor.append(
+                    anchor_loss(
+                        valid_region(student_masks[i][kind][0], target),
+                        valid_region(teacher_logits, target),
+                        valid_region(gamma_logits, target),
+                        method["loss_scaling"],
+                    )
+                )
+                contrastive.append(
+                    instance_contrastive_loss(
+                        embeddings[teacher_of[i]][i],
+                        gamma_embeddings[i],
+                        teacher_logits,
+                        gamma_logits,
+                        method["temperature"],
+                    )
+                )
+        return {
+            "anchor": method["anchor_weight"] * torch.stack(anchor).mean(),
+            "contrastive": method["contrastive_weight"] * torch.stack(contrastive).mean(),
+        }
+
     def training_step(self, batch: dict, batch_idx: int):
         method, kinds = self.method, self.prompt_kinds
         weak, strong, targets = batch["img"], batch["img_strong"], batch["targets"]
@@ -151,26 +233,17 @@ class DualLoRASAM(PromptedSegmentationModule):
         teacher_of = ["alpha" if a else "beta" for a in alpha_teaches.tolist()]
         # 5. losses
         losses = {}
+        student_masks = self.student_masks(strong, targets, teacher_of) if self.needs_student_masks else {}
         if method["direct_alignment"]:
-            direct = []
-            for student in BRANCHES:
-                taught = [i for i, teacher in enumerate(teacher_of) if teacher != student]
-                if not taught:
-                    continue
-                student_targets = [targets[i] for i in taught]
-                _, student_masks = segment(self.sam, student, strong[taught], student_targets, kinds, self.poly_as)
-                direct += [
-                    direct_alignment_loss(
-                        valid_region(student_masks[kind][j][0], targets[i]),
-                        valid_region(masks[teacher_of[i]][kind][i][0], targets[i]),
-                        method["focal_weight"],
-                        method["dice_weight"],
-                        method["loss_scaling"],
-                    )
-                    for kind in kinds
-                    for j, i in enumerate(taught)
-                ]
-            losses["direct"] = torch.stack(direct).mean() * method["lambda_direct"]
+            losses["direct"] = method["lambda_direct"] * self.direct_alignment(
+                student_masks, masks, teacher_of, targets
+            )
+        if method["anchor_regularisation"]:
+            losses.update(
+                self.anchor_regularisers(
+                    student_masks, masks, embeddings, gamma_embeddings, gamma_masks, teacher_of, targets
+                )
+            )
         row_alpha_teaches = alpha_teaches[image][:, None]
         (f_alpha, b_alpha, *_), (f_beta, b_beta, *_) = reps["alpha"], reps["beta"]
         f_teacher = torch.where(row_alpha_teaches, f_alpha, f_beta)
@@ -181,11 +254,6 @@ class DualLoRASAM(PromptedSegmentationModule):
         if method["triplet"]:
             losses["triplet"] = method["lambda_triplet"] * triplet_loss(
                 f_student, f_teacher, b_teacher, method["margin"], valid
-            )
-        if not losses:
-            raise ConfigError(
-                "method.direct_alignment, method.reverse_distillation and method.triplet are all false; "
-                "enable at least one loss"
             )
         loss = sum(losses.values())
         self.log_dict({f"train/loss_{name}": value for name, value in losses.items()})

@@ -14,10 +14,10 @@ from lightning_modules.components.sam_adaptation import (
     alpha_is_teacher,
     background_representations,
     branch_similarity,
-    direct_alignment_loss,
     foreground_representations,
     instance_contrastive_loss,
     reverse_distillation_loss,
+    self_training_loss,
     triplet_loss,
 )
 from lightning_modules.networks.sam import build_configured_sam, build_sam, predict_instances, save_sam_checkpoint
@@ -185,13 +185,20 @@ def test_the_selected_branch_follows_the_configured_criterion(selection, expecte
     assert module.selected_branch == expected
 
 
-def test_direct_alignment_pulls_the_student_to_the_teacher_masks():
+def test_direct_alignment_pulls_the_student_to_the_teacher_masks_and_its_iou_head_to_their_overlap():
     teacher = torch.full((1, 8, 8), -4.0)
     teacher[0, 2:6, 2:6] = 4.0
     agreeing, opposing = teacher.clone(), -teacher
-    assert direct_alignment_loss(agreeing, teacher, 20, 1) < direct_alignment_loss(opposing, teacher, 20, 1)
+
+    def direct(student, iou_prediction, iou_weight=1.0):
+        return self_training_loss(student, teacher, iou_prediction, 20, 1, iou_weight)
+
+    assert direct(agreeing, torch.ones(1)) < direct(opposing, torch.ones(1))
+    # The IoU head learns the IoU of the student's mask with the teacher's: 1 when they agree.
+    assert direct(agreeing, torch.ones(1)) < direct(agreeing, torch.zeros(1))
+    assert direct(agreeing, torch.zeros(1), iou_weight=0.0) == direct(agreeing, torch.ones(1), iou_weight=0.0)
     student = torch.zeros(1, 8, 8, requires_grad=True)
-    direct_alignment_loss(student, teacher.requires_grad_(), 20, 1).backward()
+    self_training_loss(student, teacher.requires_grad_(), torch.ones(1), 20, 1, 0.0).backward()
     assert (student.grad[0, 2:6, 2:6] < 0).all() and (student.grad[0, :2] > 0).all()  # descent follows the teacher
     assert teacher.grad is None  # the teacher's masks are a fixed target
 
@@ -228,6 +235,39 @@ def test_instance_contrastive_loss_prefers_matching_instances():
     matched = instance_contrastive_loss(embedding, embedding, logits, logits, 0.3)
     swapped = instance_contrastive_loss(embedding, embedding, logits, logits.flip(0), 0.3)
     assert matched < swapped
+
+
+def test_anchor_regularisers_hold_the_images_teacher_and_student_to_gamma():
+    module = sam_module("dual_lora_sam")
+    target = prompts()
+    gamma = torch.full((2, 1, 64, 64), -8.0)
+    gamma[0, 0, 8:30, 10:40], gamma[1, 0, 35:60, 20:50] = 8.0, 8.0
+    gamma_embedding = torch.zeros(1, 4, 64, 64)
+    gamma_embedding[0, 0, :32], gamma_embedding[0, 1, 32:] = 1.0, 1.0
+
+    def regularisers(student_logits, teacher_logits):
+        embeddings = {b: gamma_embedding.clone().requires_grad_() for b in ("alpha", "beta")}
+        losses = module.anchor_regularisers(
+            {0: {kind: (student_logits, None) for kind in module.prompt_kinds}},
+            {"alpha": {kind: [(teacher_logits, None)] for kind in module.prompt_kinds}, "beta": None},
+            embeddings,
+            gamma_embedding,
+            {kind: [(gamma, None)] for kind in module.prompt_kinds},
+            ["alpha"],
+            [target],
+        )
+        return losses, embeddings
+
+    agreeing, _ = regularisers(gamma.clone(), gamma.clone())
+    teacher = (-gamma).requires_grad_()
+    student = (-gamma).requires_grad_()
+    opposing, embeddings = regularisers(student, teacher)
+    assert agreeing["anchor"] < 0.01 < opposing["anchor"]
+    (opposing["anchor"] + opposing["contrastive"]).backward()
+    # WeSAM's anchor dice reaches the Student's strong-view masks and the Teacher's weak-view masks; the
+    # contrast acts on the image's Teacher branch only.
+    assert student.grad.abs().sum() > 0 and teacher.grad.abs().sum() > 0
+    assert embeddings["alpha"].grad.abs().sum() > 0 and embeddings["beta"].grad is None
 
 
 def test_merged_branch_round_trips_as_a_plain_sam_checkpoint(tmp_path):
@@ -271,7 +311,7 @@ def test_dual_lora_sam_runs_logs_roles_and_writes_the_selected_branch(run_tiny):
     rows = read_metrics(run_dir)
     rates = [float(r["train/alpha_teacher_rate"]) for r in rows if r.get("train/alpha_teacher_rate")]
     assert rates and all(0 <= r <= 1 for r in rates)
-    assert {"train/loss_direct", "train/loss_reverse", "train/loss_triplet"} <= set(rows[0])
+    assert {f"train/loss_{term}" for term in ("direct", "anchor", "contrastive", "reverse", "triplet")} <= set(rows[0])
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     counts, predicted_iou = state["teacher_counts"], state["predicted_iou"]
     batch_size = OmegaConf.load(run_dir / "config.yaml").data.batch_size

@@ -78,18 +78,6 @@ def pseudo_mask_loss(
     return sam_mask_loss(logits, pseudo, focal_weight, dice_weight)
 
 
-def direct_alignment_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    focal_weight: float,
-    dice_weight: float,
-    scaling: str = "paper",
-) -> torch.Tensor:
-    """L_da = 20 Focal(M_S, 1(M_T > 0)) + Dice(M_S, 1(M_T > 0)): the student learns the teacher's masks."""
-    pseudo = (teacher_logits.detach() > 0).to(student_logits.dtype)
-    return pseudo_mask_loss(student_logits, pseudo, focal_weight, dice_weight, scaling)
-
-
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean over valid entries; 0 (still attached to the graph) when none is valid."""
     return (values * valid).sum() / valid.sum().clamp(min=1)
