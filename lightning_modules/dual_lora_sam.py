@@ -32,15 +32,14 @@ from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     LOSS_SCALINGS,
     alpha_is_teacher,
-    anchor_loss,
     background_representations,
     branch_similarity,
     foreground_representations,
-    instance_contrastive_loss,
     reverse_distillation_loss,
     self_training_loss,
     triplet_loss,
     valid_region,
+    wesam_regularisers,
 )
 from lightning_modules.distributed import all_reduce_sum
 from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
@@ -186,25 +185,18 @@ class DualLoRASAM(PromptedSegmentationModule):
         method, anchor, contrastive = self.method, [], []
         for kind in self.prompt_kinds:
             for i, target in enumerate(targets):
-                teacher_logits = masks[teacher_of[i]][kind][i][0]
-                gamma_logits = gamma_masks[kind][i][0]
-                anchor.append(
-                    anchor_loss(
-                        valid_region(student_masks[i][kind][0], target),
-                        valid_region(teacher_logits, target),
-                        valid_region(gamma_logits, target),
-                        method["loss_scaling"],
-                    )
+                image_anchor, image_contrastive = wesam_regularisers(
+                    student_masks[i][kind][0],
+                    masks[teacher_of[i]][kind][i][0],
+                    embeddings[teacher_of[i]][i],
+                    gamma_masks[kind][i][0],
+                    gamma_embeddings[i],
+                    target,
+                    method["loss_scaling"],
+                    method["temperature"],
                 )
-                contrastive.append(
-                    instance_contrastive_loss(
-                        embeddings[teacher_of[i]][i],
-                        gamma_embeddings[i],
-                        teacher_logits,
-                        gamma_logits,
-                        method["temperature"],
-                    )
-                )
+                anchor.append(image_anchor)
+                contrastive.append(image_contrastive)
         return {
             "anchor": method["anchor_weight"] * torch.stack(anchor).mean(),
             "contrastive": method["contrastive_weight"] * torch.stack(contrastive).mean(),

@@ -78,12 +78,12 @@ class TMT(SemanticSegmentationModule):
                 "tmt's fine-tuning setting learns from the labelled target images: method.streams must hold "
                 f"'tgt_labelled' (got {list(self.method['streams'])}); use +method=tmt_finetune"
             )
-        self.segmenter = self.build_segmenter(self.method["source_ckpt"])
         stages = range(len(cfg["model"]["depths"]))
         if not set(self.method["guided_stages"]) <= set(stages):
             raise ConfigError(
                 f"method.guided_stages={list(self.method['guided_stages'])}; the encoder's stages are {list(stages)}"
             )
+        self.segmenter = self.build_segmenter(self.method["source_ckpt"])
         self.teacher = self.frozen_copy(self.segmenter)
         self.guided = self.method["transferability_guidance"]
         if self.guided:

@@ -23,10 +23,9 @@ from datamodules.errors import require_choice
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     LOSS_SCALINGS,
-    anchor_loss,
-    instance_contrastive_loss,
     self_training_loss,
     valid_region,
+    wesam_regularisers,
 )
 from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
 from lightning_modules.networks.sam_lora import (
@@ -100,23 +99,18 @@ class WeSAM(PromptedSegmentationModule):
                     )
                 )
                 # 4. anchor and contrastive regularisation
-                terms["anchor"].append(
-                    anchor_loss(
-                        valid_region(student_logits, target),
-                        valid_region(regularised_masks[kind][index][0], target),
-                        valid_region(anchor_logits, target),
-                        method["loss_scaling"],
-                    )
+                anchor, contrastive = wesam_regularisers(
+                    student_logits,
+                    regularised_masks[kind][index][0],
+                    regularised_embeddings[index],
+                    anchor_logits,
+                    anchor_embeddings[index],
+                    target,
+                    method["loss_scaling"],
+                    method["temperature"],
                 )
-                terms["contrastive"].append(
-                    instance_contrastive_loss(
-                        regularised_embeddings[index],
-                        anchor_embeddings[index],
-                        regularised_masks[kind][index][0],
-                        anchor_logits,
-                        method["temperature"],
-                    )
-                )
+                terms["anchor"].append(anchor)
+                terms["contrastive"].append(contrastive)
         losses = {name: torch.stack(values).mean() for name, values in terms.items()}
         loss = (
             losses["self"]

@@ -136,6 +136,31 @@ def anchor_loss(
     return 0.5 * dice_loss(student_logits, pseudo) + 0.5 * dice_loss(teacher_logits, pseudo)
 
 
+def wesam_regularisers(
+    student_logits: torch.Tensor,
+    regularised_logits: torch.Tensor,
+    regularised_embedding: torch.Tensor,
+    anchor_logits: torch.Tensor,
+    anchor_embedding: torch.Tensor,
+    target: dict,
+    scaling: str,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WeSAM's two regularisers of one image (adaptation.py): L_anc of the student's strong-view and the regularised
+    network's weak-view masks to the frozen anchor's, and L_con of the regularised network's instance embeddings
+    against the anchor's."""
+    anchor = anchor_loss(
+        valid_region(student_logits, target),
+        valid_region(regularised_logits, target),
+        valid_region(anchor_logits, target),
+        scaling,
+    )
+    contrastive = instance_contrastive_loss(
+        regularised_embedding, anchor_embedding, regularised_logits, anchor_logits, temperature
+    )
+    return anchor, contrastive
+
+
 def instance_contrastive_loss(
     features: torch.Tensor,
     anchor_features: torch.Tensor,
