@@ -2,11 +2,13 @@
 
 Per step (the paper's method box):
 1. alpha, beta = frozen SAM encoder gamma (perturbed) + their own LoRA; gamma is the untouched encoder.
-2. The weak target view goes through gamma, alpha and beta; each decodes masks from the GT-derived prompts.
+2. The augmented target image goes through alpha and beta, the weak view through gamma; each decodes masks from
+   the GT-derived prompts (``method.branch_view``: strong, three encoder passes as WeSAM's; weak, both branches on
+   the weak view and the Student on the strong view in a fourth pass).
 3. Foreground representation f = mean of the embedding over pixels whose mask score > T.
 4. Role assignment: the branch whose f is more cosine-similar to gamma's is Teacher, the other Student; per
    image by default (f and sim are per feature map in the paper), so each step both branches learn.
-5. Direct alignment (student on the strong view learns the teacher's masks), reverse distillation (the
+5. Direct alignment (the student's masks on the strong view learn the teacher's), reverse distillation (the
    teacher's representation is pushed from the student's), triplet loss (student foreground near the
    teacher's foreground, far from its background); each switchable for the ablation table. Under all three,
    WeSAM's regularisers hold both roles to gamma (``method.anchor_regularisation``): with them, the direct
@@ -57,6 +59,11 @@ from lightning_modules.optim import build_optimizer
 BRANCHES = ("alpha", "beta")
 ROLES = ("image", "batch")
 SELECTIONS = ("predicted_iou", "teacher_count")
+BRANCH_VIEWS = ("strong", "weak")
+
+
+def other_branch(branch: str) -> str:
+    return BRANCHES[1 - BRANCHES.index(branch)]
 
 
 class DualLoRASAM(PromptedSegmentationModule):
@@ -71,6 +78,7 @@ class DualLoRASAM(PromptedSegmentationModule):
         require_choice("method.loss_scaling", method["loss_scaling"], LOSS_SCALINGS)
         require_choice("method.roles", method["roles"], ROLES)
         require_choice("method.selection", method["selection"], SELECTIONS)
+        require_choice("method.branch_view", method["branch_view"], BRANCH_VIEWS)
         if not any(method[term] for term in ("direct_alignment", "reverse_distillation", "triplet")):
             # WeSAM's regularisers alone would only hold both branches at gamma
             raise ConfigError(
@@ -90,7 +98,7 @@ class DualLoRASAM(PromptedSegmentationModule):
                 method["perturbation"],
             )
         # Step 6's two criteria, kept in checkpoints: images each branch taught, and the running mean of each
-        # branch's predicted IoU on the weak view (an EMA from zero: its bias is the same for both branches).
+        # branch's predicted IoU on the branch view (an EMA from zero: its bias is the same for both branches).
         self.register_buffer("teacher_counts", torch.zeros(len(BRANCHES)))
         self.register_buffer("predicted_iou", torch.zeros(len(BRANCHES)))
 
@@ -137,13 +145,16 @@ class DualLoRASAM(PromptedSegmentationModule):
             return all_reduce_sum(sims.sum(1))[:, None].expand(-1, images)
         return sims.new_zeros(len(BRANCHES), images).index_add_(1, image, sims)
 
-    @property
-    def needs_student_masks(self) -> bool:
-        return self.method["direct_alignment"] or self.method["anchor_regularisation"]
-
-    def student_masks(self, strong: torch.Tensor, targets: list, teacher_of: list) -> dict:
-        """{image index: {kind: (mask logits, IoU predictions)}} of each image's Student on the strong view, one
-        pass per branch."""
+    def student_masks(self, strong: torch.Tensor, masks: dict, targets: list, teacher_of: list) -> dict:
+        """{image index: {kind: (mask logits, IoU predictions)}} of each image's Student on the strong view: from the
+        branches' own pass (branch_view strong), or one more pass per branch on the strong view (weak)."""
+        if self.method["branch_view"] == "strong":
+            return {
+                i: {kind: masks[other_branch(teacher)][kind][i] for kind in self.prompt_kinds}
+                for i, teacher in enumerate(teacher_of)
+            }
+        if not (self.method["direct_alignment"] or self.method["anchor_regularisation"]):
+            return {}
         by_image = {}
         for student in BRANCHES:
             taught = [i for i, teacher in enumerate(teacher_of) if teacher != student]
@@ -158,7 +169,7 @@ class DualLoRASAM(PromptedSegmentationModule):
 
     def direct_alignment(self, student_masks: dict, masks: dict, teacher_of: list, targets: list) -> torch.Tensor:
         """L_da: WeSAM's self-training loss of each image's Student (strong view) against its Teacher's binarised
-        weak-view masks, averaged over the images and prompt kinds."""
+        masks on the branch view, averaged over the images and prompt kinds."""
         method = self.method
         return torch.stack(
             [
@@ -180,8 +191,8 @@ class DualLoRASAM(PromptedSegmentationModule):
         self, student_masks, masks, embeddings, gamma_embeddings, gamma_masks, teacher_of, targets
     ) -> dict:
         """WeSAM's two regularisers with its fixed teacher replaced by each image's Teacher branch: the anchor dice
-        of the Student's strong-view and the Teacher's weak-view masks to gamma's, and the instance contrast of the
-        Teacher's weak-view embedding against gamma's (WeSAM adaptation.py, weights 1 and 1)."""
+        of the Student's strong-view and the Teacher's branch-view masks to gamma's, and the instance contrast of the
+        Teacher's branch-view embedding against gamma's (WeSAM adaptation.py, weights 1 and 1)."""
         method, anchor, contrastive = self.method, [], []
         for kind in self.prompt_kinds:
             for i, target in enumerate(targets):
@@ -205,12 +216,13 @@ class DualLoRASAM(PromptedSegmentationModule):
     def training_step(self, batch: dict, batch_idx: int):
         method, kinds = self.method, self.prompt_kinds
         weak, strong, targets = batch["img"], batch["img_strong"], batch["targets"]
-        # 2. weak view through gamma (frozen) and the two collaborative encoders
+        # 2. weak view through gamma (frozen), the branch view through the two collaborative encoders
         with torch.no_grad():
             gamma_embeddings, gamma_masks = segment(self.sam, None, weak, targets, kinds, self.poly_as)
+        branch_images = strong if method["branch_view"] == "strong" else weak
         embeddings, masks = {}, {}
         for b in BRANCHES:
-            embeddings[b], masks[b] = segment(self.sam, b, weak, targets, kinds, self.poly_as)
+            embeddings[b], masks[b] = segment(self.sam, b, branch_images, targets, kinds, self.poly_as)
         self.track_predicted_iou(masks)
         # 3. foreground representations
         f_gamma, _, valid, image = self.representations(gamma_embeddings, gamma_masks)
@@ -225,7 +237,7 @@ class DualLoRASAM(PromptedSegmentationModule):
         teacher_of = ["alpha" if a else "beta" for a in alpha_teaches.tolist()]
         # 5. losses
         losses = {}
-        student_masks = self.student_masks(strong, targets, teacher_of) if self.needs_student_masks else {}
+        student_masks = self.student_masks(strong, masks, targets, teacher_of)
         if method["direct_alignment"]:
             losses["direct"] = method["lambda_direct"] * self.direct_alignment(
                 student_masks, masks, teacher_of, targets
