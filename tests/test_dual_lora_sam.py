@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from segment_anything import sam_model_registry
 
+from lightning_modules import dual_lora_sam
 from lightning_modules.components.sam_adaptation import (
     alpha_is_teacher,
     background_representations,
@@ -30,6 +31,7 @@ from lightning_modules.networks.sam_lora import (
     inject_output_lora,
     lora_modules,
     merged_sam,
+    segment,
 )
 from tests.conftest import compose_config, method_module
 
@@ -264,7 +266,7 @@ def test_anchor_regularisers_hold_the_images_teacher_and_student_to_gamma():
     opposing, embeddings = regularisers(student, teacher)
     assert agreeing["anchor"] < 0.01 < opposing["anchor"]
     (opposing["anchor"] + opposing["contrastive"]).backward()
-    # WeSAM's anchor dice reaches the Student's strong-view masks and the Teacher's weak-view masks; the
+    # WeSAM's anchor dice reaches the Student's and the Teacher's masks; the
     # contrast acts on the image's Teacher branch only.
     assert student.grad.abs().sum() > 0 and teacher.grad.abs().sum() > 0
     assert embeddings["alpha"].grad.abs().sum() > 0 and embeddings["beta"].grad is None
@@ -295,6 +297,32 @@ def test_merged_vit_b_has_exactly_the_official_key_set():
     inject_lora(official, ["alpha", "beta"], 4, 4, ["q", "v", "proj"])
     merged = merged_sam(official, "alpha").state_dict()
     assert {name: tuple(v.shape) for name, v in merged.items()} == expected
+
+
+@pytest.mark.parametrize("branch_view", ["strong", "weak"])
+def test_branch_view_sets_the_view_each_encoder_pass_reads(branch_view, monkeypatch):
+    module = sam_module("dual_lora_sam", f"method.branch_view={branch_view}").train()
+    size = module.sam.image_encoder.img_size
+    torch.manual_seed(0)
+    weak, strong = torch.rand(2, 3, size, size), torch.rand(2, 3, size, size)
+    passes = []
+
+    def recording_segment(sam, branch, images, *args):
+        view = "weak" if any(torch.equal(images[0], w) for w in weak) else "strong"
+        passes.append((branch, view, len(images)))
+        return segment(sam, branch, images, *args)
+
+    monkeypatch.setattr(dual_lora_sam, "segment", recording_segment)
+    loss = module.training_step({"img": weak, "img_strong": strong, "targets": [prompts(size)] * 2}, 0)
+    loss.backward()
+    gamma_and_branches = [(None, "weak", 2), ("alpha", branch_view, 2), ("beta", branch_view, 2)]
+    assert passes[:3] == gamma_and_branches
+    if branch_view == "strong":  # the Student's masks come from its branch's own pass
+        assert len(passes) == 3
+    else:  # one more pass per branch that is an image's Student, on the strong view of its images
+        assert {view for _, view, _ in passes[3:]} == {"strong"} and sum(n for *_, n in passes[3:]) == 2
+    for branch in ("alpha", "beta"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch_parameters(module.sam, branch))
 
 
 def read_metrics(run_dir: Path) -> list:
