@@ -12,7 +12,7 @@ Per step (the paper's method box):
    teacher's representation is pushed from the student's), triplet loss (student foreground near the
    teacher's foreground, far from its background); each switchable for the ablation table. Under all three,
    WeSAM's regularisers hold both roles to gamma (``method.anchor_regularisation``): with them, the direct
-   alignment is WeSAM's self-training with its fixed teacher replaced by the image's Teacher branch.
+   alignment is WeSAM's self-training with its teacher (the student itself) replaced by the image's Teacher branch.
 6. The branch with the better performance is the target model, saved merged as a plain SAM checkpoint. With no
    target labels, performance is SAM's own estimate: its IoU head's prediction, averaged over recent steps.
 
@@ -160,11 +160,11 @@ class DualLoRASAM(PromptedSegmentationModule):
             taught = [i for i, teacher in enumerate(teacher_of) if teacher != student]
             if not taught:
                 continue
-            _, masks = segment(
+            _, strong_masks = segment(
                 self.sam, student, strong[taught], [targets[i] for i in taught], self.prompt_kinds, self.poly_as
             )
             for j, i in enumerate(taught):
-                by_image[i] = {kind: masks[kind][j] for kind in self.prompt_kinds}
+                by_image[i] = {kind: strong_masks[kind][j] for kind in self.prompt_kinds}
         return by_image
 
     def direct_alignment(self, student_masks: dict, masks: dict, teacher_of: list, targets: list) -> torch.Tensor:
@@ -190,7 +190,7 @@ class DualLoRASAM(PromptedSegmentationModule):
     def anchor_regularisers(
         self, student_masks, masks, embeddings, gamma_embeddings, gamma_masks, teacher_of, targets
     ) -> dict:
-        """WeSAM's two regularisers with its fixed teacher replaced by each image's Teacher branch: the anchor dice
+        """WeSAM's two regularisers with its teacher replaced by each image's Teacher branch: the anchor dice
         of the Student's strong-view and the Teacher's branch-view masks to gamma's, and the instance contrast of the
         Teacher's branch-view embedding against gamma's (WeSAM adaptation.py, weights 1 and 1)."""
         method, anchor, contrastive = self.method, [], []
