@@ -306,6 +306,14 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_S
             network="sam",
             per_prompt=True,
         ),
+        # WeSAM with dual_lora_sam's placement: what the LoRA's place alone is worth, apart from the dual method.
+        Row(
+            "wesam (LoRA after the encoder)",
+            single("+method=wesam", "model.sam_checkpoint={sam_source}", "method.lora.placement=output", adapt),
+            network="sam",
+            ablation=True,
+            per_prompt=True,
+        ),
         Row(
             "dual_lora_sam",
             single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", adapt),

@@ -13,13 +13,14 @@ Per step (the paper's method box):
    teacher's foreground, far from its background); each switchable for the ablation table. Under all three,
    WeSAM's regularisers hold both roles to gamma (``method.anchor_regularisation``): with them, the direct
    alignment is WeSAM's self-training with its teacher (the student itself) replaced by the image's Teacher branch.
-6. The branch with the better performance is the target model, saved merged as a plain SAM checkpoint. With no
-   target labels, performance is SAM's own estimate: its IoU head's prediction, averaged over recent steps.
+6. The branch with the better performance is the target model, saved with the SAM (merged into a plain SAM
+   checkpoint where its LoRA sits in the encoder blocks). With no target labels, performance is SAM's own
+   estimate: its IoU head's prediction, averaged over recent steps.
 
 Views, prompts and loss scaling follow WeSAM's code, the framework the paper builds on and compares with
 (``data.sam_views``, ``method.loss_scaling``); a run with ``task.prompt_kinds=[box]`` adapts for one prompt kind.
-``method.lora.placement``: "blocks" puts each branch's LoRA on q, v of the encoder blocks; "output" puts it after
-the encoder, on its output embedding, as the slides draw it (E = perturb(E_img) + Delta E).
+``method.lora.placement``: "output" (default) puts each branch's LoRA after the frozen encoder, on its output
+embedding, as the slides draw it (E = perturb(E_img) + Delta E); "blocks" puts it on q, v of the encoder blocks.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 import torch
 
 from datamodules.errors import ConfigError, require_choice
-from datamodules.files import write_atomically
 from lightning_modules.base import PromptedSegmentationModule
 from lightning_modules.components.sam_adaptation import (
     LOSS_SCALINGS,
@@ -44,14 +44,12 @@ from lightning_modules.components.sam_adaptation import (
     wesam_regularisers,
 )
 from lightning_modules.distributed import all_reduce_sum
-from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.networks.sam import build_configured_sam, predict_instances
 from lightning_modules.networks.sam_lora import (
-    LORA_PLACEMENTS,
     branch_parameters,
     encode,
-    inject_lora,
-    inject_output_lora,
-    merged_sam,
+    inject_configured_lora,
+    save_adapted_sam,
     segment,
 )
 from lightning_modules.optim import build_optimizer
@@ -73,8 +71,6 @@ class DualLoRASAM(PromptedSegmentationModule):
         self.sam = build_configured_sam(model)
         self.poly_as = model["poly_as"]
         self.sam.requires_grad_(False)  # prompt encoder and mask decoder stay as SAM's; only LoRA trains
-        lora = method["lora"]
-        require_choice("method.lora.placement", lora["placement"], LORA_PLACEMENTS)
         require_choice("method.loss_scaling", method["loss_scaling"], LOSS_SCALINGS)
         require_choice("method.roles", method["roles"], ROLES)
         require_choice("method.selection", method["selection"], SELECTIONS)
@@ -85,18 +81,7 @@ class DualLoRASAM(PromptedSegmentationModule):
                 "method.direct_alignment, method.reverse_distillation and method.triplet are all false; "
                 "enable at least one loss"
             )
-        if lora["placement"] == "output":
-            inject_output_lora(self.sam, list(BRANCHES), lora["rank"], lora["alpha"], method["perturbation"])
-        else:
-            inject_lora(
-                self.sam,
-                list(BRANCHES),
-                lora["rank"],
-                lora["alpha"],
-                lora["targets"],
-                lora.get("layers"),
-                method["perturbation"],
-            )
+        inject_configured_lora(self.sam, list(BRANCHES), method["lora"], method["perturbation"])
         # Step 6's two criteria, kept in checkpoints: images each branch taught, and the running mean of each
         # branch's predicted IoU on the branch view (an EMA from zero: its bias is the same for both branches).
         self.register_buffer("teacher_counts", torch.zeros(len(BRANCHES)))
@@ -273,17 +258,9 @@ class DualLoRASAM(PromptedSegmentationModule):
         return loss
 
     def on_fit_end(self) -> None:
-        # 6. the selected branch. In-block LoRA merges into a plain SAM state dict loadable by sam_model_registry;
-        # an output-placed branch has no plain form, so the adapted module's own state dict is kept instead.
-        if not (self.trainer.is_global_zero and self.hparams.get("run_dir")):
-            return
-        run_dir = Path(self.hparams["run_dir"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if self.method["lora"]["placement"] == "output":
-            adapted = {"selected_branch": self.selected_branch, "state_dict": self.sam.state_dict()}
-            write_atomically(run_dir / "adapted_sam.pt", lambda path: torch.save(adapted, path))
-        else:
-            save_sam_checkpoint(merged_sam(self.sam, self.selected_branch), run_dir / "sam.pth")
+        # 6. the selected branch is the target model
+        if self.trainer.is_global_zero and self.hparams.get("run_dir"):
+            save_adapted_sam(self.sam, self.selected_branch, Path(self.hparams["run_dir"]))
 
     def configure_optimizers(self):
         trainable = [p for b in BRANCHES for p in branch_parameters(self.sam, b)]

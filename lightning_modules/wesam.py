@@ -11,6 +11,9 @@ Per step (official adaptation.py):
 The authors adapt one model per prompt kind (``cfg.prompt``) and evaluate it with that prompt: a run with
 ``task.prompt_kinds=[box]`` is that; with several kinds the model trains on all of them jointly. The loss terms
 are summed per image and averaged over the batch (the official batch is one image per GPU).
+
+``method.lora.placement``: "blocks" (the paper's and code's LoRA on q, v of the encoder blocks, default) or
+"output" (dual_lora_sam's LoRA after the frozen encoder), to measure what the placement alone is worth.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ from lightning_modules.components.sam_adaptation import (
     valid_region,
     wesam_regularisers,
 )
-from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
+from lightning_modules.networks.sam import build_configured_sam, predict_instances
 from lightning_modules.networks.sam_lora import (
     branch_parameters,
     encode,
-    inject_lora,
+    inject_configured_lora,
     lora_modules,
-    merged_sam,
+    save_adapted_sam,
     segment,
 )
 from lightning_modules.optim import build_optimizer
@@ -53,8 +56,7 @@ class WeSAM(PromptedSegmentationModule):
         self.sam.requires_grad_(False)  # official base_config freezes image encoder, prompt encoder, mask decoder
         self.ema_teacher = method["teacher"] == "ema"
         branches = ["student", "teacher"] if self.ema_teacher else ["student"]
-        lora = method["lora"]
-        inject_lora(self.sam, branches, lora["rank"], lora["alpha"], lora["targets"], lora.get("layers"))
+        inject_configured_lora(self.sam, branches, method["lora"])
         self.teacher_branch = "teacher" if self.ema_teacher else "student"
         if self.ema_teacher:
             for module in lora_modules(self.sam):
@@ -128,9 +130,9 @@ class WeSAM(PromptedSegmentationModule):
             ema_update(teacher, student, self.method["ema_rate"])
 
     def on_fit_end(self) -> None:
-        # The evaluated network, LoRA merged, as a plain SAM state dict.
+        # The evaluated network: LoRA merged into a plain SAM state dict where it sits in the encoder blocks.
         if self.trainer.is_global_zero and self.hparams.get("run_dir"):
-            save_sam_checkpoint(merged_sam(self.sam, self.teacher_branch), Path(self.hparams["run_dir"]) / "sam.pth")
+            save_adapted_sam(self.sam, self.teacher_branch, Path(self.hparams["run_dir"]))
 
     def configure_optimizers(self):
         return build_optimizer(

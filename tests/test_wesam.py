@@ -143,3 +143,20 @@ def test_prompt_kinds_outside_box_point_poly_are_refused_when_the_module_is_buil
             ConfigError, match=r"task.prompt_kinds=.*; expected one or more of \('box', 'point', 'poly'\)"
         ):
             method_module("wesam", "synth_polyp", f"task.prompt_kinds={kinds}")
+
+
+def test_wesam_with_lora_after_the_encoder_trains_only_the_output_branch_and_saves_it(run_tiny):
+    results, run_dir = run_tiny(
+        "wesam", "synth_polyp", "method.lora.placement=output", "task.prompt_kinds=[box]", "task.monitor=val/box"
+    )
+    assert set(results["metrics"]) == {"box", "avg"}
+    saved = torch.load(run_dir / "adapted_sam.pt", weights_only=False)
+    assert saved["selected_branch"] == "student" and not (run_dir / "sam.pth").exists()
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert state["sam.image_encoder.branches.student.up.embedding"].abs().sum() > 0
+    assert not any(".lora" in key or "branches" in key for key in state if "blocks" in key)
+
+
+def test_an_unknown_lora_placement_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"method.lora.placement='encoder'; expected one of \('blocks', 'output'\)"):
+        method_module("wesam", "synth_polyp", "method.lora.placement=encoder")

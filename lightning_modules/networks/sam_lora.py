@@ -12,14 +12,16 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import nn
 
-from datamodules.errors import ConfigError
-from lightning_modules.networks.sam import predict_instances
+from datamodules.errors import ConfigError, require_choice
+from datamodules.files import write_atomically
+from lightning_modules.networks.sam import predict_instances, save_sam_checkpoint
 
 # Output blocks of SAM's fused attention projection ``attn.qkv`` (Linear(dim, 3 dim)), and the output proj.
 QKV_TARGETS = ("q", "k", "v")
@@ -168,6 +170,30 @@ def inject_output_lora(sam: Sam, branches: list, rank: int, alpha: float, pertur
     """Wrap SAM's image encoder in an ``OutputLoRA`` (the encoder itself frozen)."""
     sam.image_encoder = OutputLoRA(sam.image_encoder, branches, rank, alpha, perturbation)
     return sam.image_encoder
+
+
+def inject_configured_lora(sam: Sam, branches: list, lora: dict, perturbation: float = 0.0) -> list:
+    """The branches as ``method.lora`` places them: ``blocks`` (q, v of the encoder blocks, WeSAM's SAM-LoRA) or
+    ``output`` (after the frozen encoder, on its output embedding). Returns the LoRA modules."""
+    require_choice("method.lora.placement", lora["placement"], LORA_PLACEMENTS)
+    if lora["placement"] == "output":
+        return [inject_output_lora(sam, branches, lora["rank"], lora["alpha"], perturbation)]
+    return inject_lora(sam, branches, lora["rank"], lora["alpha"], lora["targets"], lora.get("layers"), perturbation)
+
+
+def save_adapted_sam(sam: Sam, branch: str, run_dir: Path) -> Path:
+    """Write the SAM adapted as ``branch`` into ``run_dir`` and return the file. In-block LoRA merges into a plain
+    SAM state dict (``sam.pth``, loadable by sam_model_registry); an output-placed branch has no plain form, so the
+    adapted module's own state dict is kept with the branch's name (``adapted_sam.pt``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(sam.image_encoder, OutputLoRA):
+        path = run_dir / "adapted_sam.pt"
+        adapted = {"selected_branch": branch, "state_dict": sam.state_dict()}
+        write_atomically(path, lambda temporary: torch.save(adapted, temporary))
+    else:
+        path = run_dir / "sam.pth"
+        save_sam_checkpoint(merged_sam(sam, branch), path)
+    return path
 
 
 def lora_modules(sam: Sam) -> list:
