@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from segment_anything import sam_model_registry
 
+from datamodules.errors import CheckpointError
 from lightning_modules import dual_lora_sam
 from lightning_modules.components.sam_adaptation import (
     alpha_is_teacher,
@@ -366,6 +367,9 @@ def test_output_placed_branches_keep_the_encoder_frozen_and_save_the_selected_br
     assert saved["selected_branch"] == ("alpha", "beta")[int(state["predicted_iou"].argmax())]
     learned = [state[f"sam.image_encoder.branches.{b}.up.embedding"].abs().sum() > 0 for b in ("alpha", "beta")]
     assert any(learned) and set(saved["state_dict"]) == {k.removeprefix("sam.") for k in state if k.startswith("sam.")}
+    run_model = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml").model, resolve=True)
+    with pytest.raises(CheckpointError, match=r"adapted_sam.pt is an adapted SAM whose LoRA sits after the image enc"):
+        build_configured_sam(run_model, run_dir / "adapted_sam.pt")
 
 
 def test_output_lora_starts_as_the_frozen_encoder_and_trains_only_its_branches():

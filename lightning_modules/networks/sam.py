@@ -120,6 +120,13 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
             "SAM .pth (e.g. sam_vit_b_01ec64.pth) or the sam.pth a SAM run writes beside its checkpoints, not a "
             "Lightning .ckpt"
         ) from error
+    if isinstance(state, dict) and "selected_branch" in state:
+        raise CheckpointError(
+            f"SAM checkpoint {path} is an adapted SAM whose LoRA sits after the image encoder (the adapted_sam.pt of "
+            "a run with method.lora.placement=output), which has no plain SAM form; expected a plain SAM .pth. Load "
+            "that run's checkpoints/last.ckpt into its method's module, or adapt with method.lora.placement=blocks "
+            "for a merged sam.pth"
+        )
     if not isinstance(state, dict) or "state_dict" in state:
         raise CheckpointError(
             f"SAM checkpoint {path} is not a plain SAM state dict; expected an official SAM .pth (e.g. "
