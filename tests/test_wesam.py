@@ -145,7 +145,7 @@ def test_prompt_kinds_outside_box_point_poly_are_refused_when_the_module_is_buil
             method_module("wesam", "synth_polyp", f"task.prompt_kinds={kinds}")
 
 
-def test_wesam_with_lora_after_the_encoder_trains_only_the_output_branch_and_saves_it(run_tiny):
+def test_wesam_with_lora_after_the_encoder_keeps_the_blocks_plain_and_saves_the_adapted_sam(run_tiny):
     results, run_dir = run_tiny(
         "wesam", "synth_polyp", "method.lora.placement=output", "task.prompt_kinds=[box]", "task.monitor=val/box"
     )
