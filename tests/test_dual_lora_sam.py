@@ -372,6 +372,24 @@ def test_output_placed_branches_keep_the_encoder_frozen_and_save_the_selected_br
         build_configured_sam(run_model, run_dir / "adapted_sam.pt")
 
 
+def test_output_lora_runs_the_frozen_encoder_once_per_image_tensor():
+    model = compose_config("dual_lora_sam", "synth_shapes", Path("unused")).model
+    sam = build_configured_sam(OmegaConf.to_container(model, resolve=True))
+    inject_output_lora(sam, ["alpha", "beta"], rank=4, alpha=4, perturbation=0.0)
+    calls = []
+    sam.image_encoder.encoder.register_forward_hook(lambda *_: calls.append(1))
+    weak, strong = torch.randn(2, 3, 128, 128), torch.randn(2, 3, 128, 128)
+    for branch in (None, "alpha", "beta"):
+        encode(sam, branch, weak)
+    assert len(calls) == 1
+    with torch.no_grad():
+        sam.image_encoder.branches["beta"].up["embedding"].fill_(0.1)
+    alpha, beta = encode(sam, "alpha", strong), encode(sam, "beta", strong)
+    assert len(calls) == 2 and not torch.allclose(alpha, beta)
+    strong.mul_(2)  # changed in place: encoded again
+    assert torch.allclose(encode(sam, None, strong), sam.image_encoder.encoder(strong)) and len(calls) == 4
+
+
 def test_output_lora_starts_as_the_frozen_encoder_and_trains_only_its_branches():
     model = compose_config("dual_lora_sam", "synth_shapes", Path("unused")).model
     sam = build_configured_sam(OmegaConf.to_container(model, resolve=True))

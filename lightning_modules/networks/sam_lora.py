@@ -117,9 +117,22 @@ class OutputLoRA(nn.Module):
             {name: LowRankUpdate(channels, channels, ("embedding",), rank, alpha / rank) for name in branches}
         )
         self.active: str | None = None
+        self.last_encoded: tuple | None = None  # (images, their version, frozen embedding)
+
+    def frozen_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        # A training step's branches (and gamma) read the same image tensor: the frozen encoder runs once for it.
+        # Inference tensors keep no version counter to tell an in-place change, so they are always encoded.
+        if images.is_inference():
+            return self.encoder(images)
+        cached = self.last_encoded
+        if cached is not None and cached[0] is images and cached[1] == images._version:
+            return cached[2]
+        frozen = self.encoder(images)
+        self.last_encoded = (images, images._version, frozen)
+        return frozen
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        frozen = self.encoder(images)
+        frozen = self.frozen_embedding(images)
         if self.active is None:
             return frozen
         delta = self.branches[self.active].delta("embedding", frozen.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
