@@ -28,7 +28,7 @@ from datamodules.errors import ConfigError, DatasetLayoutError
 from lightning_modules.components.ops import unpadded, upsample
 from lightning_modules.metrics import instance_iou, mean_iou, per_class_iou
 from lightning_modules.networks.factory import build_network, load_segmenter_weights
-from lightning_modules.networks.sam import PROMPT_KINDS
+from lightning_modules.networks.sam import PROMPT_KINDS, predict_instances
 from lightning_modules.optim import build_optimizer
 from lightning_modules.panels import colourised, denormalised, instance_overlay, prompted_views
 from lightning_modules.teachers import labelling_mode
@@ -149,7 +149,10 @@ class SemanticSegmentationModule(EvaluationMixin, L.LightningModule):
 
 
 class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
-    """Base of every SAM method: IoU per prompt kind, their average (and gain, in experiments.report)."""
+    """Base of every SAM method: IoU per prompt kind, their average (and gain, in experiments.report).
+
+    A method holds its SAM as ``self.sam`` with ``self.poly_as`` and says which encoder is scored in ``embed``.
+    """
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -161,13 +164,20 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
         self.logit_threshold = cfg["task"]["logit_threshold"]
         self.prompt_iou = torch.nn.ModuleDict({kind: MeanMetric() for kind in self.prompt_kinds})
 
-    def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
-        """Mask logits [N_i, 1, S, S] per image for one prompt kind; implemented by each method."""
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings [B, C, h, w] of the evaluated SAM (``self.sam``); implemented by each method."""
         raise NotImplementedError
 
+    def predict(self, images: torch.Tensor, targets: list) -> dict:
+        """{kind: mask logits [N_i, 1, S, S] per image} for every prompt kind, from one encoder pass."""
+        embeddings = self.embed(images)
+        return {
+            kind: predict_instances(self.sam, embeddings, targets, kind, self.poly_as) for kind in self.prompt_kinds
+        }
+
     def evaluation_step(self, batch: dict) -> None:
-        for kind in self.prompt_kinds:
-            for logits, target in zip(self.predict(batch["img"], batch["targets"], kind), batch["targets"]):
+        for kind, predictions in self.predict(batch["img"], batch["targets"]).items():
+            for logits, target in zip(predictions, batch["targets"]):
                 iou = instance_iou(
                     unpadded(logits[:, 0], target), unpadded(target["instances"], target), self.logit_threshold
                 )
@@ -181,8 +191,8 @@ class PromptedSegmentationModule(EvaluationMixin, L.LightningModule):
             "image": images,
             "ground truth": np.stack([instance_overlay(i, t["instances"] > 0.5) for i, t in zip(images, targets)]),
         }
-        for kind in self.prompt_kinds:
-            masks = [logits[:, 0] > self.logit_threshold for logits in self.predict(batch["img"], targets, kind)]
+        for kind, predictions in self.predict(batch["img"], targets).items():
+            masks = [logits[:, 0] > self.logit_threshold for logits in predictions]
             columns[kind] = prompted_views(images, targets, masks, kind)
         return columns
 

@@ -44,7 +44,7 @@ from lightning_modules.components.sam_adaptation import (
     wesam_regularisers,
 )
 from lightning_modules.distributed import all_reduce_sum
-from lightning_modules.networks.sam import build_configured_sam, predict_instances
+from lightning_modules.networks.sam import build_configured_sam
 from lightning_modules.networks.sam_lora import (
     branch_parameters,
     encode,
@@ -103,8 +103,8 @@ class DualLoRASAM(PromptedSegmentationModule):
         rate = self.method["predicted_iou_ema"]
         self.predicted_iou.mul_(rate).add_((1 - rate) * totals[:2] / totals[2])
 
-    def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
-        return predict_instances(self.sam, encode(self.sam, self.selected_branch, images), targets, kind, self.poly_as)
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return encode(self.sam, self.selected_branch, images)
 
     def representations(self, embeddings: torch.Tensor, masks: dict) -> tuple:
         """Foreground (f) and background (b) representations [sum N, C] over all prompt kinds and images, their

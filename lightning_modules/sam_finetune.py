@@ -27,8 +27,8 @@ class SAMFinetune(PromptedSegmentationModule):
         self.sam.prompt_encoder.requires_grad_(self.method["train_prompt_encoder"])
         self.sam.image_encoder.requires_grad_(self.method["train_image_encoder"])
 
-    def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
-        return predict_instances(self.sam, self.sam.image_encoder(images), targets, kind, self.poly_as)
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.sam.image_encoder(images)
 
     def training_step(self, batch: dict, batch_idx: int):
         method = self.method

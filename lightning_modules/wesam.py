@@ -30,7 +30,7 @@ from lightning_modules.components.sam_adaptation import (
     valid_region,
     wesam_regularisers,
 )
-from lightning_modules.networks.sam import build_configured_sam, predict_instances
+from lightning_modules.networks.sam import build_configured_sam
 from lightning_modules.networks.sam_lora import (
     branch_parameters,
     encode,
@@ -63,8 +63,8 @@ class WeSAM(PromptedSegmentationModule):
                 module.branches["teacher"].load_state_dict(module.branches["student"].state_dict())
                 module.branches["teacher"].requires_grad_(False)
 
-    def predict(self, images: torch.Tensor, targets: list, kind: str) -> list:
-        return predict_instances(self.sam, encode(self.sam, self.teacher_branch, images), targets, kind, self.poly_as)
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return encode(self.sam, self.teacher_branch, images)
 
     def training_step(self, batch: dict, batch_idx: int):
         method, kinds = self.method, self.prompt_kinds

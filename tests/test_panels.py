@@ -43,8 +43,8 @@ def test_semantic_panel_is_image_truth_prediction_per_row_in_the_cityscapes_pale
 class Echo(PromptedSegmentationModule):
     """Predicts each instance's ground truth, whatever the prompt."""
 
-    def predict(self, images, targets, kind):
-        return [target["instances"][:, None] * 2 - 1 for target in targets]
+    def predict(self, images, targets):
+        return {kind: [target["instances"][:, None] * 2 - 1 for target in targets] for kind in self.prompt_kinds}
 
 
 def square_target(top: int, left: int, size: int = 32) -> dict:

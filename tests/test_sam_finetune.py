@@ -10,7 +10,7 @@ from PIL import Image
 from datamodules.build import build_datamodule
 from datamodules.errors import CheckpointError
 from lightning_modules.components.losses import iou_prediction_loss, sam_mask_loss, sam_mask_loss_per_mask
-from lightning_modules.networks.sam import build_configured_sam, save_sam_checkpoint
+from lightning_modules.networks.sam import build_configured_sam, predict_instances, save_sam_checkpoint
 from lightning_modules.panels import panel_size
 from lightning_modules.sam_finetune import SAMFinetune
 from tests.conftest import compose_config
@@ -107,3 +107,20 @@ def test_ambiguity_term_trains_the_multimask_outputs(tmp_path, train_multimask):
         for mlp in module.sam.mask_decoder.output_hypernetworks_mlps[1:]
     ]
     assert any(reached) == train_multimask
+
+
+def test_evaluation_encodes_a_batch_once_for_every_prompt_kind(tmp_path):
+    cfg = OmegaConf.to_container(compose_config("sam_finetune", "synth_shapes", tmp_path), resolve=True)
+    module = SAMFinetune(cfg).eval()
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("validate")
+    batch = next(iter(datamodule.val_dataloader()))
+    calls = []
+    module.sam.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        predictions = module.predict(batch["img"], batch["targets"])
+        embeddings = module.sam.image_encoder(batch["img"])
+        for kind in ("box", "point", "poly"):
+            alone = predict_instances(module.sam, embeddings, batch["targets"], kind, module.poly_as)
+            assert all(torch.equal(a, b) for a, b in zip(predictions[kind], alone))
+    assert list(predictions) == ["box", "point", "poly"] and len(calls) == 2  # one pass for the three kinds
