@@ -123,7 +123,7 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
     if isinstance(state, dict) and "selected_branch" in state:
         raise CheckpointError(
             f"SAM checkpoint {path} is an adapted SAM whose LoRA sits after the image encoder (the adapted_sam.pt of "
-            "a run with method.lora.placement=output), which has no plain SAM form; expected a plain SAM .pth. Load "
+            "a run with method.lora.placement=output), which has no plain SAM form; expected a plain SAM .pth: load "
             "that run's checkpoints/last.ckpt into its method's module, or adapt with method.lora.placement=blocks "
             "for a merged sam.pth"
         )

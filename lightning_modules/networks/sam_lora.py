@@ -185,28 +185,26 @@ def inject_output_lora(sam: Sam, branches: list, rank: int, alpha: float, pertur
     return sam.image_encoder
 
 
-def inject_configured_lora(sam: Sam, branches: list, lora: dict, perturbation: float = 0.0) -> list:
+def inject_configured_lora(sam: Sam, branches: list, lora: dict, perturbation: float = 0.0) -> None:
     """The branches as ``method.lora`` places them: ``blocks`` (q, v of the encoder blocks, WeSAM's SAM-LoRA) or
-    ``output`` (after the frozen encoder, on its output embedding). Returns the LoRA modules."""
+    ``output`` (after the frozen encoder, on its output embedding)."""
     require_choice("method.lora.placement", lora["placement"], LORA_PLACEMENTS)
     if lora["placement"] == "output":
-        return [inject_output_lora(sam, branches, lora["rank"], lora["alpha"], perturbation)]
-    return inject_lora(sam, branches, lora["rank"], lora["alpha"], lora["targets"], lora.get("layers"), perturbation)
+        inject_output_lora(sam, branches, lora["rank"], lora["alpha"], perturbation)
+    else:
+        inject_lora(sam, branches, lora["rank"], lora["alpha"], lora["targets"], lora.get("layers"), perturbation)
 
 
-def save_adapted_sam(sam: Sam, branch: str, run_dir: Path) -> Path:
-    """Write the SAM adapted as ``branch`` into ``run_dir`` and return the file. In-block LoRA merges into a plain
-    SAM state dict (``sam.pth``, loadable by sam_model_registry); an output-placed branch has no plain form, so the
-    adapted module's own state dict is kept with the branch's name (``adapted_sam.pt``)."""
+def save_adapted_sam(sam: Sam, branch: str, run_dir: Path) -> None:
+    """Write the SAM adapted as ``branch`` into ``run_dir``. In-block LoRA merges into a plain SAM state dict
+    (``sam.pth``, loadable by sam_model_registry); an output-placed branch has no plain form, so the adapted
+    module's own state dict is kept with the branch's name (``adapted_sam.pt``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(sam.image_encoder, OutputLoRA):
-        path = run_dir / "adapted_sam.pt"
         adapted = {"selected_branch": branch, "state_dict": sam.state_dict()}
-        write_atomically(path, lambda temporary: torch.save(adapted, temporary))
+        write_atomically(run_dir / "adapted_sam.pt", lambda temporary: torch.save(adapted, temporary))
     else:
-        path = run_dir / "sam.pth"
-        save_sam_checkpoint(merged_sam(sam, branch), path)
-    return path
+        save_sam_checkpoint(merged_sam(sam, branch), run_dir / "sam.pth")
 
 
 def lora_modules(sam: Sam) -> list:
