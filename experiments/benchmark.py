@@ -147,8 +147,10 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_S
     # (> 0.88), set for vit_h, keep no mask. These filters were chosen on the region SAM's own held-out diverse
     # scenes (no target image) by `python -m experiments.sam_probe STAGES/seed0/region_sam --images 60 --everything
     # ...`, for the largest share of pixels under a mask inside the mask's best true region (coverage x purity):
-    # 64.8 masks per image, coverage 90.7%, purity 81.5% (iou > 0.5 / stability > 0.8: 10.7, 60.8%, 89.5%;
-    # > 0.7 / > 0.9: 2.3, 34.4%, 95.3%).
+    # with the 1200-step region SAM 64.8 masks per image, coverage 90.7%, purity 81.5% (iou > 0.5 / stability > 0.8:
+    # 10.7, 60.8%, 89.5%; > 0.7 / > 0.9: 2.3, 34.4%, 95.3%). The 4000-step one (today's) keeps them best: 64.9 masks,
+    # 97.4%, 89.3% (0.5 / 0.8 / 0.1: 31.4, 93.7%, 90.6%; 0.7 / 0.9 / 0.1: 10.5, 82.6%, 93.9%; vit_h's 0.88 / 0.95 /
+    # 1.0: 0.1, 3.1%, 99.6%).
     seco_sam = (
         "method.sam.variant=tiny",
         "method.sam.checkpoint={region_sam}",
