@@ -34,8 +34,8 @@ def compose_config(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-# The config groups a run picks from with GROUP=NAME (method and task are required).
-CHOSEN_GROUPS = ("method", "task", "arch", "model", "trainer", "logger")
+# The config groups a run picks from with GROUP=NAME (method and task are required; seco_psa only under seco).
+CHOSEN_GROUPS = ("method", "task", "arch", "model", "trainer", "logger", "seco_psa")
 
 
 def check_choices(argv: list[str]) -> str | None:

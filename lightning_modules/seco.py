@@ -7,7 +7,7 @@ them to ``method.label_dir``:
   1. pixel pseudo-labels y = argmax p of the base model in labelling mode (PSA's input);
   2. Pixel Semantic Aggregation: one SAM image-encoder pass per image; "stuff" classes by semantic
      alignment of SAM's everything-mode masks, "things" by one batched box + point prompt call over the
-     class's connected components;
+     class's connected components, painted over ignore (v1) or over the pixel labels (SeCoV2);
   3. Semantic Connectivity Correction: every connected component of the aggregated labels is a sample. A
      region classifier (official v1 ``SCC/``) is trained on windows around the components, its component mask
      applied to its stem features (gradients averaged over DDP ranks); its per-component loss, gathered over
@@ -232,12 +232,28 @@ class SeCo(SemanticSegmentationModule):
         if self.method["labels"] == "pixel":
             return
         sam_cfg, psa = self.method["sam"], self.method["psa"]
+        require_choice("method.psa.canvas", psa["canvas"], ("ignore", "pixel_labels"))
         sam = build_sam(sam_cfg["variant"], sam_cfg.get("checkpoint"), sam_cfg.get("image_size"), sam_cfg.get("tiny"))
         sam.to(self.device).eval().requires_grad_(False)
         predictor = SharedEmbeddingPredictor(sam)
         everything = SamAutomaticMaskGenerator(sam, **psa["everything_mode"])
         everything.predictor = predictor
-        self.psa_tools = {"predictor": predictor, "everything": everything}
+        self.psa_tools = {
+            "predictor": predictor,
+            "everything": everything,
+            "stuff_classes": self.classes_for_task(psa["stuff_classes"], "method.psa.stuff_classes"),
+            "thing_classes": self.classes_for_task(psa["thing_classes"], "method.psa.thing_classes"),
+        }
+
+    def classes_for_task(self, lists: dict, key: str) -> list[int]:
+        """PSA's class lists are given per class count (19 Cityscapes, 16 SYNTHIA); the task's count picks one."""
+        by_count = {int(count): classes for count, classes in lists.items()}
+        if self.num_classes not in by_count:
+            raise ConfigError(
+                f"{key} has lists for {sorted(by_count)} classes; this task has {self.num_classes}: "
+                f"add {key}.{self.num_classes}=[...]"
+            )
+        return list(by_count[self.num_classes])
 
     def cache_path(self, index: int) -> Path:
         return self.cache_dir / f"{index:06d}.npz"
@@ -319,12 +335,12 @@ class SeCo(SemanticSegmentationModule):
         predictor.set_image(image)
         self.timing["encoder_seconds"] += time.perf_counter() - started
         masks = np.stack([m["segmentation"] for m in everything.generate(image)] or [np.zeros(labels.shape, bool)])
+        canvas = labels.copy() if psa["canvas"] == "pixel_labels" else np.full(labels.shape, IGNORE_INDEX, np.int64)
+        stuff_classes, thing_classes = self.psa_tools["stuff_classes"], self.psa_tools["thing_classes"]
         aggregated = paint_in_order(
-            masks,
-            semantic_alignment(masks, labels, psa["stuff_classes"], psa["stuff_align_threshold"]),
-            np.full(labels.shape, IGNORE_INDEX, dtype=np.int64),
+            masks, semantic_alignment(masks, labels, stuff_classes, psa["stuff_align_threshold"]), canvas
         )
-        things = connected_components(labels, psa["thing_classes"], psa["min_thing_pixels"])
+        things = connected_components(labels, thing_classes, psa["min_thing_pixels"])
         if len(things):
             aggregated = paint_in_order(self.prompt_things(things, labels), things.classes, aggregated)
         predictor.release()

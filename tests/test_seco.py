@@ -41,7 +41,7 @@ from lightning_modules.networks.factory import build_network
 from lightning_modules.networks.region_classifier import RegionClassifier
 from lightning_modules.networks.sam import build_sam, save_sam_checkpoint
 from lightning_modules.panels import panel_size
-from tests.conftest import compose_config
+from tests.conftest import compose_config, method_module
 
 IGN = IGNORE_INDEX
 TINY_PSA = [
@@ -83,6 +83,43 @@ def test_semantic_alignment_votes_share_of_labelled_pixels_and_later_masks_win()
     painted = paint_in_order(masks, classes, np.full((4, 4), IGN, dtype=np.int64))
     assert (painted[:, :2] == 0).all() and (painted[:, 2:] == 8).all()
     assert semantic_alignment(masks[:1], labels, [0, 8], threshold=0.95).tolist() == [IGN]
+
+
+class OneMaskSam:
+    """A SAM stand-in for PSA: everything mode returns one mask over the left half; no encoder work."""
+
+    def __init__(self, shape):
+        self.mask = np.zeros(shape, bool)
+        self.mask[:, : shape[1] // 2] = True
+
+    def set_image(self, image):
+        pass
+
+    def release(self):
+        pass
+
+    def generate(self, image):
+        return [{"segmentation": self.mask}]
+
+
+@pytest.mark.parametrize("release, right_half", [("v1", IGN), ("v2", 3)])
+def test_psa_paints_masks_over_ignore_in_v1_and_over_the_pixel_labels_in_v2(release, right_half):
+    """v1 (PSA/seco_sam.py) starts from 255, SeCoV2 (PSA/seco_psa_v2.py) from a copy of the pixel labels."""
+    seco = method_module("seco", "synth2real", f"seco_psa={release}", "method.psa.stuff_align_threshold=0.5")
+    labels = np.full((4, 6), 3, dtype=np.int64)
+    labels[:, :2] = 0  # the mask's majority (2 of its 3 columns) is road
+    sam = OneMaskSam(labels.shape)
+    seco.psa_tools = {"predictor": sam, "everything": sam, "stuff_classes": [0, 3], "thing_classes": []}
+    aggregated = seco.pixel_semantic_aggregation(np.zeros((4, 6, 3), np.uint8), labels)
+    assert (aggregated[:, :3] == 0).all() and (aggregated[:, 3:] == right_half).all()
+
+
+def test_psa_class_lists_follow_the_tasks_class_count_and_an_unknown_count_is_refused():
+    seco = method_module("seco", "synth2real", "seco_psa=v2")
+    lists = {"19": [0, 1], "16": [2]}
+    assert seco.classes_for_task(lists, "method.psa.stuff_classes") == [0, 1]
+    with pytest.raises(ConfigError, match=r"method.psa.stuff_classes has lists for \[16\] classes; this task has 19"):
+        seco.classes_for_task({16: [2]}, "method.psa.stuff_classes")
 
 
 def test_thing_prompts_are_inside_their_component_and_boxes_grow_by_unclip():
