@@ -14,14 +14,15 @@ Protocol (both tasks): a source model is trained for ``--source-steps``; each ad
 starts from it for ``--adapt-steps``. The source-only row is that source model trained on source for
 the same ``--adapt-steps`` more, so every adapted row of a network has the same budget; the oracle is
 trained on target labels for the source model's budget. A finished run leaves ``benchmark.done`` (its
-command) in its directory and is reused while its command stays the same, so an interrupted benchmark continues
-where it stopped.
+command and a digest of the config that command composes) in its directory and is reused while both stay the same,
+so an interrupted benchmark continues where it stopped and a changed default runs its rows again.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import shutil
@@ -33,8 +34,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from experiments.plots import PlotRow, TaskPlot, plot_tasks
 from experiments.report import aggregate
+from experiments.run import compose_config
 from lightning_modules.progress import time_left
 
 
@@ -387,23 +391,31 @@ def command_line(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path
     ]
 
 
+def run_record(command: list) -> str:
+    """What ``benchmark.done`` holds: the command and a digest of the config it composes, so that a default changed
+    in a yaml since the run (the same command, another config) runs the row again."""
+    composed = OmegaConf.to_yaml(compose_config(list(command[3:])))
+    return " ".join(command[1:]) + "\nconfig " + hashlib.sha256(composed.encode()).hexdigest() + "\n"
+
+
 def finished(run_dir: Path, command: list) -> bool:
-    """Whether ``command`` ran to the end in ``run_dir`` (its ``benchmark.done`` records the command)."""
+    """Whether ``command`` ran to the end in ``run_dir`` with the config it composes today."""
     done = run_dir / "benchmark.done"
-    return done.is_file() and done.read_text() == " ".join(command[1:]) + "\n"
+    return done.is_file() and done.read_text() == run_record(command)
 
 
 def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, products: dict[str, str]) -> Path:
-    """One experiments.run command (skipped when the same command finished there before); returns its run
-    directory."""
+    """One experiments.run command (skipped when the same command, composing the same config, finished there
+    before); returns its run directory."""
     command = command_line(overrides, task, seed, run_dir, products)
     if finished(run_dir, command):
         return run_dir
+    done = run_dir / "benchmark.done"
     if run_dir.exists():
-        # An interrupted row, or one whose command has changed since it ran: a run refuses a folder that already
-        # holds a run, so it starts again from scratch.
-        changed = (run_dir / "benchmark.done").is_file()
-        print(f"  (removing {run_dir}: {'its command changed' if changed else 'unfinished'})", flush=True)
+        # An interrupted row, or one whose command or config has changed since it ran: a run refuses a folder that
+        # already holds a run, so it starts again from scratch.
+        why = "its command or config changed" if done.is_file() else "unfinished"
+        print(f"  (removing {run_dir}: {why})", flush=True)
         shutil.rmtree(run_dir)
     print("  $", " ".join(command[1:]), flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -411,7 +423,7 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
         completed = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT)
     if completed.returncode != 0:
         raise RuntimeError(f"run failed (exit {completed.returncode}); see {run_dir / 'stdout.log'}")
-    (run_dir / "benchmark.done").write_text(" ".join(command[1:]) + "\n")
+    done.write_text(run_record(command))
     return run_dir
 
 

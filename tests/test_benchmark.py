@@ -2,6 +2,7 @@
 method that does not beat source-only; its protocols only name methods and tasks that exist."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -289,6 +290,27 @@ def test_a_finished_run_is_reused_only_for_the_same_command(monkeypatch, tmp_pat
     assert len(calls) == 2 and "trainer.max_steps=200" in calls[1]
     assert not (run_dir / "stale.txt").exists()
     assert "trainer.max_steps=200" in (run_dir / "benchmark.done").read_text()
+
+
+def test_a_finished_run_is_run_again_when_a_default_it_composes_changed(monkeypatch, tmp_path):
+    """The same command after a method yaml changed a default (as seco's PSA release did) is not the same run."""
+    import experiments.run
+
+    configs = tmp_path / "configs"
+    shutil.copytree(experiments.run.CONFIG_DIR, configs)
+    monkeypatch.setattr(experiments.run, "CONFIG_DIR", configs)
+    calls = []
+    monkeypatch.setattr(
+        benchmark.subprocess, "run", lambda command, **_: calls.append(command) or type("R", (), {"returncode": 0})()
+    )
+    run_dir = tmp_path / "row"
+    benchmark.run(("+method=seco",), "synth2real", 0, run_dir, {})
+    benchmark.run(("+method=seco",), "synth2real", 0, run_dir, {})
+    assert len(calls) == 1
+    v2 = configs / "seco_psa" / "v2.yaml"
+    v2.write_text(v2.read_text().replace("stuff_align_threshold: 0.1", "stuff_align_threshold: 0.15"))
+    benchmark.run(("+method=seco",), "synth2real", 0, run_dir, {})
+    assert len(calls) == 2 and calls[0] == calls[1]
 
 
 def test_the_pseudo_label_quality_table_averages_each_rule_over_seeds():
