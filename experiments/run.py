@@ -34,8 +34,10 @@ def compose_config(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-# The config groups a run picks from with GROUP=NAME (method and task are required; seco_psa only under seco).
+# The config groups a run picks from with GROUP=NAME (method and task are required).
 CHOSEN_GROUPS = ("method", "task", "arch", "model", "trainer", "logger", "seco_psa")
+# Groups that only one method's config has: choosing them under another method is refused by name.
+METHOD_GROUPS = {"seco_psa": "seco"}
 
 
 def check_choices(argv: list[str]) -> str | None:
@@ -49,6 +51,10 @@ def check_choices(argv: list[str]) -> str | None:
         unknown = [v for v in values[-1].split(",") if v not in available(group)] if values else []
         if unknown and "(" not in values[-1]:
             return f"Unknown {group} '{unknown[0]}'; available: {choices}."
+    methods = [a.split("=", 1)[1] for a in argv if a.startswith("+method=")]
+    for group, owner in METHOD_GROUPS.items():
+        if any(a.startswith(f"{group}=") for a in argv) and methods and methods[-1] != owner:
+            return f"{group} is a setting of +method={owner}, not of +method={methods[-1]}."
     return None
 
 

@@ -79,6 +79,11 @@ def test_missing_or_unknown_choice_is_one_sentence():
     assert check_choices([*chosen, "arch=segformer", "model=tiny", "logger=csv", "model.sam_checkpoint=x"]) is None
     assert check_choices(["-m", "+method=source_only,tmt", "+task=synth2real"]) is None  # a multirun's list
     assert check_choices(["-m", "+method=source_only,tmtt", "+task=synth2real"]).startswith("Unknown method 'tmtt'")
+    seco = ["+method=seco", "+task=synth2real"]
+    assert check_choices([*seco, "seco_psa=v1"]) is None
+    assert check_choices([*seco, "seco_psa=v3"]) == "Unknown seco_psa 'v3'; available: v1, v2."
+    wrong_method = "seco_psa is a setting of +method=seco, not of +method=source_only."
+    assert check_choices([*chosen, "seco_psa=v1"]) == wrong_method
 
 
 def test_an_unknown_config_key_is_one_sentence_with_the_nearest_keys():
