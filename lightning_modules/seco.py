@@ -15,7 +15,8 @@ them to ``method.label_dir``:
      GMM), and kept components take its prediction. ``method.scc.scorer=segmenter`` scores with the base
      model's mask-pooled logits instead.
 ``method.labels=pixel`` skips PSA and SCC and writes the base model's own thresholded pixel labels: the
-self-training the plug-in claim compares against, on the same base and budget.
+self-training the plug-in claim compares against, on the same base and budget. ``method.labels=psa`` writes the
+PSA labels with no SCC (the paper's PSA-only ablation).
 Per image the PSA result is cached (atomically) so an interrupted run resumes; final labels are written
 to a temporary name and renamed, and finished files are never rewritten. Pixel accuracy / mIoU of the
 labels before PSA, after PSA and after SCC are measured against the target train labels where the
@@ -173,7 +174,7 @@ class SeCo(SemanticSegmentationModule):
     # ----------------------------------------------------------------- stage=pseudo_label
     def run_pseudo_label(self, trainer) -> dict:
         method = self.method
-        require_choice("method.labels", method["labels"], ("seco", "pixel"))
+        require_choice("method.labels", method["labels"], ("seco", "psa", "pixel"))
         require_choice("method.scc.scorer", method["scc"]["scorer"], ("classifier", "segmenter"))
         require_choice("method.scc.split", method["scc"]["split"], ("quantile", "class_rank", "gmm"))
         if self.method["psa"]["everything_mode"].get("crop_n_layers", 0) != 0:
@@ -432,7 +433,7 @@ class SeCo(SemanticSegmentationModule):
     ) -> np.ndarray:
         """The final class of every component (ignore = dropped) under ``method.scc.split``."""
         scc = self.method["scc"]
-        if self.method["labels"] == "pixel":
+        if self.method["labels"] in ("pixel", "psa"):
             return classes
         if scc["split"] == "quantile":
             rule = scc["quantile"]

@@ -362,6 +362,21 @@ def test_pixel_labels_are_the_base_models_own_labels_unchanged(pseudo_label_run,
     assert results["components"]["relabelled"] == 0 and not (tmp_path / "labels" / "scc").exists()
 
 
+def test_psa_labels_are_written_without_scc(pseudo_label_run, tmp_path):
+    """labels=psa (the paper's PSA-only ablation) writes PSA's labels: every component kept as labelled, no
+    region classifier."""
+    from experiments.run import execute
+
+    root, overrides, _ = pseudo_label_run
+    psa_only = [o for o in overrides if not o.startswith("method.label_dir")]
+    psa_only += [f"method.label_dir={tmp_path / 'labels'}", "method.labels=psa"]
+    results = execute(compose_config("seco", "synth2real", tmp_path / "run", *psa_only))
+    metrics = results["metrics"]
+    assert metrics["psa"] == metrics["scc"] and results["psa_images"] == 6
+    assert results["components"]["kept"] == results["components"]["total"] > 0
+    assert results["components"]["relabelled"] == 0 and not (tmp_path / "labels" / "scc").exists()
+
+
 def test_a_label_dir_of_another_producer_is_refused_and_empty_labels_fail(pseudo_label_run, tmp_path):
     from experiments.run import execute
 
