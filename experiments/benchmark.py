@@ -167,9 +167,14 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_S
         "method.psa.everything_mode.min_mask_region_area=8",
     )
     # SeCo as a plug-in: the same self-training (seco's training stage, same budget) on the base model's own
-    # labels (labels=pixel at mt_metric's threshold 0.9) and on SeCo's labels, for two bases, UDA and source-free.
+    # labels (labels=pixel at mt_metric's threshold 0.9) and on SeCo's labels, for two bases, UDA and source-free;
+    # with --ablations also on PSA's labels alone (labels=psa, SCC skipped: the paper's PSA-only ablation).
     seco_bases = {"source_only": "source", "mt_metric": "mt_metric_base"}
-    seco_labels = {"base labels": ("method.labels=pixel", "method.pixel_threshold=0.9"), "SeCo labels": seco_sam}
+    seco_labels = {
+        "base labels": ("method.labels=pixel", "method.pixel_threshold=0.9"),
+        "SeCo labels": seco_sam,
+        "PSA labels": (*seco_sam, "method.labels=psa"),
+    }
     seco_stages = tuple(
         Stage(
             label_stage(base, kind),
@@ -195,6 +200,7 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_S
                 *streams,
                 adapt,
             ),
+            ablation=kind == "PSA labels",
         )
         for base_name, base in seco_bases.items()
         for setting, streams in (("UDA", ()), ("source-free", ("method.streams=[pl]",)))
@@ -363,7 +369,8 @@ COMMON = ("logger=csv", "trainer.enable_progress_bar=false")
 
 
 def label_stage(base: str, kind: str) -> str:
-    """Name of the stage that writes ``kind`` labels ("base labels" / "SeCo labels") from the ``base`` stage."""
+    """Name of the stage that writes ``kind`` labels ("base labels" / "SeCo labels" / "PSA labels") from the ``base``
+    stage."""
     return f"{slug(kind).lower()}_of_{base}"
 
 
