@@ -405,17 +405,20 @@ def run_record(command: list) -> str:
     return " ".join(command[1:]) + "\nconfig " + hashlib.sha256(composed.encode()).hexdigest() + "\n"
 
 
-def finished(run_dir: Path, command: list) -> bool:
-    """Whether ``command`` ran to the end in ``run_dir`` with the config it composes today."""
+def finished(run_dir: Path, record: str) -> bool:
+    """Whether the run of ``record`` (``run_record`` of its command) ran to the end in ``run_dir``."""
     done = run_dir / "benchmark.done"
-    return done.is_file() and done.read_text() == run_record(command)
+    return done.is_file() and done.read_text() == record
 
 
 def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, products: dict[str, str]) -> Path:
     """One experiments.run command (skipped when the same command, composing the same config, finished there
     before); returns its run directory."""
     command = command_line(overrides, task, seed, run_dir, products)
-    if finished(run_dir, command):
+    # Composed once, before the run: the record names the config the run starts with, even if a yaml is edited
+    # while it runs.
+    record = run_record(command)
+    if finished(run_dir, record):
         return run_dir
     done = run_dir / "benchmark.done"
     if run_dir.exists():
@@ -430,7 +433,7 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
         completed = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT)
     if completed.returncode != 0:
         raise RuntimeError(f"run failed (exit {completed.returncode}); see {run_dir / 'stdout.log'}")
-    done.write_text(run_record(command))
+    done.write_text(record)
     return run_dir
 
 
@@ -499,7 +502,7 @@ def run_protocol(
             if missing:
                 raise RuntimeError(f"prerequisite stage {', '.join(sorted(missing))} failed")
             reused = not row.per_prompt and finished(
-                run_dir, command_line(row.commands[-1], protocol.task, seed, run_dir, products)
+                run_dir, run_record(command_line(row.commands[-1], protocol.task, seed, run_dir, products))
             )
             if row.per_prompt:
                 result = prompt_wise_result(row, protocol, seed, run_dir, products)
