@@ -64,8 +64,8 @@ class LabelledFraction(Dataset):
         pairs = self.dataset.file_pairs()
         return [pairs[i] for i in self.indices]
 
-    def verify_item(self, index: int) -> None:
-        self.dataset.verify_item(self.indices[index])
+    def verify_item(self, index: int) -> str | None:
+        return self.dataset.verify_item(self.indices[index])
 
     def train_ids(self, index: int) -> np.ndarray:
         return self.dataset.train_ids(self.indices[index])

@@ -66,35 +66,52 @@ def digest(lines) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def cached_pass(cache_file: Path, signature: str) -> bool:
-    """A cache entry that cannot be read (half-written by another rank, edited) only means checking again."""
+def cached_pass(cache_file: Path, signature: str) -> list[str] | None:
+    """The notes of a cached pass, or None: an entry that cannot be read (half-written by another rank, edited)
+    only means checking again."""
     try:
-        return json.loads(cache_file.read_text())["signature"] == signature
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        entry = json.loads(cache_file.read_text())
+        return list(entry.get("notes", [])) if entry["signature"] == signature else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
-def record_pass(cache_file: Path, signature: str, items: int) -> None:
+def record_pass(cache_file: Path, signature: str, items: int, notes: list[str]) -> None:
     """A failed write costs the next run a full check, never this run: it is logged, not raised."""
-    content = json.dumps({"signature": signature, "items": items, "checks_version": CHECKS_VERSION})
+    content = json.dumps({"signature": signature, "items": items, "checks_version": CHECKS_VERSION, "notes": notes})
     try:
         write_atomically(cache_file, lambda temporary: temporary.write_text(content))
     except OSError as error:
         log.warning("could not cache the data check in %s (%s); the next run checks again", cache_file, error)
 
 
-def find_problems(dataset: Dataset, workers: int | None) -> list[str]:
-    """Each item's first problem, in item order; decoding releases the GIL, so threads overlap I/O and decoding."""
+def find_problems(dataset: Dataset, workers: int | None) -> tuple[list[str], list[str]]:
+    """Each item's first problem and each item's note (a label the reader resizes to its image), in item order;
+    decoding releases the GIL, so threads overlap I/O and decoding."""
 
-    def problem(index: int) -> str | None:
+    def check(index: int) -> tuple[str | None, str | None]:
         try:
-            dataset.verify_item(index)
+            return None, dataset.verify_item(index)
         except DatasetLayoutError as error:
-            return str(error)
-        return None
+            return str(error), None
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [message for message in pool.map(problem, range(len(dataset))) if message is not None]
+        results = list(pool.map(check, range(len(dataset))))
+    return [p for p, _ in results if p is not None], [n for _, n in results if n is not None]
+
+
+def shown(messages: list[str]) -> str:
+    return " | ".join(messages[:MAX_REPORTED]) + (" | ..." if len(messages) > MAX_REPORTED else "")
+
+
+def log_resized_labels(name: str, notes: list[str]) -> None:
+    if notes:
+        log.warning(
+            "data check of %s: %d labels are a few pixels off their image's size and are resized to it (nearest): %s",
+            name,
+            len(notes),
+            shown(notes),
+        )
 
 
 def verify_dataset(dataset: Dataset, split: str, data_root: str | Path | None, workers: int | None = None) -> None:
@@ -108,12 +125,16 @@ def verify_dataset(dataset: Dataset, split: str, data_root: str | Path | None, w
         stats = list(pool.map(stat_line, paths))
     signature = digest([f"checks {CHECKS_VERSION}", *stats])
     cache_file = cache_directory(data_root) / f"{type(dataset).__name__}-{digest(map(str, paths))[:16]}.json"
-    if cached_pass(cache_file, signature):
+    notes = cached_pass(cache_file, signature)
+    if notes is not None:
         log.info("data check of %s: unchanged since it passed (%s)", name, cache_file)
+        log_resized_labels(name, notes)
         return
-    problems = find_problems(dataset, workers)
+    problems, notes = find_problems(dataset, workers)
     if problems:
-        shown = " | ".join(problems[:MAX_REPORTED]) + (" | ..." if len(problems) > MAX_REPORTED else "")
-        raise DatasetLayoutError(f"data check of {name} failed for {len(problems)} of {len(dataset)} items: {shown}")
-    record_pass(cache_file, signature, len(dataset))
+        raise DatasetLayoutError(
+            f"data check of {name} failed for {len(problems)} of {len(dataset)} items: {shown(problems)}"
+        )
+    log_resized_labels(name, notes)
+    record_pass(cache_file, signature, len(dataset), notes)
     log.info("data check of %s: %d items passed in %.1f s", name, len(dataset), time.perf_counter() - started)

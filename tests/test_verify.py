@@ -244,3 +244,41 @@ def test_broken_dataset_stops_prompted_setup(tmp_path):
     with pytest.raises(DatasetLayoutError, match=re.escape(expected)):
         build_prompted_datamodule(cfg).setup("fit")
     assert len(list((tmp_path / "data/.verify_cache").glob("KvasirSEG-*.json"))) == 1  # the train split passed
+
+
+def gta5_frame_pair(root, image_size, label_size):
+    """One GTA5 pair: an image of image_size (h, w) and a label of label_size, road left of the middle, sky right."""
+    write(root / "images/00001.png", np.zeros((*image_size, 3), np.uint8))
+    h, w = label_size
+    ids = np.where(np.arange(w) < w // 2, 7, 23).astype(np.uint8)[None].repeat(h, 0)
+    label = root / "labels/00001.png"
+    label.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ids, "L").save(label)
+    return label
+
+
+def test_gta5_label_a_few_pixels_off_is_resized_to_its_image_and_named_on_every_check(tmp_path, caplog):
+    root = tmp_path / "GTA5"
+    label = gta5_frame_pair(root, (100, 200), (98, 197))
+    for _ in range(2):  # the second check is the cached pass: the warning is repeated from the cache
+        caplog.clear()
+        verify_dataset(GTA5(root), "train", tmp_path)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert "1 labels are a few pixels off their image's size" in warning
+        assert f"{label} (197x98, image 200x100)" in warning
+    mask = GTA5(root)[0]["mask"]
+    assert mask.shape == (100, 200)
+    assert (mask[:, :99] == 0).all() and (mask[:, 101:] == 10).all()  # road, sky: the border moved with the resize
+
+
+def test_gta5_label_of_another_size_is_still_an_error_and_other_datasets_allow_no_difference(tmp_path):
+    root = tmp_path / "GTA5"
+    label = gta5_frame_pair(root, (100, 200), (95, 200))  # 5% of the height
+    with pytest.raises(DatasetLayoutError, match=re.escape(f"label {label} is 200x95 but its image")):
+        verify_dataset(GTA5(root), "train", tmp_path)
+    with raises_naming(label):
+        GTA5(root)[0]
+    city = cityscapes(tmp_path / "cityscapes")
+    write(cityscapes_label(city), np.full((H, W - 1), 7, np.uint8))
+    with raises_naming(cityscapes_label(city)):
+        Cityscapes(city)[1]

@@ -161,6 +161,18 @@ def check_same_size(image: tuple[int, int], label: tuple[int, int], image_path: 
         )
 
 
+def fit_label_to_image(
+    label: np.ndarray, image: tuple[int, int], image_path: Path, label_path: Path, tolerance: float
+) -> np.ndarray:
+    """``label`` resized (nearest) to the image's (height, width) where each side differs by at most ``tolerance`` of
+    the image's (a release quirk the dataset declares); any other difference is ``check_same_size``'s error."""
+    close = all(abs(side - want) <= tolerance * want for side, want in zip(label.shape[:2], image))
+    if label.shape[:2] != image and close:
+        return cv2.resize(label, (image[1], image[0]), interpolation=cv2.INTER_NEAREST)
+    check_same_size(image, label.shape[:2], image_path, label_path)
+    return label
+
+
 def lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
     """Dense id -> train id table (uint8: masks stay one byte a pixel until they become tensors); ids not in
     ``mapping`` become IGNORE_INDEX."""
@@ -214,6 +226,8 @@ class SemanticDataset(Dataset):
     ``unlabelled()`` is the same images without masks, for streams that never use them (no label is read)."""
 
     layout: str = ""
+    # How far (a share of each side) a label's size may be off its image's and still be resized to it; 0 = equal sizes.
+    label_size_tolerance: float = 0.0
 
     def __init__(self, pairs: list[tuple[Path, Path]], to_train_ids: IdMapper):
         self.pairs = pairs
@@ -237,7 +251,7 @@ class SemanticDataset(Dataset):
         if label_path is None:
             return {"image": image, "mask": np.full(image.shape[:2], IGNORE_INDEX, np.uint8), "meta": meta}
         label = self.to_train_ids(self.read_raw_label(label_path), label_path)
-        check_same_size(image.shape[:2], label.shape, image_path, label_path)
+        label = fit_label_to_image(label, image.shape[:2], image_path, label_path, self.label_size_tolerance)
         return {"image": image, "mask": label, "meta": meta}
 
     def read_raw_label(self, path: Path) -> np.ndarray:
@@ -254,15 +268,19 @@ class SemanticDataset(Dataset):
         """Every (image, label) file an epoch reads; the pre-flight check keys its cache on them."""
         return list(self.pairs)
 
-    def verify_item(self, index: int) -> None:
-        """What ``__getitem__`` would refuse, with the image read from its header only (datamodules/verify.py)."""
+    def verify_item(self, index: int) -> str | None:
+        """What ``__getitem__`` would refuse, with the image read from its header only (datamodules/verify.py);
+        returns a note where the label will be resized to its image."""
         image_path, label_path = self.pairs[index]
         size = image_size(image_path)
         if label_path is None:
-            return
+            return None
         label = self.read_raw_label(require_pair(image_path, label_path, self.layout))
         self.to_train_ids.check(label, label_path)
-        check_same_size(size, label.shape[:2], image_path, label_path)
+        if label.shape[:2] == size:
+            return None
+        fit_label_to_image(label, size, image_path, label_path, self.label_size_tolerance)
+        return f"{label_path} ({label.shape[1]}x{label.shape[0]}, image {size[1]}x{size[0]})"
 
 
 class InstanceDataset(Dataset):
