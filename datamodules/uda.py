@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.datasets import SemanticDataset, build_from_spec
 from datamodules.datasets.pseudo_labelled import PseudoLabelled
-from datamodules.errors import ConfigError
+from datamodules.errors import ConfigError, DatasetLayoutError
 from datamodules.loading import (
     ResumableLoader,
     TransformedDataset,
@@ -135,6 +135,12 @@ class UDADataModule(L.LightningDataModule):
         labelled_fraction: float | None = None,
     ) -> Dataset:
         dataset = build_from_spec(spec, split)
+        unlabelled = isinstance(dataset, SemanticDataset) and not any(label for _, label in dataset.file_pairs())
+        if labelled and label_dir is None and unlabelled:
+            raise DatasetLayoutError(
+                f"{spec['name']} split '{split}' under {spec.get('root')} has no labels (released without them); "
+                "the val split and labelled streams need a labelled split"
+            )
         if labelled_fraction is not None:
             dataset = LabelledFraction(dataset, labelled_fraction)
         if self.verify:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -28,6 +29,7 @@ from datamodules.datasets.ocid import OCID
 from datamodules.datasets.synthia import Synthia
 from datamodules.datasets.voc import PascalVOC
 from datamodules.errors import DatasetLayoutError
+from datamodules.uda import UDADataModule
 
 H, W = 8, 12
 
@@ -90,6 +92,35 @@ def test_cityscapes_maps_label_ids_to_train_ids(cityscapes):
     assert item["meta"]["path"].endswith("aachen_000000_000019_leftImg8bit.png")
 
 
+def test_hidden_files_beside_the_data_are_not_items(cityscapes):
+    """A tree copied from a Mac has a ._NAME resource fork beside every file; Path.glob matches them."""
+    for folder, name in [
+        ("leftImg8bit", "aachen_000000_000019_leftImg8bit.png"),
+        ("gtFine", "aachen_000000_000019_gtFine_labelIds.png"),
+    ]:
+        (cityscapes / f"{folder}/train/aachen/._{name}").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    dataset = Cityscapes(cityscapes)
+    assert len(dataset) == 2 and not any(path.name.startswith(".") for pair in dataset.file_pairs() for path in pair)
+    (cityscapes / "gtFine/train/aachen/._aachen_000000_000019_gtFine_labelIds.png").unlink()
+    assert len(Cityscapes(cityscapes)) == 2
+
+
+def test_cityscapes_test_split_is_unlabelled_and_refused_where_labels_are_needed(cityscapes):
+    """The released gtFine/test maps are placeholders: scoring them would score nothing."""
+    for city, frame in [("berlin", "berlin_000000_000019")]:
+        write(cityscapes / f"leftImg8bit/test/{city}/{frame}_leftImg8bit.png", image())
+        write(cityscapes / f"gtFine/test/{city}/{frame}_gtFine_labelIds.png", np.zeros((H, W), np.uint8))
+    test = Cityscapes(cityscapes, "test")
+    assert test.file_pairs()[0][1] is None and (test[0]["mask"] == 255).all()
+    spec = {"name": "cityscapes", "root": str(cityscapes), "split": "train", "resize": [H, W]}
+    val = {**spec, "split": "test"}
+    module = UDADataModule(spec, spec, val, streams=("src",), crop_size=(H, W), batch_size=1, num_workers=0)
+    with pytest.raises(
+        DatasetLayoutError, match=re.escape(f"cityscapes split 'test' under {cityscapes} has no labels")
+    ):
+        module.setup("fit")
+
+
 def test_unlabelled_view_reads_no_label(cityscapes):
     dataset = Cityscapes(cityscapes, "train")
     (cityscapes / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png").unlink()
@@ -124,7 +155,7 @@ def test_corrupt_image_is_named(cityscapes):
 
 def test_truncated_png_label_is_named(cityscapes):
     label = truncate(cityscapes / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png")
-    with pytest.raises(DatasetLayoutError, match=re.escape(f"{label} is truncated: it does not end with the IEND")):
+    with pytest.raises(DatasetLayoutError, match=re.escape(f"{label} is truncated: its last 4096 bytes hold no IEND")):
         Cityscapes(cityscapes)[0]
 
 
@@ -215,10 +246,12 @@ def box(x0, y0, x1, y1):
 @pytest.fixture
 def coco(tmp_path):
     images, annotations = [], []
-    for image_id in range(1, 9):
+    for image_id in range(1, 10):
         name = f"{image_id:012d}.jpg"
         write(tmp_path / "val2017" / name, image())
         images.append({"id": image_id, "file_name": name, "height": H, "width": W})
+        if image_id == 3:  # an image with no annotation
+            continue
         annotations.append(
             {
                 "id": 10 * image_id,
@@ -249,11 +282,14 @@ def coco(tmp_path):
     return tmp_path
 
 
-def test_coco_instances_split_and_dropped_images(coco, caplog):
+def test_coco_split_over_all_ids_then_unannotated_images_dropped_crowds_kept(coco, caplog):
+    """WeSAM's order: the 6:1 split over the 9 sorted ids holds out id 7 (dropping id 3 first would hold out id 8)."""
     with caplog.at_level(logging.WARNING):
         train, val = COCO(coco, "train"), COCO(coco, "val")
-    assert "COCO: dropped 1 of 8 images" in caplog.text  # image 8 has only a crowd annotation
-    assert (len(train), len(val)) == (6, 1)
+    assert "COCO train: dropped 1 of 8 images with no annotation" in caplog.text
+    assert [Path(item[0]).stem for item in val.items] == ["000000000007"]
+    assert [int(Path(item[0]).stem) for item in train.items] == [1, 2, 4, 5, 6, 8, 9]
+    assert train[5]["instances"].shape == (1, H, W)  # image 8's only annotation is a crowd region
     instances = train[0]["instances"]
     assert instances.shape == (2, H, W) and instances.dtype == np.uint8
     assert instances[0, 3, 3] == 1 and instances[0, 7, 11] == 0 and instances[1, 6, 9] == 1
@@ -295,6 +331,25 @@ def test_camo_uses_its_folders_and_drops_empty_gt(tmp_path, caplog):
     assert len(CAMO(tmp_path, "test")) == len(CAMO(tmp_path, "val")) == 1
 
 
+def test_camo_and_cod10k_drop_gt_of_another_size_and_keep_the_stored_pixel_grid(tmp_path, caplog):
+    """As WeSAM reads them (PIL): a GT of another size than its image is dropped, and an EXIF orientation is not
+    applied, so the GT stays on the pixels it was drawn on."""
+    for stem in ("camourflage_00001", "camourflage_00002"):
+        picture = np.zeros((H, W, 3), np.uint8)
+        picture[:, W // 2 :] = 255  # the object is the bright right half, as its GT says
+        exif = Image.new("RGB", (1, 1)).getexif()
+        exif[0x0112] = 3  # shown rotated by 180 degrees
+        (tmp_path / "Images/Train").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(tmp_path / f"Images/Train/{stem}.jpg", exif=exif.tobytes(), quality=100)
+    write(tmp_path / "GT/camourflage_00001.png", id_map(0, 255))
+    write(tmp_path / "GT/camourflage_00002.png", np.full((H + 1, W), 255, np.uint8))
+    with caplog.at_level(logging.WARNING):
+        camo = CAMO(tmp_path, "train")
+    assert "CAMO: dropped 1 of 2 images whose GT map is not the image's size" in caplog.text
+    item = camo[0]
+    assert len(camo) == 1 and item["image"][item["instances"][0] == 1].min() > 200
+
+
 def test_cod10k_split_and_missing_gt(tmp_path):
     for index in range(5):
         write(tmp_path / f"Test/Image/COD10K-CAM-{index}.jpg", image())
@@ -330,17 +385,20 @@ def test_truncated_kvasir_jpegs_are_named_not_decoded_in_part(tmp_path):
     picture, truncated_mask = truncate(tmp_path / "images/cju0.jpg"), truncate(tmp_path / "masks/cju1.jpg", 0.7)
     dataset = KvasirSEG(tmp_path, "train")
     for index, path in enumerate((picture, truncated_mask)):
-        with pytest.raises(DatasetLayoutError, match=re.escape(f"{path} is truncated: it does not end with the EOI")):
+        with pytest.raises(
+            DatasetLayoutError, match=re.escape(f"{path} is truncated: its last 4096 bytes hold no EOI")
+        ):
             dataset[index]
 
 
-def test_jpeg_zero_padding_after_the_end_marker_is_accepted(tmp_path):
+@pytest.mark.parametrize("trailer", [bytes(512), b"SEFT" + bytes(range(256)) * 2], ids=["zeros", "camera trailer"])
+def test_bytes_after_the_jpeg_end_marker_are_accepted(tmp_path, trailer):
     for index in range(2):
         write(tmp_path / f"images/cju{index}.jpg", image())
         write(tmp_path / f"masks/cju{index}.jpg", id_map(0, 255))
     padded = tmp_path / "images/cju0.jpg"
-    padded.write_bytes(padded.read_bytes() + bytes(512))
-    assert KvasirSEG(tmp_path, "train")[0]["instances"].shape == (1, H, W)
+    padded.write_bytes(padded.read_bytes() + trailer)
+    assert (KvasirSEG(tmp_path, "train")[0]["image"] == KvasirSEG(tmp_path, "train")[1]["image"]).all()
 
 
 def test_kvasir_layout_errors_name_the_path(tmp_path):
@@ -353,6 +411,18 @@ def test_kvasir_layout_errors_name_the_path(tmp_path):
     mask = write(tmp_path / "masks/cju0.jpg", np.full((H, W + 2), 255, np.uint8))
     with raises_naming(mask):
         KvasirSEG(tmp_path)[0]
+
+
+def test_ocid_frames_with_no_object_are_dropped_before_the_split(tmp_path, caplog):
+    for index in range(8):
+        write(tmp_path / f"YCB10/floor/bottom/seq01/rgb/result_{index}.png", image())
+        labels = id_map(0, 1, 2 + index % 4, dtype=np.uint16) if index else id_map(0, 1, dtype=np.uint16)
+        write(tmp_path / f"YCB10/floor/bottom/seq01/label/result_{index}.png", labels)
+    with caplog.at_level(logging.WARNING):
+        train, val = OCID(tmp_path, "train"), OCID(tmp_path, "val")
+    assert "OCID: dropped 1 of 8 frames with no object" in caplog.text
+    assert [Path(item[0]).stem for item in val.items] == ["result_7"]  # the 7th of the 7 frames left
+    assert len(train) == 6 and all(len(train[i]["instances"]) == 1 for i in range(6))
 
 
 def test_ocid_background_ids_depend_on_table_sequences(tmp_path):
@@ -398,6 +468,20 @@ def test_nthu_train_is_unlabelled_and_test_maps_the_13_classes(nthu):
     # 7 road -> 0, 19 traffic light -> 6, 22 terrain (not annotated by NTHU) -> ignore, 32 motorcycle -> 17
     assert len(test) == 1 and test[0]["mask"][0].tolist() == [0] * 3 + [6] * 3 + [255] * 3 + [17] * 3
     assert len(NTHUCrossCity(nthu, "val", city="Rome")) == 1
+
+
+def test_nthu_png_test_images_and_palette_labels(nthu):
+    """Some copies of the release hold a city's test images as .png (one per name, the .jpg where both are left)."""
+    rio = nthu / "Rio"
+    write(rio / "Images/Test/pic_100.png", image())
+    write(rio / "Images/Test/pic_101.png", image())
+    write(rio / "Images/Test/pic_101.jpg", image())
+    (rio / "Images/Test/notes.txt").write_text("not an image")
+    write_palette(rio / "Labels/Test/pic_100_eval.png", id_map(7, 19, 22, 32))
+    write(rio / "Labels/Test/pic_101_eval.png", id_map(7, 19, 22, 32))
+    test = NTHUCrossCity(nthu, "test", city="Rio")
+    assert [image.name for image, _ in test.file_pairs()] == ["pic_100.png", "pic_101.jpg"]
+    assert test[0]["mask"][0].tolist() == test[1]["mask"][0].tolist() == [0] * 3 + [6] * 3 + [255] * 3 + [17] * 3
 
 
 def test_nthu_layout_errors_name_the_path_or_key(nthu):

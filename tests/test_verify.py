@@ -150,7 +150,7 @@ def test_header_size_follows_the_exif_orientation_as_opencv_does(tmp_path):
 def counted_header_reads(monkeypatch):
     calls = []
     header = base.image_size
-    monkeypatch.setattr(base, "image_size", lambda path: calls.append(path) or header(path))
+    monkeypatch.setattr(base, "image_size", lambda path, *orientation: calls.append(path) or header(path, *orientation))
     return calls
 
 

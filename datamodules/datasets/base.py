@@ -33,7 +33,9 @@ def require_dir(path: Path, layout: str) -> Path:
 
 
 def find_files(directory: Path, pattern: str, layout: str) -> list[Path]:
-    files = sorted(directory.glob(pattern))
+    """The files matching ``pattern``; hidden names (macOS ``._*`` resource forks beside every file copied from a
+    Mac, ``.DS_Store``) are not data, though ``Path.glob`` matches them."""
+    files = sorted(path for path in directory.glob(pattern) if not path.name.startswith("."))
     if not files:
         raise DatasetLayoutError(f"no files matching '{pattern}' under {directory}; expected layout: {layout}")
     return files
@@ -46,7 +48,8 @@ def require_pair(image: Path, label: Path, layout: str) -> Path:
 
 
 # A truncated PNG or JPEG still decodes in part (libjpeg fills the missing rows with grey and only warns), so a
-# file of these formats must end with its end marker; zero bytes after it (padding) are allowed up to TAIL_BYTES.
+# file of these formats must hold its end marker within its last TAIL_BYTES: bytes after it (padding, a trailer some
+# cameras and web tools append to JPEGs) are allowed, and decoders ignore them.
 TAIL_BYTES = 4096
 END_MARKERS = {  # magic number at the start -> (format, end marker, the marker's name)
     b"\x89PNG\r\n\x1a\n": ("PNG", b"\x00\x00\x00\x00IEND\xaeB`\x82", "IEND chunk"),
@@ -65,13 +68,13 @@ def unreadable(path: Path, error: OSError) -> DatasetLayoutError:
 
 
 def check_complete(path: Path, head: bytes, tail: bytes) -> None:
-    """Refuse an empty file, and a PNG or JPEG (told by its magic number) that lacks its end marker."""
+    """Refuse an empty file, and a PNG or JPEG (told by its magic number) whose tail lacks its end marker."""
     if not head:
         raise DatasetLayoutError(f"{path} is empty; expected an image file")
     for magic, (kind, marker, name) in END_MARKERS.items():
-        if head.startswith(magic) and not tail.rstrip(b"\x00").endswith(marker):
+        if head.startswith(magic) and marker not in tail:
             raise DatasetLayoutError(
-                f"{path} is truncated: it does not end with the {name}; expected a complete {kind} file"
+                f"{path} is truncated: its last {TAIL_BYTES} bytes hold no {name}; expected a complete {kind} file"
             )
 
 
@@ -90,8 +93,10 @@ def decode(path: Path, flags: int) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(read_complete(path), np.uint8), flags)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    image = decode(path, cv2.IMREAD_COLOR)
+def read_rgb(path: Path, exif_orientation: bool = True) -> np.ndarray:
+    """RGB uint8; ``exif_orientation=False`` keeps the stored pixel grid of a JPEG with an EXIF orientation (as PIL's
+    ``Image.open(...).convert("RGB")`` reads it), for label maps drawn on that grid."""
+    image = decode(path, cv2.IMREAD_COLOR if exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DatasetLayoutError(f"{path} cannot be decoded as an image (corrupt or not an image file)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -104,11 +109,12 @@ def read_label(path: Path, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     return label
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) of ``read_rgb(path)`` from the header, for pre-flight checks without decoding the pixels.
+def image_size(path: Path, exif_orientation: bool = True) -> tuple[int, int]:
+    """(height, width) of ``read_rgb(path, exif_orientation)`` from the header, for pre-flight checks without decoding
+    the pixels.
 
     The file is checked complete as the readers check it. OpenCV turns a JPEG by its EXIF orientation, so a
-    transposing orientation swaps the header's size.
+    transposing orientation swaps the header's size (unless the orientation is ignored).
     """
     try:
         handle = open(path, "rb")
@@ -125,7 +131,7 @@ def image_size(path: Path) -> tuple[int, int]:
                 turned = image.format == "JPEG" and image.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS
         except (OSError, SyntaxError, ValueError) as error:
             raise DatasetLayoutError(f"{path} cannot be decoded as an image ({error})") from error
-    return (width, height) if turned else (height, width)
+    return (width, height) if turned and exif_orientation else (height, width)
 
 
 def read_id_map(path: Path) -> np.ndarray:
@@ -288,6 +294,8 @@ class InstanceDataset(Dataset):
     from a per-image file, ``read_label_map`` (what the pre-flight check decodes)."""
 
     layout: str = ""
+    # Whether images are turned by their EXIF orientation, as OpenCV reads them (WeSAM's readers for most datasets).
+    exif_orientation: bool = True
 
     def __init__(self, items: list):
         self.items = items
@@ -298,7 +306,7 @@ class InstanceDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
         image_path = self.image_path(item)
-        image = read_rgb(image_path)
+        image = read_rgb(image_path, self.exif_orientation)
         instances = self.read_instances(item, image.shape[:2])
         if instances.shape[1:] != image.shape[:2]:
             raise DatasetLayoutError(
@@ -330,7 +338,7 @@ class InstanceDataset(Dataset):
         """What ``__getitem__`` would refuse, with the image read from its header only (datamodules/verify.py)."""
         item = self.items[index]
         image_path, label_path = self.image_path(item), self.label_source(item)
-        size = image_size(image_path)
+        size = image_size(image_path, self.exif_orientation)
         require_pair(image_path, label_path, self.layout)
         label = self.read_label_map(item)
         if label is not None:
@@ -347,19 +355,30 @@ def instances_from_id_map(ids: np.ndarray, background: Sequence[int] = (0,)) -> 
 class GreyMapInstanceDataset(InstanceDataset):
     """(image, grey GT) pairs whose distinct non-zero grey values are the instances (CAMO, COD10K).
 
-    WeSAM drops images whose GT is all zero, so every GT is read once at discovery and the number
-    dropped is logged (nothing disappears silently).
+    As WeSAM (``datasets/CAMO.py``, ``COD10K.py`` ``filter_files``), images whose GT is all zero or of another size
+    than the image are dropped, so every GT is read once at discovery and the numbers dropped are logged (nothing
+    disappears silently). WeSAM reads these images with PIL, on their stored pixel grid, the grid their GT maps share:
+    an EXIF orientation is not applied.
     """
 
+    exif_orientation = False
+
     def __init__(self, pairs: list[tuple[Path, Path]]):
-        kept = [pair for pair in pairs if self.read_ids(pair[1]).any()]
-        if len(kept) < len(pairs):
-            log.warning(
-                "%s: dropped %d of %d images whose GT map is all zero (no object)",
-                type(self).__name__,
-                len(pairs) - len(kept),
-                len(pairs),
-            )
+        kept, empty, mismatched = [], 0, 0
+        for image, gt in pairs:
+            ids = self.read_ids(gt)
+            if not ids.any():
+                empty += 1
+            elif ids.shape != image_size(image, self.exif_orientation):
+                mismatched += 1
+            else:
+                kept.append((image, gt))
+        for count, why in (
+            (empty, "whose GT map is all zero (no object)"),
+            (mismatched, "whose GT map is not the image's size"),
+        ):
+            if count:
+                log.warning("%s: dropped %d of %d images %s", type(self).__name__, count, len(pairs), why)
         super().__init__(kept)
 
     @staticmethod

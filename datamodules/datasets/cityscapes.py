@@ -14,7 +14,8 @@ LABEL_SETS = {"all": CITYSCAPES_LABELID_TO_TRAINID, "cross_city": CROSS_CITY_LAB
 
 
 class Cityscapes(SemanticDataset):
-    """Fine-annotated frames of one split, sorted by city and frame."""
+    """Fine-annotated frames of one split, sorted by city and frame. The test split's released gtFine files are
+    placeholders (the benchmark server keeps the labels), so its frames are unlabelled images."""
 
     layout = "ROOT/leftImg8bit/{split}/CITY/*_leftImg8bit.png with ROOT/gtFine/{split}/CITY/*_gtFine_labelIds.png"
 
@@ -25,5 +26,5 @@ class Cityscapes(SemanticDataset):
         pairs = []
         for image in images:
             label = root / "gtFine" / split / image.parent.name / image.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
-            pairs.append((image, require_pair(image, label, self.layout)))
+            pairs.append((image, None if split == "test" else require_pair(image, label, self.layout)))
         super().__init__(pairs, IdMapper(LABEL_SETS[label_set]))

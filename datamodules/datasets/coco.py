@@ -15,15 +15,17 @@ log = logging.getLogger(__name__)
 
 
 class COCO(InstanceDataset):
-    """val2017 only, as WeSAM uses it; items are (image path, non-crowd annotations).
+    """val2017 only, as WeSAM uses it (``datasets/COCO.py``); items are (image path, annotations).
 
-    Images with no non-crowd annotation are dropped at discovery (WeSAM's convention: an image with no
-    instance has no prompt to give) and the number dropped is logged; the split is taken afterwards.
+    As WeSAM: the 6:1 split is taken over all sorted image ids, then the images with no annotation are dropped (their
+    number is logged); every annotation is an instance, crowd regions included, up to 151 per image (its
+    ``len(masks) > 150`` stop). Unlike WeSAM, an annotation without area or segmentation is skipped at discovery, so an
+    image left with none is dropped too instead of failing when read.
     """
 
     layout = "ROOT/val2017/*.jpg with ROOT/annotations/instances_val2017.json"
 
-    def __init__(self, root, split: str = "train", max_instances: int = 150):
+    def __init__(self, root, split: str = "train", max_instances: int = 151):
         root = require_dir(Path(root), self.layout)
         images = require_dir(root / "val2017", self.layout)
         self.annotations = annotations = root / "annotations" / "instances_val2017.json"
@@ -37,7 +39,8 @@ class COCO(InstanceDataset):
             ) from error
         self.max_instances = max_instances
         items, dropped = [], 0
-        for image_id in sorted(self.api.getImgIds()):
+        split_ids = interleaved_split(sorted(self.api.getImgIds()), 6, split)
+        for image_id in split_ids:
             path = images / self.api.imgs[image_id]["file_name"]
             if not path.is_file():
                 raise DatasetLayoutError(
@@ -45,7 +48,7 @@ class COCO(InstanceDataset):
                 )
             anns = [
                 a
-                for a in self.api.loadAnns(self.api.getAnnIds(imgIds=image_id, iscrowd=False))
+                for a in self.api.loadAnns(self.api.getAnnIds(imgIds=image_id))
                 if a.get("area", 0) > 0 and a.get("segmentation")
             ]
             if anns:
@@ -53,8 +56,8 @@ class COCO(InstanceDataset):
             else:
                 dropped += 1
         if dropped:
-            log.warning("COCO: dropped %d of %d images with no non-crowd instance", dropped, dropped + len(items))
-        super().__init__(interleaved_split(items, 6, split))
+            log.warning("COCO %s: dropped %d of %d images with no annotation", split, dropped, len(split_ids))
+        super().__init__(items)
 
     def label_source(self, item) -> Path:
         return self.annotations

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.datasets.base import IdMapper, SemanticDataset, find_files, require_dir, require_pair
+import numpy as np
+from PIL import Image
+
+from datamodules.datasets.base import (
+    IdMapper,
+    SemanticDataset,
+    find_files,
+    read_id_map,
+    read_indexed_png,
+    require_dir,
+    require_pair,
+)
 from datamodules.datasets.labels import CROSS_CITY_LABELID_TO_TRAINID
 from datamodules.errors import DatasetLayoutError, require_choice
 
@@ -22,7 +33,7 @@ class NTHUCrossCity(SemanticDataset):
     """One city's images: ``train`` unlabelled, ``val`` / ``test`` (the same folder) with labels."""
 
     layout = (
-        "ROOT/CITY/Images/Train/*.jpg (unlabelled) and ROOT/CITY/Images/Test/NAME.jpg with "
+        "ROOT/CITY/Images/Train/*.jpg (unlabelled) and ROOT/CITY/Images/Test/NAME.jpg (or .png) with "
         "ROOT/CITY/Labels/Test/NAME_eval.png (Cityscapes labelIds), CITY one of " + ", ".join(CITIES)
     )
 
@@ -32,7 +43,7 @@ class NTHUCrossCity(SemanticDataset):
             raise DatasetLayoutError(f"unknown split '{split}'; expected one of {', '.join(SPLIT_FOLDERS)}")
         city_root = require_dir(Path(root) / city, self.layout)
         folder = SPLIT_FOLDERS[split]
-        images = find_files(require_dir(city_root / "Images" / folder, self.layout), "*.jpg", self.layout)
+        images = release_images(require_dir(city_root / "Images" / folder, self.layout), self.layout)
         if split == "train":
             pairs = [(image, None) for image in images]
         else:
@@ -41,3 +52,24 @@ class NTHUCrossCity(SemanticDataset):
                 (image, require_pair(image, labels / f"{image.stem}{LABEL_SUFFIX}", self.layout)) for image in images
             ]
         super().__init__(pairs, IdMapper(CROSS_CITY_LABELID_TO_TRAINID))
+
+    def read_raw_label(self, path: Path) -> np.ndarray:
+        """An 8/16-bit grey id map, or a palette PNG whose indices are the ids (OpenCV would expand it to colours)."""
+        try:
+            with Image.open(path) as label:
+                palette = label.mode == "P"
+        except (OSError, SyntaxError, ValueError):
+            palette = False  # read_id_map names what is wrong with the file
+        return read_indexed_png(path) if palette else read_id_map(path)
+
+
+def release_images(folder: Path, layout: str) -> list[Path]:
+    """The folder's .jpg images, or .png where a copy of the release has them (Rio's test images in some); one file
+    per name, the .jpg where a converter left both (sorted, NAME.jpg comes before NAME.png)."""
+    by_stem: dict[str, Path] = {}
+    for path in find_files(folder, "*.*", layout):
+        if path.suffix in (".jpg", ".png"):
+            by_stem.setdefault(path.stem, path)
+    if not by_stem:
+        raise DatasetLayoutError(f"no .jpg or .png images under {folder}; expected layout: {layout}")
+    return sorted(by_stem.values())
