@@ -375,6 +375,42 @@ def test_kvasir_connected_components_are_polyps(tmp_path):
     assert instances[0, 2, 2] == 1 and instances[1, 6, 9] == 1 and instances[:, 0, 0].sum() == 0
 
 
+def test_kvasir_box_file_gives_wesams_instances_and_split_order(tmp_path, caplog):
+    """With kavsir_bboxes.json: the json's order splits 5:1, each box takes the mask's foreground inside it."""
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:24, 8:40] = 255  # one region across both boxes (8 x 8 blocks: JPEG keeps them exact)
+    mask[24:32, 8:16] = 255  # foreground outside every box
+    boxes = {}
+    for stem in "fedcba":
+        write(tmp_path / f"images/{stem}.jpg", np.zeros((32, 48, 3), np.uint8))
+        write(tmp_path / f"masks/{stem}.jpg", mask)
+        boxes[stem] = {
+            "height": 32,
+            "width": 48,
+            "bbox": [
+                {"label": "polyp", "xmin": 8, "ymin": 8, "xmax": 24, "ymax": 24},
+                {"label": "polyp", "xmin": 24, "ymin": 8, "xmax": 40, "ymax": 24},
+            ],
+        }
+    (tmp_path / "kavsir_bboxes.json").write_text(json.dumps(boxes))
+    train, val = KvasirSEG(tmp_path, "train"), KvasirSEG(tmp_path, "val")
+    assert [Path(item[0]).stem for item in val.items] == ["a"] and len(train) == 5
+    instances = train[0]["instances"]
+    assert instances.shape == (2, 32, 48)
+    assert instances[0].sum() == instances[1].sum() == 16 * 16 and instances[0, 8:24, 8:24].all()
+    assert instances[:, 24:].sum() == 0  # outside the boxes
+    (tmp_path / "kavsir_bboxes.json").write_text('{"a": {"bbox": [{"xmin": 1}]}}')
+    with raises_naming(tmp_path / "kavsir_bboxes.json"):
+        KvasirSEG(tmp_path)
+    (tmp_path / "kavsir_bboxes.json").write_text(json.dumps({"g": boxes["a"]}))
+    with raises_naming(tmp_path / "images/g.jpg"):
+        KvasirSEG(tmp_path)
+    (tmp_path / "kavsir_bboxes.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert len(KvasirSEG(tmp_path, "val")) == 1
+    assert "one instance per connected mask region" in caplog.text
+
+
 def test_truncated_kvasir_jpegs_are_named_not_decoded_in_part(tmp_path):
     """libjpeg decodes a truncated JPEG with grey rows and a warning: a wrong image, a wrong mask."""
     mask = np.zeros((64, 96), np.uint8)
