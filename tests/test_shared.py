@@ -3,8 +3,10 @@ and the refusal of a method that needs a trained checkpoint."""
 
 import importlib
 import os
+import re
 
 import pytest
+import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,6 +16,7 @@ from datamodules.errors import CheckpointError
 from experiments.run import check_compatibility
 from lightning_modules.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
 from lightning_modules.networks.factory import build_network, load_segmenter_weights
+from lightning_modules.networks.region_classifier import RegionClassifier
 from lightning_modules.teachers import ema_update, labelling_mode
 from tests.conftest import compose_config
 
@@ -104,6 +107,65 @@ def test_a_checkpoint_of_another_network_or_a_corrupt_one_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"wide.ckpt cannot be read"):
         load_segmenter_weights(build_network(model, 3), str(path), model)
+
+
+RESNET = {"channels": [8, 16, 32, 64], "stem_width": 8}  # every stage changes width, as in the real ResNets
+
+
+def imagenet_resnet_file(path, name="resnet18", kwargs=RESNET, wrap=lambda state: state):
+    """An ImageNet ResNet weight file in torchvision's key layout (timm's is the same), fc included."""
+    torch.manual_seed(0)
+    state = timm.create_model(name, **kwargs).state_dict()
+    torch.save(wrap(state), path)
+    return state
+
+
+def without_second_blocks(state):
+    return {k: v for k, v in state.items() if ".1." not in k}
+
+
+def test_imagenet_resnet_weights_load_into_deeplab_and_the_region_classifier(tmp_path):
+    """A released file often wraps its weights ({'state_dict': ...}, a 'module.' prefix); fc is ImageNet's."""
+    model = small_deeplab(channels=RESNET["channels"])
+    path = tmp_path / "resnet18.pth"
+    state = imagenet_resnet_file(path, wrap=lambda state: {"state_dict": {f"module.{k}": v for k, v in state.items()}})
+    backbone = build_network({**model, "pretrained": str(path)}, 3).backbone.state_dict()
+    assert backbone.keys() == {k for k in state if not k.startswith("fc.")}
+    assert all(torch.equal(backbone[k], state[k]) for k in backbone)
+    classifier = RegionClassifier(19, "resnet18", str(path), RESNET).resnet.state_dict()
+    assert all(torch.equal(classifier[k], state[k]) for k in state if not k.startswith("fc."))
+    assert classifier["fc.weight"].shape == (19, 64)
+
+
+def test_imagenet_weights_of_another_depth_layout_or_width_are_refused_not_loaded_in_part(tmp_path):
+    """timm's own file loading is not strict here: a ResNet-50 file in a ResNet-101 loaded half its tensors."""
+    model = {**small_deeplab(channels=RESNET["channels"])}
+    cases = {
+        "deeper": (lambda path: imagenet_resnet_file(path, "resnet34"), "96 tensors not in the network"),
+        "shallower": (
+            lambda path: imagenet_resnet_file(
+                path, wrap=lambda state: {k: v for k, v in state.items() if ".1." not in k}
+            ),
+            "tensors missing from the file",
+        ),
+        "caffe": (
+            lambda path: imagenet_resnet_file(path, wrap=lambda state: {f"Scale.{k}": v for k, v in state.items()}),
+            "Caffe DeepLab ResNet init",
+        ),
+        "wider": (
+            lambda path: imagenet_resnet_file(path, kwargs={**RESNET, "channels": [8, 16, 32, 96]}),
+            r"tensors of another shape \(layer4.0.conv1.weight \[96, 32, 3, 3\] for \[64, 32, 3, 3\]",
+        ),
+    }
+    for case, (write_file, expected) in cases.items():
+        path = tmp_path / f"{case}.pth"
+        write_file(path)
+        with pytest.raises(CheckpointError, match=re.escape(f"model.pretrained={path}") + ".*" + expected):
+            build_network({**model, "pretrained": str(path)}, 3)
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights")
+    with pytest.raises(CheckpointError, match=re.escape(f"method.scc.classifier.network.pretrained={text} cannot be")):
+        RegionClassifier(19, "resnet18", str(text), RESNET)
 
 
 def test_method_that_needs_a_checkpoint_is_refused_in_one_sentence(tmp_path):

@@ -5,14 +5,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import timm
 import torch
 from torch import nn
 
-from datamodules.errors import CheckpointError
+from lightning_modules.networks.pretrained import load_resnet_weights
 
 log = logging.getLogger(__name__)
 
@@ -79,25 +78,14 @@ class DeepLabV2(nn.Module):
 
 
 def build_backbone(name: str, pretrained: str | None, kwargs: dict) -> nn.Module:
-    """A timm ResNet at output stride 8; ``pretrained`` is a local timm weight file (no downloads)."""
+    """A timm ResNet at output stride 8; ``pretrained`` is a local ImageNet weight file (no downloads)."""
+    backbone = timm.create_model(name, features_only=True, output_stride=8, out_indices=(-1,), **kwargs)
     if pretrained:
-        if not Path(pretrained).is_file():
-            raise CheckpointError(
-                f"model.pretrained={pretrained} does not exist; expected a timm "
-                f"{name} weight file (.pth or .safetensors), e.g. ImageNet weights"
-            )
-        log.info("loading ImageNet weights for %s from %s", name, pretrained)
+        load_resnet_weights(backbone, pretrained, "model.pretrained", name)
+        log.info("loaded ImageNet weights for %s from %s", name, pretrained)
     else:
         log.warning("model.pretrained is not set: the %s backbone starts from random init", name)
-    return timm.create_model(
-        name,
-        features_only=True,
-        output_stride=8,
-        out_indices=(-1,),
-        pretrained=bool(pretrained),
-        pretrained_cfg_overlay={"file": pretrained} if pretrained else None,
-        **kwargs,
-    )
+    return backbone
 
 
 def build_deeplabv2(model: dict, num_classes: int) -> DeepLabV2:

@@ -6,14 +6,13 @@ ReLU; before the max-pool) so the features outside the component are zeroed.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.errors import CheckpointError
+from lightning_modules.networks.pretrained import load_resnet_weights
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +20,9 @@ log = logging.getLogger(__name__)
 class RegionClassifier(nn.Module):
     def __init__(self, num_classes: int, backbone: str, pretrained: str | None = None, backbone_kwargs=None):
         super().__init__()
-        if pretrained and not Path(pretrained).is_file():
-            raise CheckpointError(
-                f"method.scc.classifier.network.pretrained={pretrained} does not exist; expected a timm {backbone} "
-                "weight file (.pth or .safetensors), e.g. ImageNet weights"
-            )
-        self.resnet = timm.create_model(
-            backbone,
-            num_classes=num_classes,
-            pretrained=bool(pretrained),
-            pretrained_cfg_overlay={"file": pretrained} if pretrained else None,
-            **(backbone_kwargs or {}),
-        )
+        self.resnet = timm.create_model(backbone, num_classes=num_classes, **(backbone_kwargs or {}))
+        if pretrained:
+            load_resnet_weights(self.resnet, pretrained, "method.scc.classifier.network.pretrained", backbone)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Class logits [K, C] of windows ``images`` [K,3,h,w] with component ``masks`` [K,1,h,w] (0/1)."""
