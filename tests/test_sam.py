@@ -122,6 +122,36 @@ def test_checkpoint_errors_name_the_path(sam, tmp_path):
         build_sam("tiny", lightning_checkpoint, image_size=SIZE, tiny=TINY)
 
 
+def test_a_checkpoint_wesam_saved_loads_with_its_lora_merged(sam, tmp_path):
+    """WeSAM's adaptation.py saves {"model": Model.state_dict(), "optimizer": ...}: the SAM under "model.", each
+    block's qkv wrapped as qkv.qkv with rank-4 linear_a/b_q and linear_a/b_v beside it (sam_lora.py _LoRA_qkv)."""
+    torch.manual_seed(1)
+    state, lora = {}, {}
+    for key, value in sam.state_dict().items():
+        if key.endswith(".attn.qkv.weight") or key.endswith(".attn.qkv.bias"):
+            block = key.rsplit(".", 1)[0]
+            state[f"model.{block}.qkv.{key.rsplit('.', 1)[1]}"] = value
+            for name, shape in (("a_q", (4, 32)), ("b_q", (32, 4)), ("a_v", (4, 32)), ("b_v", (32, 4))):
+                lora[(block, name)] = state[f"model.{block}.linear_{name}.weight"] = torch.randn(shape)
+        else:
+            state[f"model.{key}"] = value
+    path = tmp_path / "CAMO-box-last-ckpt.pth"
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    merged = build_sam("tiny", path, image_size=SIZE, tiny=TINY)
+    x = torch.randn(5, 32)
+    for block in {block for block, _ in lora}:
+        wesam = sam.state_dict()
+        qkv = x @ wesam[f"{block}.weight"].T + wesam[f"{block}.bias"]  # _LoRA_qkv.forward
+        qkv[:, :32] += x @ lora[(block, "a_q")].T @ lora[(block, "b_q")].T
+        qkv[:, -32:] += x @ lora[(block, "a_v")].T @ lora[(block, "b_v")].T
+        attention = merged.get_submodule(block)
+        torch.testing.assert_close(attention(x), qkv)
+    del state["model.image_encoder.blocks.0.attn.qkv.linear_b_v.weight"]
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError, match="WeSAM's LoRA of image_encoder.blocks.0.attn.qkv lacks"):
+        build_sam("tiny", path, image_size=SIZE, tiny=TINY)
+
+
 def test_unknown_variant_lists_choices_and_random_init_warns(caplog):
     with pytest.raises(ValueError, match="vit_b.*tiny"):
         build_sam("vit_s")

@@ -220,13 +220,15 @@ def mmseg_style(official: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("layout", ["official", "mmseg"])
+@pytest.mark.parametrize("layout", ["official", "data-parallel", "mmseg"])
 def test_pretrained_mit_weights_load_by_key_mapping(tmp_path, layout):
     torch.manual_seed(0)
     source = build_segformer(TINY, 19).backbone
     state = copy.deepcopy(source.state_dict())
     if layout == "official":
         saved = {"state_dict": {**state, "head.weight": torch.zeros(1000, 128)}}
+    elif layout == "data-parallel":
+        saved = {"model": {f"module.{k}": v for k, v in state.items()}}
     else:
         saved = {"state_dict": {f"backbone.{k}": v for k, v in mmseg_style(state).items()}}
     torch.save(saved, tmp_path / "mit.pth")
@@ -243,6 +245,9 @@ def test_pretrained_errors_name_the_problem(tmp_path):
     torch.save({"block1.0.norm1.weight": torch.ones(16)}, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match="missing"):
         load_mit_pretrained(backbone, str(tmp_path / "partial.pth"))
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "partial.pth").read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=r"truncated.pth cannot be read as a torch weight file"):
+        load_mit_pretrained(backbone, str(tmp_path / "truncated.pth"))
 
 
 def test_pseudo_label_quality_and_ema_schedule():

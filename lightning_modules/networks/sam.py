@@ -120,6 +120,8 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
             "SAM .pth (e.g. sam_vit_b_01ec64.pth) or the sam.pth a SAM run writes beside its checkpoints, not a "
             "Lightning .ckpt"
         ) from error
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = wesam_checkpoint_as_sam(state["model"], path)
     if isinstance(state, dict) and "selected_branch" in state:
         raise CheckpointError(
             f"SAM checkpoint {path} is an adapted SAM whose LoRA sits after the image encoder (the adapted_sam.pt of "
@@ -152,6 +154,35 @@ def load_sam_checkpoint(sam: Sam, checkpoint: str | Path) -> None:
             f"first: {'; '.join(problems[:5])})"
         )
     sam.load_state_dict(state)
+
+
+WESAM_PREFIX = "model."  # WeSAM's Model wrapper holds the SAM as .model
+
+
+def wesam_checkpoint_as_sam(state: dict, path: Path) -> dict:
+    """The plain SAM state dict of a checkpoint WeSAM's ``adaptation.py`` saves (``{"model": Model.state_dict(),
+    "optimizer": ...}``), its LoRA merged: ``sam_lora.py``'s ``_LoRA_qkv`` adds B_q A_q x to the q third and B_v A_v x
+    to the v third of each block's qkv output (no scaling), so W_qkv[:d] += B_q A_q and W_qkv[-d:] += B_v A_v."""
+    if not any(k.startswith(WESAM_PREFIX + "image_encoder.") for k in state):
+        raise CheckpointError(
+            f"SAM checkpoint {path} holds a 'model' entry that is not a SAM (no model.image_encoder.* keys); expected "
+            "an official SAM .pth, the sam.pth a SAM run writes, or a checkpoint WeSAM's adaptation.py saved"
+        )
+    sam_state = {k.removeprefix(WESAM_PREFIX): v for k, v in state.items()}
+    merged = 0
+    for key in [k for k in sam_state if k.endswith(".attn.qkv.qkv.weight")]:
+        block = key.removesuffix(".qkv.weight")
+        try:
+            weight, dim = sam_state.pop(key).clone(), sam_state[f"{block}.linear_a_q.weight"].shape[1]
+            weight[:dim] += sam_state.pop(f"{block}.linear_b_q.weight") @ sam_state.pop(f"{block}.linear_a_q.weight")
+            weight[-dim:] += sam_state.pop(f"{block}.linear_b_v.weight") @ sam_state.pop(f"{block}.linear_a_v.weight")
+        except KeyError as error:
+            raise CheckpointError(f"SAM checkpoint {path}: WeSAM's LoRA of {block} lacks {error}") from error
+        sam_state[f"{block}.weight"] = weight
+        sam_state[f"{block}.bias"] = sam_state.pop(f"{block}.qkv.bias")
+        merged += 1
+    log.info("SAM checkpoint %s: WeSAM's adapted SAM, its LoRA merged into %d encoder blocks", path, merged)
+    return sam_state
 
 
 OFFICIAL_VARIANTS = {(768, 12): "vit_b", (1024, 24): "vit_l", (1280, 32): "vit_h"}

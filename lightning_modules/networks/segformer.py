@@ -301,11 +301,17 @@ def load_mit_pretrained(backbone: MixTransformer, path: str) -> None:
             f"model.pretrained={path} does not exist; expected an MiT ImageNet weight file "
             f"(official mit_b5.pth or an mmseg-converted MiT checkpoint)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated file, a .safetensors file, not a torch file at all
+        raise CheckpointError(f"model.pretrained={path} cannot be read as a torch weight file ({error})") from error
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
-    state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("head.", "decode_head."))}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"model.pretrained={path} holds a {type(state).__name__}; expected a MiT state dict")
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "decode_head."))}
     if any(k.startswith("layers.") for k in state):
         state = mmseg_to_official_mit(state)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
