@@ -30,7 +30,8 @@ class GTA5(SemanticDataset):
 
     layout = "ROOT/images/NNNNN.png with ROOT/labels/NNNNN.png (palette PNG of Cityscapes labelIds)"
     # Most frames are 1914x1052, but in some pairs the image and its label differ by a few pixels; the usual
-    # pipelines resize both to one scale (DAFormer: 1280x720) and never notice. Up to 2% a side, the label is resized.
+    # pipelines resize each to one scale (DAFormer: mmseg Resize to 1280x720) and never notice. Up to 2% a side, the
+    # label is resized to its image.
     label_size_tolerance = 0.02
 
     def __init__(self, root, split: str = "train", skip_known_missing: bool = True):

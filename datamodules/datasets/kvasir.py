@@ -76,7 +76,7 @@ def read_boxes(path: Path, layout: str) -> dict[str, list[tuple[int, int, int, i
     try:
         entries = json.loads(path.read_text())
         return {
-            stem: [(int(b["xmin"]), int(b["ymin"]), int(b["xmax"]), int(b["ymax"])) for b in entry["bbox"]]
+            stem: [tuple(max(0, int(b[side])) for side in ("xmin", "ymin", "xmax", "ymax")) for b in entry["bbox"]]
             for stem, entry in entries.items()
         }
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
