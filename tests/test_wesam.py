@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -135,6 +137,26 @@ def test_wesam_adapts_a_sam_checkpoint_on_the_real_camo_layout(run_tiny, tmp_pat
     )
     assert results["trained"] and set(results["metrics"]) == {"box", "avg"} and 0 <= results["metrics"]["box"] <= 100
     assert (run_dir / "sam.pth").is_file()
+
+
+def test_wesam_runs_on_the_real_kvasir_layout_with_its_box_file(run_tiny, tmp_path):
+    """+task=kvasir end to end on a tiny Kvasir-SEG tree with kavsir_bboxes.json: one instance per box."""
+    rng = np.random.default_rng(0)
+    root, boxes = tmp_path / "data" / "Kvasir-SEG", {}
+    for index in range(6):
+        stem = f"cju{index:04d}"
+        for folder in ("images", "masks"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / "images" / f"{stem}.jpg")
+        mask = np.zeros((48, 64), np.uint8)
+        mask[8:40, 8:56] = 255
+        Image.fromarray(mask).save(root / "masks" / f"{stem}.jpg")
+        corners = [(8, 8, 32, 40), (32, 8, 56, 40)]
+        boxes[stem] = {"bbox": [dict(zip(("xmin", "ymin", "xmax", "ymax"), c), label="polyp") for c in corners]}
+    (root / "kavsir_bboxes.json").write_text(json.dumps(boxes))
+    overrides = ("model=tiny", f"data.root={tmp_path / 'data'}", "data.batch_size=2", "task.prompt_kinds=[box]")
+    results, _ = run_tiny("wesam", "kvasir", *overrides, "task.monitor=val/box")
+    assert results["trained"] and set(results["metrics"]) == {"box", "avg"} and 0 <= results["metrics"]["box"] <= 100
 
 
 def test_prompt_kinds_outside_box_point_poly_are_refused_when_the_module_is_built():
