@@ -411,15 +411,15 @@ def finished(run_dir: Path, record: str) -> bool:
     return done.is_file() and done.read_text() == record
 
 
-def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, products: dict[str, str]) -> Path:
-    """One experiments.run command (skipped when the same command, composing the same config, finished there
-    before); returns its run directory."""
+def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, products: dict[str, str]) -> bool:
+    """One experiments.run command in ``run_dir``, skipped when the same command, composing the same config, finished
+    there before; returns whether it was skipped (the finished run reused)."""
     command = command_line(overrides, task, seed, run_dir, products)
     # Composed once, before the run: the record names the config the run starts with, even if a yaml is edited
     # while it runs.
     record = run_record(command)
     if finished(run_dir, record):
-        return run_dir
+        return True
     done = run_dir / "benchmark.done"
     if run_dir.exists():
         # An interrupted row, or one whose command or config has changed since it ran: a run refuses a folder that
@@ -434,7 +434,7 @@ def run(overrides: tuple[str, ...], task: str, seed: int, run_dir: Path, product
     if completed.returncode != 0:
         raise RuntimeError(f"run failed (exit {completed.returncode}); see {run_dir / 'stdout.log'}")
     done.write_text(record)
-    return run_dir
+    return False
 
 
 def row_methods(row: Row) -> set[str]:
@@ -501,17 +501,14 @@ def run_protocol(
             missing = {n for c in row.commands for o in c for n in stage_refs(o)} - set(products)
             if missing:
                 raise RuntimeError(f"prerequisite stage {', '.join(sorted(missing))} failed")
-            reused = not row.per_prompt and finished(
-                run_dir, run_record(command_line(row.commands[-1], protocol.task, seed, run_dir, products))
-            )
             if row.per_prompt:
                 result = prompt_wise_result(row, protocol, seed, run_dir, products)
             else:
                 for index, command in enumerate(row.commands):
-                    target = (
-                        run_dir if index == len(row.commands) - 1 else run_dir.with_name(f"{run_dir.name}_stage{index}")
-                    )
-                    run(command, protocol.task, seed, target, products)
+                    last = index == len(row.commands) - 1
+                    target = run_dir if last else run_dir.with_name(f"{run_dir.name}_stage{index}")
+                    # The row counts as reused when its last command's finished run was.
+                    reused = run(command, protocol.task, seed, target, products) and last
                 result = json.loads((run_dir / "results.json").read_text())
             results.append({"row": row, "seed": seed, **result})
         except RuntimeError as error:
