@@ -27,5 +27,6 @@ def build_datamodule(cfg: dict):
             rare_class_sampling=method.get("rare_class_sampling"),
             num_classes=task["num_classes"],
             target_labelled_fraction=data.get("target_labelled_fraction"),
+            cat_max_ratio=method.get("cat_max_ratio"),
         )
     return build_prompted_datamodule(cfg)

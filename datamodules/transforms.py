@@ -14,7 +14,10 @@ import albumentations as A
 import numpy as np
 import torch
 
-from datamodules.constants import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.constants import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+
+# mmseg's RandomCrop with cat_max_ratio redraws a crop at most this many times.
+CROP_REDRAWS = 10
 
 
 def geometric_transform(resize: Sequence[int] | None, crop: Sequence[int] | None, train: bool) -> A.Compose:
@@ -62,17 +65,37 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return (planes - PIXEL_MEAN) / PIXEL_STD
 
 
+def crop_is_balanced(mask: np.ndarray, cat_max_ratio: float) -> bool:
+    """mmseg RandomCrop's test: the crop holds more than one class and none covers ``cat_max_ratio`` of its
+    labelled pixels."""
+    counts = np.bincount(mask[mask != IGNORE_INDEX].ravel())
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+
 class SemanticTransform:
     """Item dict -> tensors: ``img`` (weak view), optional ``img_strong``, and ``mask`` when labelled.
 
     Training transforms draw only from the item's ``seeds`` (``datamodules.loading.item_seeds``): geometry and
     strong view each from their own child stream, so changing one pipeline leaves the other's draws as they were.
+    ``cat_max_ratio`` (labelled training crops only; DAFormer's source pipeline, 0.75): a crop that fails
+    ``crop_is_balanced`` is redrawn, at most ``CROP_REDRAWS`` times, and the last draw is kept, as mmseg's RandomCrop.
     """
 
-    def __init__(self, resize=None, crop=None, train: bool = True, strong_view: bool = False, labelled: bool = True):
+    def __init__(
+        self,
+        resize=None,
+        crop=None,
+        train: bool = True,
+        strong_view: bool = False,
+        labelled: bool = True,
+        cat_max_ratio: float | None = None,
+    ):
         self.geometry = geometric_transform(resize, crop, train)
         self.strong = strong_photometric_transform() if strong_view else None
         self.train, self.labelled = train, labelled
+        self.balances_crops = bool(train and crop is not None and labelled and cat_max_ratio is not None)
+        self.cat_max_ratio = cat_max_ratio
 
     def __call__(self, item: dict, seeds: np.random.SeedSequence | None = None) -> dict:
         if self.train:
@@ -85,6 +108,12 @@ class SemanticTransform:
         # An unlabelled stream's dataset reads no label; the geometry draws the same crop and flip either way.
         labelled = self.labelled and "mask" in item
         out = self.geometry(image=item["image"], **({"mask": item["mask"]} if labelled else {}))
+        if self.balances_crops and labelled:
+            for redraw_seeds in geometry_seeds.spawn(CROP_REDRAWS):
+                if crop_is_balanced(out["mask"], self.cat_max_ratio):
+                    break
+                seed_pipeline(self.geometry, redraw_seeds)
+                out = self.geometry(image=item["image"], mask=item["mask"])
         sample = {"img": to_tensor(out["image"])}
         if self.strong is not None:
             sample["img_strong"] = to_tensor(self.strong(image=out["image"])["image"])

@@ -96,6 +96,7 @@ class UDADataModule(L.LightningDataModule):
         rare_class_sampling: dict | None = None,
         num_classes: int | None = None,
         target_labelled_fraction: float | None = None,
+        cat_max_ratio: float | None = None,
     ):
         super().__init__()
         unknown = set(streams) - set(STREAMS)
@@ -120,6 +121,9 @@ class UDADataModule(L.LightningDataModule):
                 "images whose labels the fine-tuning setting may read, e.g. 0.1"
             )
         self.target_labelled_fraction = target_labelled_fraction
+        if cat_max_ratio is not None and not 0 < cat_max_ratio <= 1:
+            raise ConfigError(f"method.cat_max_ratio={cat_max_ratio}; expected a share in (0, 1] or null")
+        self.cat_max_ratio = cat_max_ratio
         self.train_sets: dict[str, Dataset] = {}
         self.val_set: Dataset | None = None
 
@@ -133,6 +137,7 @@ class UDADataModule(L.LightningDataModule):
         label_dir: str | None = None,
         rare_class_sampling: dict | None = None,
         labelled_fraction: float | None = None,
+        cat_max_ratio: float | None = None,
     ) -> Dataset:
         dataset = build_from_spec(spec, split)
         unlabelled = isinstance(dataset, SemanticDataset) and not any(label for _, label in dataset.file_pairs())
@@ -155,6 +160,7 @@ class UDADataModule(L.LightningDataModule):
             train=train,
             strong_view=strong_view,
             labelled=labelled,
+            cat_max_ratio=cat_max_ratio,
         )
         if rare_class_sampling:
             return RareClassSampled(
@@ -176,6 +182,7 @@ class UDADataModule(L.LightningDataModule):
                     train=True,
                     labelled=True,
                     rare_class_sampling=self.rare_class_sampling,
+                    cat_max_ratio=self.cat_max_ratio,
                     labelled_fraction=self.target_labelled_fraction if self.labelled_domain == "target" else None,
                 )
             if "tgt" in self.streams:

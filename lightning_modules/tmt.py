@@ -35,6 +35,7 @@ from datamodules.errors import ConfigError, require_choice
 from lightning_modules.base import SemanticSegmentationModule
 from lightning_modules.components.ops import upsample
 from lightning_modules.components.self_training import (
+    CLASS_MIX_CLASSES,
     class_mix_masks,
     downscale_labels,
     ema_momentum,
@@ -73,6 +74,7 @@ class TMT(SemanticSegmentationModule):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         require_choice("method.setting", self.method["setting"], SETTINGS)
+        require_choice("method.class_mix_classes", self.method["class_mix_classes"], CLASS_MIX_CLASSES)
         if self.method["setting"] == "finetune" and "tgt_labelled" not in self.method["streams"]:
             raise ConfigError(
                 "tmt's fine-tuning setting learns from the labelled target images: method.streams must hold "
@@ -209,7 +211,7 @@ class TMT(SemanticSegmentationModule):
         # 3. Pseudo-labels, ClassMix, strong augmentation, quality-weighted CE.
         target_logits = upsample(teacher_logits, target["img"].shape[-2:])
         pseudo, quality = pseudo_labels_with_quality(target_logits, method["pseudo_threshold"])
-        mask = class_mix_masks(source["mask"])
+        mask = class_mix_masks(source["mask"], classes_from=method["class_mix_classes"])
         mixed_images = strong_photometric(
             mix(mask, source["img"], target["img"]),
             method["color_jitter_p"],

@@ -1,5 +1,6 @@
-"""tmt's DAFormer base (rare class sampling, pseudo-label crop, thing-class feature distance, DACS jitter, the
-optimiser's decay exemptions and warm-up) and the fine-tuning setting's labelled target fraction."""
+"""tmt's DAFormer base (rare class sampling, the balanced source crop, ClassMix's batch classes, pseudo-label crop,
+thing-class feature distance, DACS jitter, the optimiser's decay exemptions and warm-up) and the fine-tuning
+setting's labelled target fraction."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
+from datamodules.build import build_datamodule
 from datamodules.datasets.cityscapes import Cityscapes
 from datamodules.errors import ConfigError
 from datamodules.rare_class_sampling import RareClassSampled, class_probabilities, class_statistics
-from datamodules.transforms import SemanticTransform
+from datamodules.transforms import CROP_REDRAWS, SemanticTransform, crop_is_balanced
 from datamodules.uda import LabelledFraction, UDADataModule, labelled_indices
 from lightning_modules.components.self_training import (
+    class_mix_masks,
     downscale_labels,
     ignore_border_rows,
     masked_feature_distance,
@@ -113,6 +117,86 @@ def test_rare_class_counts_are_cached_beside_the_data(tmp_path):
     (cached,) = (tmp_path / ".verify_cache").glob("rcs-Cityscapes-*.npy")
     np.save(cached, np.zeros((2, 20), np.int64))  # the cache is what a second run reads
     assert class_statistics(dataset, 19, str(tmp_path))[0].sum() == 0
+
+
+def test_crop_is_balanced_as_mmseg_random_crop_tests_it():
+    assert crop_is_balanced(np.array([[1, 1, 2, 2]]), 0.75)
+    assert not crop_is_balanced(np.array([[1, 1, 1, 2]]), 0.75)  # one class on 75% of the labelled pixels
+    assert crop_is_balanced(np.array([[1, 1, 1, 2, 255, 255]]), 0.8)  # ignore is not counted
+    assert not crop_is_balanced(np.array([[3, 3, 255, 255]]), 0.75)  # a single class
+    assert not crop_is_balanced(np.full((2, 2), 255), 0.75)
+
+
+def test_cat_max_ratio_redraws_unbalanced_source_crops_and_keeps_the_last_draw():
+    # Class 1 on the left half of a 16 x 16 label, class 2 on the right: a 4 x 4 crop holds both classes, at most
+    # 3 of its columns one class, only when it straddles the middle (3 of 13 positions).
+    mask = np.ones((16, 16), np.uint8)
+    mask[:, 8:] = 2
+    item = {"image": np.zeros((16, 16, 3), np.uint8), "mask": mask}
+    balanced = SemanticTransform(crop=(4, 4), train=True, cat_max_ratio=0.8)
+    plain = SemanticTransform(crop=(4, 4), train=True)
+
+    def crop(transform, position):  # a SeedSequence counts its spawns: each call gets a fresh one
+        return transform(item, np.random.SeedSequence([0, 0, position]))["mask"].numpy()
+
+    share_balanced = np.mean([crop_is_balanced(crop(balanced, p), 0.8) for p in range(300)])
+    share_plain = np.mean([crop_is_balanced(crop(plain, p), 0.8) for p in range(300)])
+    # One draw passes with p = 3/13; eleven draws with 1 - (10/13)^11 = 0.94.
+    assert share_plain == pytest.approx(3 / 13, abs=0.07)
+    assert share_balanced == pytest.approx(1 - (10 / 13) ** (CROP_REDRAWS + 1), abs=0.05)
+    # The first draw is the plain transform's: a balanced first crop is not redrawn.
+    first_passes = [p for p in range(40) if crop_is_balanced(crop(plain, p), 0.8)]
+    assert first_passes and all(np.array_equal(crop(balanced, p), crop(plain, p)) for p in first_passes)
+    # No crop can pass (one class): the transform still returns a crop after its redraws.
+    single_class = {"image": item["image"], "mask": np.ones((16, 16), np.uint8)}
+    assert balanced(single_class, np.random.SeedSequence(0))["mask"].shape == (4, 4)
+    # Unlabelled streams and evaluation are untouched.
+    assert not SemanticTransform(crop=(4, 4), train=True, labelled=False, cat_max_ratio=0.8).balances_crops
+    assert not SemanticTransform(crop=(4, 4), train=False, cat_max_ratio=0.8).balances_crops
+
+
+def test_tmt_balances_its_source_crops_and_no_other_stream(tmp_path):
+    cfg = OmegaConf.to_container(compose_config("tmt", "synth2real", tmp_path, "data.crop_size=[32,32]"), resolve=True)
+    assert cfg["method"]["cat_max_ratio"] == 0.75
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+    assert datamodule.train_sets["src"].transform.cat_max_ratio == 0.75
+    assert datamodule.train_sets["src"].transform.balances_crops
+    assert not datamodule.train_sets["tgt"].transform.balances_crops
+
+
+def test_cat_max_ratio_outside_a_share_is_refused():
+    with pytest.raises(ConfigError, match=r"method.cat_max_ratio=1.5; expected a share in \(0, 1\] or null"):
+        UDADataModule(source={}, target={}, val={}, cat_max_ratio=1.5)
+
+
+def test_class_mix_from_the_batch_draws_half_of_the_batch_classes_for_each_image():
+    """DAFormer's get_class_masks: the candidates are the batch's classes and ignore, half drawn per image."""
+    torch.manual_seed(0)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[0, :, 2:] = 1
+    labels[1] = 2
+    labels[1, 0] = 255  # the batch's candidates: 0, 1, 2 and ignore; two are drawn per image
+    masks = class_mix_masks(labels.repeat(500, 1, 1), classes_from="batch")
+    pasted_classes = [
+        frozenset(label[mask.bool()].unique().tolist()) for label, mask in zip(labels.repeat(500, 1, 1), masks)
+    ]
+    for label, mask in zip(labels.repeat(500, 1, 1), masks):  # whole classes or nothing of a class
+        for c in label.unique():
+            assert mask[label == c].sum() in (0, (label == c).sum())
+    image0 = pasted_classes[0::2]
+    # Image 0 holds 0 and 1: both pasted when {0, 1} is drawn (1 of 6 pairs), nothing when {2, ignore} is.
+    assert np.mean([s == {0, 1} for s in image0]) == pytest.approx(1 / 6, abs=0.05)
+    assert np.mean([not s for s in image0]) == pytest.approx(1 / 6, abs=0.05)
+    # Image 1 holds 2 and ignore: ignore is pasted when drawn (1 pair in 2).
+    assert np.mean([255 in s for s in pasted_classes[1::2]]) == pytest.approx(0.5, abs=0.07)
+    with pytest.raises(ValueError, match="classes_from='nearby'"):
+        class_mix_masks(labels, classes_from="nearby")
+
+
+def test_an_unknown_class_mix_source_is_refused():
+    with pytest.raises(ConfigError, match="method.class_mix_classes"):
+        method_module("tmt", "synth2real", "method.class_mix_classes=nearby")
 
 
 def test_pseudo_label_crop_zeroes_the_border_rows_scaled_to_the_image():

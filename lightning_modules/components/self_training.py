@@ -24,28 +24,49 @@ def pseudo_labels_with_quality(teacher_logits: torch.Tensor, threshold: float) -
     return labels, quality
 
 
+# Where ClassMix draws each image's classes from (method.class_mix_classes): "image", the classes of that image
+# (ClassMix / DACS as their papers describe it); "batch", the classes of the whole batch, ignore included
+# (DAFormer's dacs_transforms.py get_class_masks calls torch.unique on the batch inside its per-image loop).
+CLASS_MIX_CLASSES = ("image", "batch")
+
+
 def class_mix_masks(
-    labels: torch.Tensor, ignore_index: int = 255, class_preference: torch.Tensor | None = None
+    labels: torch.Tensor,
+    ignore_index: int = 255,
+    class_preference: torch.Tensor | None = None,
+    classes_from: str = "image",
 ) -> torch.Tensor:
-    """ClassMix (DACS): per image, half of the classes present in ``labels`` (rounded up), chosen at random;
-    returns the [B, H, W] float mask of their pixels. ``class_preference`` [B, >= C] (positive) draws the
-    classes with probability proportional to it instead of uniformly (Gumbel top-k)."""
+    """ClassMix (DACS): per image, half (rounded up) of the candidate classes, chosen at random; returns the
+    [B, H, W] float mask of the image's pixels of those classes. The candidates are the image's own classes, or with
+    ``classes_from="batch"`` every class of the batch and ignore (DAFormer's code), so a chosen class may be absent
+    from the image. ``class_preference`` [B, >= C] (positive) draws the classes with probability proportional to it
+    instead of uniformly (Gumbel top-k); image candidates only."""
+    if classes_from not in CLASS_MIX_CLASSES:
+        raise ValueError(f"classes_from={classes_from!r}; expected one of {CLASS_MIX_CLASSES}")
     batch = labels.shape[0]
     num_classes = int(labels[labels != ignore_index].max().item()) + 1 if (labels != ignore_index).any() else 1
     flat = labels.flatten(1)
     valid = flat != ignore_index
+    column = torch.where(valid, flat, num_classes)  # ignore is the last column
     present = torch.zeros(batch, num_classes + 1, device=labels.device)
-    present.scatter_add_(1, torch.where(valid, flat, num_classes), torch.ones_like(flat, dtype=present.dtype))
-    present = present[:, :num_classes] > 0
-    scores = torch.rand(batch, num_classes, device=labels.device)
-    if class_preference is not None:
-        gumbel = -torch.log(-torch.log(scores.clamp(1e-12, 1 - 1e-7)))
-        scores = gumbel + class_preference[:, :num_classes].float().clamp(min=1e-12).log()
-    scores = scores.masked_fill(~present, float("-inf"))
+    present.scatter_add_(1, column, torch.ones_like(flat, dtype=present.dtype))
+    present = present > 0
+    if classes_from == "batch":
+        if class_preference is not None:
+            raise ValueError("class_preference draws among an image's own classes; use classes_from='image'")
+        candidates = present.any(0, keepdim=True).expand(batch, -1)
+        scores = torch.rand(batch, num_classes + 1, device=labels.device)
+    else:
+        candidates = torch.cat([present[:, :num_classes], present.new_zeros(batch, 1)], 1)
+        scores = torch.rand(batch, num_classes, device=labels.device)
+        if class_preference is not None:
+            gumbel = -torch.log(-torch.log(scores.clamp(1e-12, 1 - 1e-7)))
+            scores = gumbel + class_preference[:, :num_classes].float().clamp(min=1e-12).log()
+        scores = torch.cat([scores, scores.new_zeros(batch, 1)], 1)
+    scores = scores.masked_fill(~candidates, float("-inf"))
     rank = scores.argsort(1, descending=True).argsort(1)
-    chosen = present & (rank < (present.sum(1, keepdim=True) + 1) // 2)
-    chosen = torch.cat([chosen, torch.zeros(batch, 1, dtype=torch.bool, device=labels.device)], 1)
-    return chosen.gather(1, torch.where(valid, flat, num_classes)).reshape(labels.shape).float()
+    chosen = candidates & (rank < (candidates.sum(1, keepdim=True) + 1) // 2)
+    return chosen.gather(1, column).reshape(labels.shape).float()
 
 
 def mix(mask: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
