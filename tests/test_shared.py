@@ -121,6 +121,7 @@ def imagenet_resnet_file(path, name="resnet18", kwargs=RESNET, wrap=lambda state
 
 
 def without_second_blocks(state):
+    """A shallower ResNet's file: the second block of every stage is absent."""
     return {k: v for k, v in state.items() if ".1." not in k}
 
 
@@ -139,13 +140,11 @@ def test_imagenet_resnet_weights_load_into_deeplab_and_the_region_classifier(tmp
 
 def test_imagenet_weights_of_another_depth_layout_or_width_are_refused_not_loaded_in_part(tmp_path):
     """timm's own file loading is not strict here: a ResNet-50 file in a ResNet-101 loaded half its tensors."""
-    model = {**small_deeplab(channels=RESNET["channels"])}
+    model = small_deeplab(channels=RESNET["channels"])
     cases = {
         "deeper": (lambda path: imagenet_resnet_file(path, "resnet34"), "96 tensors not in the network"),
         "shallower": (
-            lambda path: imagenet_resnet_file(
-                path, wrap=lambda state: {k: v for k, v in state.items() if ".1." not in k}
-            ),
+            lambda path: imagenet_resnet_file(path, wrap=without_second_blocks),
             "tensors missing from the file",
         ),
         "caffe": (
