@@ -5,9 +5,10 @@ image padded to a square; per instance, the ground-truth prompts of ``datamodule
 *resized* masks so they live in SAM's input frame. Evaluation prompts are a pure function of (seed, index), so
 every run and rank scores the same prompts.
 
-Items: ``{"img": float[3,S,S] (SAM-normalised, zero-padded), ("img_strong"), ("instances": float[N,S,S]),
-"boxes": float[N,4] xyxy, "points": float[N,P+Q,2] xy, "point_labels": long[N,P+Q] (1 / 0 / -1 padding),
-"polys": float[N,S,S], "input_size": (h, w), "original_size": (H, W), "meta"}``.
+Items: ``{"img": float[3,S,S] (scaled as ``data.sam_input`` says, zero-padded), ("img_strong"),
+("instances": float[N,S,S]), "boxes": float[N,4] xyxy, "points": float[N,P+Q,2] xy,
+"point_labels": long[N,P+Q] (1 / 0 / -1 padding), "polys": float[N,S,S], "input_size": (h, w),
+"original_size": (H, W), "meta"}``.
 Batches: ``{"img": [B,3,S,S], ("img_strong"), "targets": [per-image dict without the images]}``.
 """
 
@@ -43,6 +44,13 @@ SAM_PIXEL_STD_ARRAY = np.asarray(SAM_PIXEL_STD, dtype=np.float32)
 
 
 VIEW_RECIPES = ("jitter", "wesam")
+# The scale of the image tensor SAM's image encoder reads (data.sam_input):
+# "sam": Sam.preprocess's (x - pixel_mean) / pixel_std on the 0-255 scale, the statistics SAM was trained with;
+# "unit": x / 255 with nothing subtracted, what WeSAM's code feeds to every pass, evaluation included
+#   (datasets/tools.py ResizeAndPad: ToTensor and no Normalize; model.py Model.encode calls image_encoder directly,
+#   so Sam.preprocess never runs). Its padding is centred and ours stays bottom/right: the content then sits at
+#   other positional encodings, a far smaller change than the scale.
+SAM_INPUTS = ("sam", "unit")
 
 
 def weak_photometric_transform() -> A.Compose:
@@ -114,10 +122,12 @@ def pad_to_square(array: np.ndarray, size: int) -> np.ndarray:
     return np.pad(array, pad)
 
 
-def sam_normalise(image: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 HWC RGB (already resized) -> float[3,size,size] exactly as Sam.preprocess computes it."""
-    chw = ((image.astype(np.float32) - SAM_PIXEL_MEAN_ARRAY) / SAM_PIXEL_STD_ARRAY).transpose(2, 0, 1)
-    return torch.from_numpy(pad_to_square(chw, size))
+def sam_normalise(image: np.ndarray, size: int, scale: str = "sam") -> torch.Tensor:
+    """uint8 HWC RGB (already resized) -> float[3,size,size]: exactly as Sam.preprocess computes it ("sam"), or
+    x / 255 as WeSAM's code feeds it ("unit"; SAM_INPUTS)."""
+    pixels = image.astype(np.float32)
+    scaled = pixels / 255.0 if scale == "unit" else (pixels - SAM_PIXEL_MEAN_ARRAY) / SAM_PIXEL_STD_ARRAY
+    return torch.from_numpy(pad_to_square(scaled.transpose(2, 0, 1), size))
 
 
 def resize_masks(instances: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -151,8 +161,11 @@ class PromptedDataset(Dataset):
         seed: int = 0,
         labelled: bool = True,
         views: str = "jitter",
+        input_scale: str = "sam",
     ):
+        require_choice("data.sam_input", input_scale, SAM_INPUTS)
         self.dataset, self.image_size, self.train = dataset, image_size, train
+        self.input_scale = input_scale
         self.max_instances, self.seed, self.labelled = max_instances, seed, labelled
         self.resizer = ResizeLongestSide(image_size)
         self.transform = PromptedTransform(train, strong_view, views)
@@ -192,7 +205,7 @@ class PromptedDataset(Dataset):
         instances = self.select_instances(instances, rng, path)
         prompts = derive_prompts(instances, rng)
         size = self.image_size
-        sample = {name: sam_normalise(view, size) for name, view in views.items()}
+        sample = {name: sam_normalise(view, size, self.input_scale) for name, view in views.items()}
         if self.labelled:
             sample["instances"] = torch.from_numpy(pad_to_square(instances, size)).float()
         sample.update(
@@ -231,6 +244,7 @@ class PromptedDataModule(L.LightningDataModule):
         max_instances: int = 40,
         strong_view: bool = False,
         views: str = "jitter",
+        input_scale: str = "sam",
         seed: int = 0,
         train_labelled: bool = True,
         verify: bool = True,
@@ -246,8 +260,9 @@ class PromptedDataModule(L.LightningDataModule):
             seed=seed,
             labelled=train_labelled,
             views=views,
+            input_scale=input_scale,
         )
-        self.val_set = PromptedDataset(val_dataset, image_size, train=False, seed=seed)
+        self.val_set = PromptedDataset(val_dataset, image_size, train=False, seed=seed, input_scale=input_scale)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.verify, self.data_root = verify, data_root
 
@@ -309,6 +324,7 @@ def build_prompted_datamodule(cfg: dict) -> PromptedDataModule:
         max_instances=data["max_instances"],
         strong_view=data["strong_view"],
         views=data["sam_views"],
+        input_scale=data["sam_input"],
         seed=cfg["seed"],
         train_labelled=labelled,
         verify=data.get("verify", True),

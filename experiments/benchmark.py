@@ -307,6 +307,7 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_S
         ("+method=sam_finetune", "+task=synth_shapes", f"trainer.max_steps={sam_source_steps}", *sam_from_scratch),
         "sam.pth",
     )
+    unit_input, unit_input_methods = "data.sam_input=unit", ("wesam", "dual_lora_sam")
     sam_rows = (
         Row(
             "source (unadapted)",
@@ -349,6 +350,38 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_S
             single("+method=sam_finetune", "data.labelled_domain=target", "model.sam_checkpoint={sam_source}", adapt),
             "upper",
             "sam",
+        ),
+        # The image scale WeSAM's code feeds SAM (x / 255, no pixel mean / std) for every row of its tables: the
+        # unadapted SAM, the methods and the target-trained SAM all read it.
+        Row(
+            "source (unadapted, unit input)",
+            single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}", unit_input),
+            network="sam",
+            ablation=True,
+            baseline_for=unit_input_methods,
+        ),
+        *(
+            Row(
+                f"{method} (unit input)",
+                single(f"+method={method}", "model.sam_checkpoint={sam_source}", unit_input, adapt),
+                network="sam",
+                ablation=True,
+                per_prompt=True,
+            )
+            for method in unit_input_methods
+        ),
+        Row(
+            "target (sam_finetune, unit input)",
+            single(
+                "+method=sam_finetune",
+                "data.labelled_domain=target",
+                "model.sam_checkpoint={sam_source}",
+                unit_input,
+                adapt,
+            ),
+            network="sam",
+            ablation=True,
+            baseline_for=unit_input_methods,
         ),
     )
     # One source SAM (trained on the diverse corpus, the source of both tasks) per seed, two narrow targets.

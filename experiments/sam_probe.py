@@ -164,6 +164,7 @@ def probe(run_dir: Path, stream: str, images: int, view: str, task: str | None =
         train=True,
         strong_view=view == "strong",
         seed=cfg["seed"],
+        input_scale=cfg["data"].get("sam_input", "sam"),  # the scale the run's SAM read (older runs: "sam")
     )
     batch = collate_prompted([dataset[(0, i)] for i in range(min(images, len(dataset)))])
     embeddings = sam.image_encoder(batch["img_strong" if view == "strong" else "img"])

@@ -71,6 +71,7 @@ def prompted_datamodule_config(target: dict, val: dict, **data) -> dict:
             "max_instances": 40,
             "strong_view": False,
             "sam_views": "jitter",
+            "sam_input": "sam",
             **data,
         },
     }

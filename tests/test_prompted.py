@@ -8,8 +8,9 @@ import torch
 import torchvision
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from datamodules.constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from datamodules.datasets.synth_shapes import SyntheticShapes
-from datamodules.errors import DatasetLayoutError
+from datamodules.errors import ConfigError, DatasetLayoutError
 from datamodules.prompted import PromptedDataModule, PromptedDataset, build_prompted_datamodule, collate_prompted
 from datamodules.prompts import derive_prompts, masks_to_boxes
 from lightning_modules.networks.sam import build_sam
@@ -87,6 +88,23 @@ def test_geometry_and_normalisation_equal_sam_preprocess():
     n = len(raw["instances"])
     assert item["instances"].shape == item["polys"].shape == (n, 128, 128)
     assert item["boxes"].shape == (n, 4) and item["points"].shape == (n, 10, 2)
+
+
+def test_unit_input_is_the_image_over_255_as_wesam_feeds_it():
+    image = np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    instances = np.zeros((1, 30, 60), np.uint8)
+    instances[0, 10:20, 5:40] = 1
+    items = [{"image": image, "instances": instances, "meta": {"path": "x.png"}}]
+    unit = PromptedDataset(items, image_size=60, train=False, input_scale="unit")[0]
+    MEAN, STD = (torch.tensor(stat)[:, None, None] for stat in (SAM_PIXEL_MEAN, SAM_PIXEL_STD))
+    normalised = PromptedDataset(items, image_size=60, train=False)[0]
+    expected = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(unit["img"][:, :30], expected)
+    assert (unit["img"][:, 30:] == 0).all()  # padding stays zero (black on this scale)
+    torch.testing.assert_close(unit["img"][:, :30] * 255, normalised["img"][:, :30] * STD + MEAN)
+    assert torch.equal(unit["boxes"], normalised["boxes"]) and torch.equal(unit["points"], normalised["points"])
+    with pytest.raises(ConfigError, match="data.sam_input"):
+        PromptedDataset(items, image_size=60, train=False, input_scale="imagenet")
 
 
 def test_non_square_image_is_padded_bottom_right():
