@@ -73,6 +73,8 @@ class Protocol:
     stages: tuple[Stage, ...]
     rows: tuple[Row, ...]
     extra_overrides: tuple[str, ...] = field(default=())
+    # The role whose training step the step-time ratios divide by (the unadapted SAM has none: the supervised step).
+    step_reference: str = "source"
 
 
 # BiCL's self-training rounds within the adaptation budget (the authors' code: 10 rounds of 10k steps, the rate
@@ -307,82 +309,35 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_S
         ("+method=sam_finetune", "+task=synth_shapes", f"trainer.max_steps={sam_source_steps}", *sam_from_scratch),
         "sam.pth",
     )
-    unit_input, unit_input_methods = "data.sam_input=unit", ("wesam", "dual_lora_sam")
+
+    def adapted_sam(name: str, method: str, *overrides: str, ablation: bool = False, network: str = "sam") -> Row:
+        """A SAM adaptation row from the seed's source SAM: one run per prompt kind (WeSAM's protocol)."""
+        command = single(f"+method={method}", "model.sam_checkpoint={sam_source}", *overrides, adapt)
+        return Row(name, command, network=network, ablation=ablation, per_prompt=True)
+
+    unadapted_sam = ("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}")
+    target_sam = ("+method=sam_finetune", "data.labelled_domain=target", "model.sam_checkpoint={sam_source}", adapt)
+    # The image scale WeSAM's code feeds SAM (x / 255, no pixel mean / std) in every row of its tables: the unadapted
+    # SAM, the methods and the target-trained SAM all read it (datamodules/prompted.py SAM_INPUTS). Its rows form a
+    # network of their own, so their gains are over the unadapted SAM on the same input.
+    unit_input, unit_network = "data.sam_input=unit", "sam (unit input)"
     sam_rows = (
-        Row(
-            "source (unadapted)",
-            single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}"),
-            "source",
-            "sam",
-        ),
-        Row(
-            "wesam",
-            single("+method=wesam", "model.sam_checkpoint={sam_source}", adapt),
-            network="sam",
-            per_prompt=True,
-        ),
+        Row("source (unadapted)", single(*unadapted_sam), "source", "sam"),
+        adapted_sam("wesam", "wesam"),
         # WeSAM with dual_lora_sam's placement: what the LoRA's place alone is worth, apart from the dual method.
-        Row(
-            "wesam (LoRA after the encoder)",
-            single("+method=wesam", "model.sam_checkpoint={sam_source}", "method.lora.placement=output", adapt),
-            network="sam",
-            ablation=True,
-            per_prompt=True,
-        ),
-        Row(
-            "dual_lora_sam",
-            single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", adapt),
-            network="sam",
-            per_prompt=True,
-        ),
+        adapted_sam("wesam (LoRA after the encoder)", "wesam", "method.lora.placement=output", ablation=True),
+        adapted_sam("dual_lora_sam", "dual_lora_sam"),
         *(
-            Row(
-                f"dual_lora_sam {name}",
-                single("+method=dual_lora_sam", "model.sam_checkpoint={sam_source}", *switches, adapt),
-                network="sam",
-                ablation=True,
-                per_prompt=True,
-            )
+            adapted_sam(f"dual_lora_sam {name}", "dual_lora_sam", *switches, ablation=True)
             for name, switches in dual_lora_ablation.items()
         ),
-        Row(
-            "target (sam_finetune)",
-            single("+method=sam_finetune", "data.labelled_domain=target", "model.sam_checkpoint={sam_source}", adapt),
-            "upper",
-            "sam",
-        ),
-        # The image scale WeSAM's code feeds SAM (x / 255, no pixel mean / std) for every row of its tables: the
-        # unadapted SAM, the methods and the target-trained SAM all read it.
-        Row(
-            "source (unadapted, unit input)",
-            single("+method=sam_finetune", "train=false", "model.sam_checkpoint={sam_source}", unit_input),
-            network="sam",
-            ablation=True,
-            baseline_for=unit_input_methods,
-        ),
+        Row("target (sam_finetune)", single(*target_sam), "upper", "sam"),
+        Row("source (unadapted)", single(*unadapted_sam, unit_input), "source", unit_network),
         *(
-            Row(
-                f"{method} (unit input)",
-                single(f"+method={method}", "model.sam_checkpoint={sam_source}", unit_input, adapt),
-                network="sam",
-                ablation=True,
-                per_prompt=True,
-            )
-            for method in unit_input_methods
+            adapted_sam(method, method, unit_input, ablation=True, network=unit_network)
+            for method in ("wesam", "dual_lora_sam")
         ),
-        Row(
-            "target (sam_finetune, unit input)",
-            single(
-                "+method=sam_finetune",
-                "data.labelled_domain=target",
-                "model.sam_checkpoint={sam_source}",
-                unit_input,
-                adapt,
-            ),
-            network="sam",
-            ablation=True,
-            baseline_for=unit_input_methods,
-        ),
+        Row("target (sam_finetune)", single(*target_sam, unit_input), "upper", unit_network),
     )
     # One source SAM (trained on the diverse corpus, the source of both tasks) per seed, two narrow targets.
     prompted = [
@@ -392,6 +347,7 @@ def protocols(source_steps: int, adapt_steps: int, sam_source_steps: int = SAM_S
             columns=("box", "point", "poly", "avg"),
             stages=(sam_source,),
             rows=sam_rows,
+            step_reference="upper",
         )
         for task in ("synth_shapes", "synth_polyp")
     ]
@@ -632,7 +588,7 @@ def summarise(protocol: Protocol, results: list[dict]) -> list[dict]:
             if (s := r["seed"]) in source and s in upper and upper[s] != source[s]
         ]
         line["gain"], line["gap_closed"] = gains, [100 * g for g in gaps]
-        reference_time = values(network, "source" if network != "sam" else "upper", lambda r: r.get("step_time_s"))
+        reference_time = values(network, protocol.step_reference, lambda r: r.get("step_time_s"))
         line["step_ratio"] = [
             r["step_time_s"] / reference_time[r["seed"]]
             for r in ok
@@ -868,11 +824,7 @@ def main(argv: list[str] | None = None) -> None:
         plots.append(task_plot(protocol, lines, results))
         throughput = loader_throughput(task)
         reference = next(
-            (
-                line
-                for line in lines
-                if line["role"] == ("source" if task == "synth2real" else "upper") and line.get("step_ms")
-            ),
+            (line for line in lines if line["role"] == protocol.step_reference and line.get("step_ms")),
             None,
         )
         if reference:

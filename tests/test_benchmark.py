@@ -263,6 +263,37 @@ def test_a_failed_stage_fails_the_rows_that_need_it_and_the_benchmark_goes_on(mo
     assert "stage sam_source failed: run failed (exit 1)" in capsys.readouterr().out
 
 
+def test_unit_input_rows_are_ablations_measured_against_the_unadapted_sam_on_the_same_input():
+    protocol = protocols(600, 400)["synth_shapes"]
+    plain = {(r.network, r.name) for r in benchmark.selected_rows(protocol, {"wesam"}, False)}
+    assert plain == {("sam", "source (unadapted)"), ("sam", "wesam"), ("sam", "target (sam_finetune)")}
+    rows = {(r.network, r.name): r for r in benchmark.selected_rows(protocol, {"wesam"}, True)}
+    unit = {name: row for (network, name), row in rows.items() if network == "sam (unit input)"}
+    assert set(unit) == {"source (unadapted)", "wesam", "target (sam_finetune)"}
+    assert all("data.sam_input=unit" in row.commands[-1] for row in unit.values())
+    assert not any("data.sam_input=unit" in row.commands[-1] for (network, _), row in rows.items() if network == "sam")
+
+    def sam_result(row, avg, step):
+        metrics = {column: avg for column in protocol.columns}
+        return {"row": row, "seed": 0, "metrics": metrics, "step_time_s": step, "peak_memory_mb": 900.0}
+
+    lines = summarise(
+        protocol,
+        [
+            sam_result(rows["sam", "source (unadapted)"], 44.0, None),
+            sam_result(rows["sam", "target (sam_finetune)"], 58.0, 0.2),
+            sam_result(rows["sam", "wesam"], 43.0, 0.2),
+            sam_result(unit["source (unadapted)"], 42.0, None),
+            sam_result(unit["target (sam_finetune)"], 62.0, 0.1),
+            sam_result(unit["wesam"], 52.0, 0.2),
+        ],
+    )
+    wesam = {line["network"]: line for line in lines if line["method"] == "wesam"}
+    assert wesam["sam"]["gain"] == [-1.0] and wesam["sam"]["step_ratio"] == [1.0]
+    assert wesam["sam (unit input)"]["gain"] == [10.0] and wesam["sam (unit input)"]["gap_closed"] == [50.0]
+    assert wesam["sam (unit input)"]["step_ratio"] == [2.0]
+
+
 def test_selecting_bicl_also_runs_the_threshold_self_training_it_is_judged_against():
     protocol = protocols(600, 400)["synth2real"]
     names = {r.name for r in benchmark.selected_rows(protocol, {"bicl"}, False)}
