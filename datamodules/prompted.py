@@ -48,8 +48,7 @@ VIEW_RECIPES = ("jitter", "wesam")
 # "sam": Sam.preprocess's (x - pixel_mean) / pixel_std on the 0-255 scale, the statistics SAM was trained with;
 # "unit": x / 255 with nothing subtracted, what WeSAM's code feeds to every pass, evaluation included
 #   (datasets/tools.py ResizeAndPad: ToTensor and no Normalize; model.py Model.encode calls image_encoder directly,
-#   so Sam.preprocess never runs). Its padding is centred and ours stays bottom/right: the content then sits at
-#   other positional encodings, a far smaller change than the scale.
+#   so Sam.preprocess never runs). Its padding is centred; ours stays bottom/right under both scales (not measured).
 SAM_INPUTS = ("sam", "unit")
 
 
@@ -122,7 +121,7 @@ def pad_to_square(array: np.ndarray, size: int) -> np.ndarray:
     return np.pad(array, pad)
 
 
-def sam_normalise(image: np.ndarray, size: int, scale: str = "sam") -> torch.Tensor:
+def sam_input_tensor(image: np.ndarray, size: int, scale: str = "sam") -> torch.Tensor:
     """uint8 HWC RGB (already resized) -> float[3,size,size]: exactly as Sam.preprocess computes it ("sam"), or
     x / 255 as WeSAM's code feeds it ("unit"; SAM_INPUTS)."""
     pixels = image.astype(np.float32)
@@ -205,7 +204,7 @@ class PromptedDataset(Dataset):
         instances = self.select_instances(instances, rng, path)
         prompts = derive_prompts(instances, rng)
         size = self.image_size
-        sample = {name: sam_normalise(view, size, self.input_scale) for name, view in views.items()}
+        sample = {name: sam_input_tensor(view, size, self.input_scale) for name, view in views.items()}
         if self.labelled:
             sample["instances"] = torch.from_numpy(pad_to_square(instances, size)).float()
         sample.update(
@@ -324,7 +323,7 @@ def build_prompted_datamodule(cfg: dict) -> PromptedDataModule:
         max_instances=data["max_instances"],
         strong_view=data["strong_view"],
         views=data["sam_views"],
-        input_scale=data["sam_input"],
+        input_scale=data.get("sam_input", "sam"),  # a run saved before the key existed read SAM's scale
         seed=cfg["seed"],
         train_labelled=labelled,
         verify=data.get("verify", True),
